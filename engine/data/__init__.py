@@ -1,0 +1,1 @@
+"""Tokenizers, datasets, the global-batch sampler and batch-size ramp-up."""

@@ -1,0 +1,407 @@
+"""Accounting for a LLaMA training run: parameters, training FLOPs and time, and the memory one GPU holds.
+
+    python -m engine.estimate --model llama-7b --tp 2 --pp 4 --gpus 64 --zero 1 [--json]
+    python -m engine.estimate --params 6.5e10 --tokens 1.4e12 --gpus 2048 --flops-per-gpu 2e14 --recompute full
+
+Parameters: embedding V*H, per layer attention H*(a*d) + 2*H*kv + (a*d)*H (q, k, v, o; kv = kv_heads*d),
+MLP 3*H*F (SwiGLU), norms 2H (+ H final), head V*H (0 when tied). Without GQA or tying this is
+2VH + H + L(4H^2 + 3HF + 2H).
+
+Training FLOPs: 6 * tokens * params (forward 2, backward 4 per parameter and token), 8 * tokens * params with
+full recomputation (one more forward). Time: train_flops / (gpus * flops_per_gpu).
+
+Memory is what one rank holds: its shard of the weights (matrices / tp, vocabulary rows / tp padded up, norms
+replicated; layers / pp with the embedding on the first stage and the final norm + head on the last, the last
+stage keeping its own copy of a tied embedding when pp > 1), gradients (fp32 "main_grad"), optimizer state
+(m and v, plus an fp32 master copy in bf16/fp16) with ZeRO sharding over dp, and the saved activations of the
+micro-batches in flight. The stage whose total is largest is reported.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass
+
+from engine.models.llama import PRESETS, ModelConfig, preset
+
+H100_BF16_DENSE_FLOPS = 989e12
+BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
+# Optimizer state per parameter: fp32 trains its parameters directly (m, v); bf16/fp16 add an fp32 master.
+OPTIMIZER_BYTES = {"fp32": 8, "bf16": 12, "fp16": 12}
+GRAD_BYTES = 4  # fp32 in fp32 training; fp32 main_grad accumulators in bf16/fp16
+GIB = 2 ** 30
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# --------------------------------------------------------------------------------------------------- params
+
+def count_parameters(cfg: ModelConfig) -> dict:
+    """Parameters by component: embedding, attention, mlp, norms, head, total (equals sum(p.numel()))."""
+    h, v, layers = cfg.hidden_size, cfg.vocab_size, cfg.num_layers
+    q = cfg.num_heads * cfg.head_dim
+    counts = {
+        "embedding": v * h,
+        "attention": layers * (h * q + 2 * h * cfg.kv_dim + q * h),
+        "mlp": layers * 3 * h * cfg.ffn_hidden_size,
+        "norms": layers * 2 * h + h,
+        "head": 0 if cfg.tie_embeddings else v * h,
+    }
+    return {**counts, "total": sum(counts.values())}
+
+
+def model_flops_per_token(cfg: ModelConfig, seq_length: int | None = None) -> float:
+    """Model FLOPs of one training token (forward + backward), Megatron's MFU convention.
+
+    6 x the matmul parameters (every attention and MLP weight plus the LM head V*H, counted even when tied;
+    not the embedding lookup, not the norms) + 12 * num_layers * seq_length * (num_heads * head_dim) for the
+    attention scores and the attention-weighted values, over the full s x s square (causal masking ignored),
+    as in Megatron's 72*B*s*L*h^2 * (1 + s/(6h) + V/(12hL)). Recomputation is not counted: MFU counts model
+    FLOPs, not hardware FLOPs. seq_length defaults to cfg.seq_length.
+    """
+    s = cfg.seq_length if seq_length is None else seq_length
+    counts = count_parameters(cfg)
+    matmul = counts["attention"] + counts["mlp"] + cfg.vocab_size * cfg.hidden_size
+    return 6.0 * matmul + 12.0 * cfg.num_layers * s * cfg.num_heads * cfg.head_dim
+
+
+def training_flops(params: float, tokens: float, recompute: str = "none") -> tuple[float, float]:
+    """(flops_per_token, train_flops): 6P per token, 8P with full recomputation (a second forward)."""
+    per_token = (8.0 if recompute == "full" else 6.0) * params
+    return per_token, per_token * tokens
+
+
+# --------------------------------------------------------------------------------------------------- memory
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    vpp: int = 1
+    zero: int = 0
+    sequence_parallel: bool = False
+    micro_batch_size: int = 1
+    microbatches: int | None = None  # per optimizer step and pipeline; None: enough to fill the pipeline
+    schedule: str = "1f1b"
+    precision: str = "bf16"
+    recompute: str = "none"
+
+
+def stage_parameters(cfg: ModelConfig, tp: int, pp: int, stage: int) -> int:
+    """Parameters one rank of pipeline stage `stage` holds (its tensor-parallel shard)."""
+    h = cfg.hidden_size
+    q = cfg.num_heads * cfg.head_dim
+    per_layer = (h * q + 2 * h * cfg.kv_dim + q * h + 3 * h * cfg.ffn_hidden_size) // tp + 2 * h
+    vocab_shard = _ceil_div(cfg.vocab_size, tp) * h
+    first, last = stage == 0, stage == pp - 1
+    has_head = last and not (cfg.tie_embeddings and first)
+    return cfg.num_layers // pp * per_layer + first * vocab_shard + last * h + has_head * vocab_shard
+
+
+def state_bytes(params: int, precision: str, zero: int, dp: int) -> dict:
+    """Bytes of weights, gradients and optimizer state for `params` parameters, ZeRO-sharded over dp."""
+    def shard(sharded: bool) -> int:
+        return _ceil_div(params, dp) if sharded else params
+    return {"params": shard(zero >= 3) * BYTES_PER_ELEMENT[precision], "grads": shard(zero >= 2) * GRAD_BYTES,
+            "optimizer": shard(zero >= 1) * OPTIMIZER_BYTES[precision]}
+
+
+def saved_activations(cfg: ModelConfig, micro_batch_size: int, seq_length: int, recompute: str,
+                      bytes_per_element: int) -> list[tuple[str, int, int, str]]:
+    """The tensors one transformer layer saves for backward: (what, elements, bytes per element, region).
+
+    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"), adapted to this
+    engine's LLaMA layer: SwiGLU MLP of width F (four F-wide tensors instead of GeLU's two 4h ones), GQA,
+    RMSNorm that upcasts its input to fp32 (so it saves the fp32 input, 1/rms, the normalised x and the
+    weighted output, the latter shared with the next matmul), no dropout masks when dropout = 0, and attention
+    through SDPA (flash / memory-efficient: q, k, v, the output and an fp32 log-sum-exp per head and token are
+    saved, never the s x s scores). attention_core expands k and v to num_heads with repeat_interleave before
+    SDPA, so SDPA saves them at full width (a native-GQA kernel would save kv_dim).
+
+    region "tp": inside the tensor-parallel region, split over tp. "seq": norm/residual region, split over
+    tp only with sequence parallelism (assuming, as Megatron does, that the column-parallel matmuls save their
+    sequence-sharded input and all-gather it again in backward).
+
+    recompute "none": all of the above. "selective": the attention core (repeat_interleave + SDPA) is
+    recomputed, so only its inputs are kept: q and the un-expanded k, v (kv_dim wide); its output is still
+    saved as the input of wo; the expanded k, v and the log-sum-exp are dropped. With flash attention there is
+    no s^2 term left to save, so selective saves little (nothing but the log-sum-exp without GQA). "full": only
+    the layer input is kept. Transients (one layer's rematerialised activations during its backward, gradient
+    buffers) are not counted.
+    """
+    e, sb, h, f = bytes_per_element, micro_batch_size * seq_length, cfg.hidden_size, cfg.ffn_hidden_size
+    q, kv, heads = cfg.num_heads * cfg.head_dim, cfg.kv_dim, cfg.num_heads
+    if recompute == "full":
+        return [("layer input", sb * h, e, "seq")]
+
+    def norm(name: str, consumer: str) -> list:
+        return [(f"{name} input, upcast to fp32", sb * h, 4, "seq"), (f"{name} 1/rms", sb, 4, "seq"),
+                (f"{name} normalised x (for the weight grad)", sb * h, e, "seq"),
+                (f"{name} output = {consumer} input", sb * h, e, "seq")]
+    attention_core = {
+        "none": [("q after RoPE (SDPA input)", sb * q, e, "tp"),
+                 ("k after RoPE, expanded to num_heads (SDPA input)", sb * q, e, "tp"),
+                 ("v expanded to num_heads (SDPA input)", sb * q, e, "tp"),
+                 ("SDPA log-sum-exp", sb * heads, 4, "tp")],
+        "selective": [("q after RoPE (checkpoint input)", sb * q, e, "tp"),
+                      ("k after RoPE (checkpoint input)", sb * kv, e, "tp"),
+                      ("v (checkpoint input)", sb * kv, e, "tp")],
+    }[recompute]
+    dropout_masks = [("residual dropout mask", sb * h, 1, "seq")] * 2 if cfg.dropout > 0 else []
+    return [*norm("attn_norm", "wq/wk/wv"), *attention_core, ("attention output = wo input", sb * q, e, "tp"),
+            *norm("mlp_norm", "w_gate/w_up"),
+            ("gate = SiLU input", sb * f, e, "tp"), ("SiLU(gate)", sb * f, e, "tp"), ("up", sb * f, e, "tp"),
+            ("SiLU(gate) * up = w_down input", sb * f, e, "tp"), *dropout_masks]
+
+
+def saved_head_activations(cfg: ModelConfig, micro_batch_size: int, seq_length: int, tp: int,
+                           bytes_per_element: int) -> list[tuple[str, int, int, str]]:
+    """What the last stage saves beyond its layers: the final norm and the fp32 log-softmax of the
+    (vocab-parallel, padded) logits that the cross-entropy keeps. Same row format as saved_activations."""
+    e, sb, h = bytes_per_element, micro_batch_size * seq_length, cfg.hidden_size
+    padded_vocab = _ceil_div(cfg.vocab_size, tp) * tp
+    return [("final norm input, upcast to fp32", sb * h, 4, "seq"), ("final norm 1/rms", sb, 4, "seq"),
+            ("final norm normalised x", sb * h, e, "seq"), ("final norm output = head input", sb * h, e, "seq"),
+            ("log-softmax of the logits, fp32", sb * padded_vocab, 4, "tp")]
+
+
+def _rows_bytes(rows: list, tp: int, sequence_parallel: bool) -> int:
+    split = {"tp": tp, "seq": tp if sequence_parallel else 1}
+    return sum(_ceil_div(n, split[region]) * nbytes for _, n, nbytes, region in rows)
+
+
+def activation_bytes_per_layer(cfg: ModelConfig, micro_batch_size: int, seq_length: int, tp: int,
+                               sequence_parallel: bool, recompute: str, bytes_per_element: int) -> int:
+    """Bytes one rank saves for backward per transformer layer and micro-batch (see saved_activations)."""
+    rows = saved_activations(cfg, micro_batch_size, seq_length, recompute, bytes_per_element)
+    return _rows_bytes(rows, tp, sequence_parallel)
+
+
+def inflight_chunks(schedule: str, pp: int, vpp: int, stage: int, microbatches: int | None) -> int:
+    """(micro-batch, model chunk) activation sets pipeline rank `stage` holds at its peak.
+
+    1F1B: min(pp - stage, m), so pp on the first stage. Interleaved (Megatron): warm-up
+    2(pp - stage - 1) + (vpp - 1)pp plus the one in its steady-state step, at most m*vpp; in layers that is
+    L(1 + (pp - 1)/(pp*vpp)) on the first stage. GPipe: all m. m unknown (None): enough micro-batches to fill
+    the pipeline (m = pp for GPipe).
+    """
+    m = microbatches if microbatches is not None else math.inf
+    if schedule == "gpipe":
+        return microbatches or pp
+    if schedule == "interleaved":
+        return int(min(2 * (pp - stage - 1) + (vpp - 1) * pp + 1, m * vpp))
+    return int(min(pp - stage, m))
+
+
+def memory_per_rank(cfg: ModelConfig, layout: Layout, stage: int) -> dict:
+    """Bytes one rank of pipeline stage `stage` holds: params, grads, optimizer, activations, total."""
+    lo, e = layout, BYTES_PER_ELEMENT[layout.precision]
+    mem = state_bytes(stage_parameters(cfg, lo.tp, lo.pp, stage), lo.precision, lo.zero, lo.dp)
+    layers = inflight_chunks(lo.schedule, lo.pp, lo.vpp, stage, lo.microbatches) * cfg.num_layers // (lo.pp * lo.vpp)
+    args = (cfg, lo.micro_batch_size, cfg.seq_length)
+    activations = layers * activation_bytes_per_layer(*args, lo.tp, lo.sequence_parallel, lo.recompute, e)
+    if stage == lo.pp - 1:
+        head_inflight = (lo.microbatches or lo.pp) if lo.schedule == "gpipe" else 1
+        activations += head_inflight * _rows_bytes(saved_head_activations(*args, lo.tp, e), lo.tp,
+                                                   lo.sequence_parallel)
+    mem["activations"] = activations
+    return {**mem, "total": sum(mem.values())}
+
+
+def peak_memory(cfg: ModelConfig, layout: Layout) -> tuple[int, dict]:
+    """(stage, memory_per_rank) of the pipeline stage holding the most bytes."""
+    return max(((s, memory_per_rank(cfg, layout, s)) for s in range(layout.pp)), key=lambda x: x[1]["total"])
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+MODEL_FLAGS = [  # (flag, type, help): overrides of the preset, as in the trainer
+    ("--num-layers", int, "transformer layers"), ("--hidden-size", int, "model width"),
+    ("--ffn-hidden-size", int, "SwiGLU inner width"), ("--num-heads", int, "query heads"),
+    ("--num-kv-heads", int, "key/value heads"), ("--vocab-size", int, "vocabulary size"),
+    ("--seq-length", int, "tokens per sample"), ("--rope-theta", float, "rotary base (no effect on counts)"),
+    ("--norm-eps", float, "RMSNorm epsilon (no effect on counts)"),
+    ("--dropout", float, "dropout; > 0 adds two residual dropout masks per layer"),
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one "error: --flag: ..." line, exit status 2
+        self.exit(2, f"error: {message.removeprefix('argument ')}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m engine.estimate",
+                description="Parameters, training FLOPs and time, and per-GPU memory of a LLaMA training run.")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--model", choices=list(PRESETS), help="model preset [tiny unless --params]")
+    what.add_argument("--params", type=float, help="parameter count, e.g. 6.5e10 (no architecture: no activations)")
+    p.add_argument("--tokens", type=float, help="training tokens [20 x params, Chinchilla]")
+    p.add_argument("--gpus", type=int, help="GPUs [tp * pp * dp]")
+    p.add_argument("--flops-per-gpu", type=float, default=H100_BF16_DENSE_FLOPS,
+                   help="sustained FLOP/s per GPU [989e12, the dense bf16 peak of an H100 SXM; real runs reach "
+                        "40-60%% of it]")
+    p.add_argument("--recompute", choices=["none", "selective", "full"], default="none", help="[none]")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    model = p.add_argument_group("model overrides")
+    for flag, kind, text in MODEL_FLAGS:
+        model.add_argument(flag, type=kind, help=text)
+    model.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, help="share embedding and head")
+    layout = p.add_argument_group("layout")
+    for flag, text in [("--tp", "tensor-parallel size [1]"), ("--pp", "pipeline-parallel size [1]"),
+                       ("--dp", "data-parallel size [gpus / (tp * pp)]"),
+                       ("--vpp", "virtual pipeline stages per rank [1]"),
+                       ("--micro-batch-size", "samples per micro-batch [1]"),
+                       ("--global-batch-size", "samples per step; sets the micro-batches per step "
+                                               "[unknown: enough to fill the pipeline]")]:
+        layout.add_argument(flag, type=int, help=text)
+    layout.add_argument("--schedule", choices=["1f1b", "interleaved", "gpipe"],
+                        help="pipeline schedule [1f1b; interleaved when --vpp > 1]")
+    layout.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=0, help="ZeRO stage [0]")
+    layout.add_argument("--sequence-parallel", action="store_true", help="shard norm/residual activations over tp")
+    layout.add_argument("--precision", choices=list(BYTES_PER_ELEMENT), default="bf16", help="[bf16]")
+    return p
+
+
+def _model_config(args) -> ModelConfig:
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig)
+                 if getattr(args, f.name, None) is not None}
+    return dataclasses.replace(preset(args.model or "tiny"), **overrides)
+
+
+def _check(args, cfg: ModelConfig | None) -> list[str]:
+    """Every problem with the flags, as 'flag: message' lines; fills args.gpus, dp, schedule."""
+    positive = [("--params", args.params), ("--tokens", args.tokens), ("--gpus", args.gpus),
+                ("--flops-per-gpu", args.flops_per_gpu), ("--tp", args.tp), ("--pp", args.pp), ("--dp", args.dp),
+                ("--vpp", args.vpp), ("--micro-batch-size", args.micro_batch_size),
+                ("--global-batch-size", args.global_batch_size)]
+    errors = [f"{flag}: must be positive, got {value:g}" for flag, value in positive
+              if value is not None and not value > 0]
+    if cfg is not None:
+        errors += [f"{flag}: {msg}" for flag, msg in cfg.validate()]
+    if errors:
+        return errors
+    tp, pp, vpp = args.tp or 1, args.pp or 1, args.vpp or 1
+    args.tp, args.pp, args.vpp, args.micro_batch_size = tp, pp, vpp, args.micro_batch_size or 1
+    if args.dp is None:
+        args.dp = (args.gpus or tp * pp) // (tp * pp)
+        if args.gpus is not None and args.gpus % (tp * pp):
+            errors.append(f"--gpus: {args.gpus} is not a multiple of tp * pp = {tp * pp}")
+    elif args.gpus is not None and args.gpus != tp * pp * args.dp:
+        errors.append(f"--dp: tp * pp * dp = {tp * pp * args.dp} does not equal --gpus {args.gpus}; "
+                      "drop one of them or make them agree")
+    args.gpus = args.gpus or tp * pp * args.dp
+    args.schedule = args.schedule or ("interleaved" if vpp > 1 else "1f1b")
+    if (args.schedule == "interleaved") != (vpp > 1):
+        errors.append(f"--schedule {args.schedule}: interleaved goes with --vpp > 1, and only it")
+    if vpp > 1 and pp == 1:
+        errors.append("--vpp: virtual stages need --pp > 1")
+    if args.sequence_parallel and tp == 1:
+        errors.append("--sequence-parallel: needs --tp > 1")
+    if args.global_batch_size is not None and args.global_batch_size % (args.micro_batch_size * args.dp):
+        errors.append(f"--global-batch-size: {args.global_batch_size} is not a multiple of micro-batch-size * dp"
+                      f" = {args.micro_batch_size * args.dp}")
+    if cfg is None:
+        return errors
+    undivided = [f"{flag} {value}" for flag, value in [("--num-heads", cfg.num_heads),
+                 ("--num-kv-heads", cfg.num_kv_heads), ("--ffn-hidden-size", cfg.ffn_hidden_size)] if value % tp]
+    if undivided:
+        errors.append(f"--tp: {tp} does not divide {', '.join(undivided)}; choose a tp that divides them")
+    if cfg.num_layers % (pp * vpp):
+        errors.append(f"--pp: --num-layers {cfg.num_layers} is not divisible by pp * vpp = {pp * vpp}")
+    if args.sequence_parallel and cfg.seq_length % tp:
+        errors.append(f"--sequence-parallel: --seq-length {cfg.seq_length} is not divisible by --tp {tp}")
+    return errors
+
+
+def estimate(argv: list[str] | None = None) -> dict:
+    """The report main() prints, as a dict; exits with status 2 on invalid flags."""
+    return _report(build_parser().parse_args(argv))
+
+
+def _report(args: argparse.Namespace) -> dict:
+    given_overrides = [flag for flag, *_ in MODEL_FLAGS + [("--tie-embeddings",)]
+                       if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if args.params is not None and given_overrides:
+        _fail([f"--params: gives no architecture, so {', '.join(given_overrides)} cannot apply; "
+               "use --model with overrides instead"])
+    cfg = None if args.params is not None else _model_config(args)
+    errors = _check(args, cfg)
+    if errors:
+        _fail(errors)
+    layout = Layout(tp=args.tp, pp=args.pp, dp=args.dp, vpp=args.vpp, zero=args.zero,
+                    sequence_parallel=args.sequence_parallel, micro_batch_size=args.micro_batch_size,
+                    microbatches=args.global_batch_size and args.global_batch_size // (args.micro_batch_size * args.dp),
+                    schedule=args.schedule, precision=args.precision, recompute=args.recompute)
+    report = {"model": args.model or ("tiny" if cfg else None), "layout": dataclasses.asdict(layout)}
+    if cfg is None:
+        params = int(args.params)
+        stage, memory = 0, {**state_bytes(_ceil_div(params, args.tp * args.pp), args.precision, args.zero, args.dp),
+                            "activations": 0}
+        memory["total"] = sum(memory.values())
+        report["notes"] = ["--params gives no architecture: weights split evenly over tp * pp, activations not "
+                           "estimated (0)"]
+    else:
+        report["config"] = dataclasses.asdict(cfg)
+        report["params_by_component"] = count_parameters(cfg)
+        report["model_flops_per_token"] = model_flops_per_token(cfg)
+        params = report["params_by_component"]["total"]
+        stage, memory = peak_memory(cfg, layout)
+    tokens = args.tokens if args.tokens is not None else 20.0 * params
+    per_token, train_flops = training_flops(params, tokens, args.recompute)
+    seconds = train_flops / (args.gpus * args.flops_per_gpu)
+    return {**report, "params": params, "tokens": tokens, "flops_per_token": per_token, "train_flops": train_flops,
+            "gpus": args.gpus, "flops_per_gpu": args.flops_per_gpu, "train_seconds": seconds,
+            "train_days": seconds / 86400, "memory_stage": stage, "memory_bytes": memory}
+
+
+def _fail(errors: list[str]) -> None:
+    for line in errors:
+        print(f"error: {line}", file=sys.stderr)
+    sys.exit(2)
+
+
+def format_report(r: dict) -> str:
+    lay = r["layout"]
+    lines = []
+    if "config" in r:
+        c = r["config"]
+        lines += [f"model {r['model']}: {c['num_layers']} layers, hidden {c['hidden_size']}, ffn "
+                  f"{c['ffn_hidden_size']}, {c['num_heads']} heads ({c['num_kv_heads']} kv), vocab "
+                  f"{c['vocab_size']}, seq {c['seq_length']}{', tied embeddings' if c['tie_embeddings'] else ''}",
+                  "parameters"]
+        lines += [f"  {name:<12}{n:>20,}" for name, n in r["params_by_component"].items()]
+    else:
+        lines += ["parameters", f"  {'total':<12}{r['params']:>20,}"]
+    factor = r["flops_per_token"] / r["params"]
+    lines += ["compute",
+              f"  {'flops/token':<24}{r['flops_per_token']:.4g}  ({factor:g} x params)"]
+    if "model_flops_per_token" in r:
+        lines.append(f"  {'model flops/token (MFU)':<24}{r['model_flops_per_token']:.4g}  (Megatron convention)")
+    lines += [f"  {'tokens':<24}{r['tokens']:.4g}",
+              f"  {'train flops':<24}{r['train_flops']:.4g}",
+              f"  {'gpus':<24}{r['gpus']} x {r['flops_per_gpu'] / 1e12:g} TFLOP/s",
+              f"  {'train time':<24}{r['train_seconds']:.4g} s = {r['train_days']:.2f} days",
+              f"memory per GPU, GiB ({lay['precision']}, tp {lay['tp']}, pp {lay['pp']}, dp {lay['dp']}, "
+              f"vpp {lay['vpp']}, zero {lay['zero']}, sp {'on' if lay['sequence_parallel'] else 'off'}, "
+              f"micro-batch {lay['micro_batch_size']}, recompute {lay['recompute']}; "
+              f"pipeline stage {r['memory_stage']} of {lay['pp']}, the largest)"]
+    lines += [f"  {name:<12}{n / GIB:>10.2f}" for name, n in r["memory_bytes"].items()]
+    lines += [f"note: {note}" for note in r.get("notes", [])]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    report = _report(args)
+    print(json.dumps(report) if args.json else format_report(report))
+
+
+if __name__ == "__main__":
+    main()

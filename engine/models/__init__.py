@@ -1,0 +1,3 @@
+from .llama import PRESETS, Llama, ModelConfig, preset
+
+__all__ = ["Llama", "ModelConfig", "PRESETS", "preset"]

@@ -1,0 +1,265 @@
+"""LLaMA decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention through SDPA.
+
+The model knows nothing about pipelines: layers live in a ``ModuleDict`` keyed by their global index, and the
+embedding and the head are optional, so a pipeline stage is just a ``Llama`` built with a subset of layers.
+Parameter names are the same whatever the split, which is what makes initialisation and checkpoints
+layout-invariant.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 4
+    hidden_size: int = 256
+    ffn_hidden_size: int = 704
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    vocab_size: int = 259
+    seq_length: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def validate(self) -> list[tuple[str, str]]:
+        """Returns (flag, message) pairs for every inconsistency; empty when the shape is valid."""
+        errors = []
+        for flag, value in [("--num-layers", self.num_layers), ("--hidden-size", self.hidden_size),
+                            ("--ffn-hidden-size", self.ffn_hidden_size), ("--num-heads", self.num_heads),
+                            ("--num-kv-heads", self.num_kv_heads), ("--vocab-size", self.vocab_size),
+                            ("--seq-length", self.seq_length)]:
+            if value < 1:
+                errors.append((flag, f"must be a positive integer, got {value}"))
+        if errors:
+            return errors
+        if self.hidden_size % self.num_heads:
+            errors.append(("--hidden-size", f"{self.hidden_size} is not divisible by --num-heads "
+                                            f"{self.num_heads}; choose a multiple of the head count"))
+        elif self.head_dim % 2:
+            errors.append(("--num-heads", f"head dimension {self.head_dim} must be even for rotary embeddings"))
+        if self.num_heads % self.num_kv_heads:
+            errors.append(("--num-kv-heads", f"--num-heads {self.num_heads} is not divisible by --num-kv-heads "
+                                             f"{self.num_kv_heads}; use a divisor of the head count"))
+        if not 0.0 <= self.dropout < 1.0:
+            errors.append(("--dropout", f"must be in [0, 1), got {self.dropout}"))
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            errors.append(("--norm-eps/--rope-theta", "must be positive"))
+        return errors
+
+
+def _llama1(layers, hidden, heads, ffn):
+    return ModelConfig(num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, num_heads=heads,
+                       num_kv_heads=heads, vocab_size=32000, seq_length=2048, norm_eps=1e-6)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # ~3.1M parameters, byte vocabulary: trains on a 2-core CPU in minutes.
+    "tiny": ModelConfig(),
+    # TinyLlama-1.1B shape (GQA, 4 kv heads).
+    "llama-1b": ModelConfig(num_layers=22, hidden_size=2048, ffn_hidden_size=5632, num_heads=32, num_kv_heads=4,
+                            vocab_size=32000, seq_length=2048, norm_eps=1e-5),
+    # Exact LLaMA-1 shapes (Touvron et al. 2023, table 2).
+    "llama-7b": _llama1(32, 4096, 32, 11008),
+    "llama-13b": _llama1(40, 5120, 40, 13824),
+    "llama-65b": _llama1(80, 8192, 64, 22016),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise KeyError(name)
+    return dataclasses.replace(PRESETS[name])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Deterministic, layout-invariant initialisation.
+# Row r of parameter `name` is drawn from a generator seeded by (seed, name, r). A rank holding rows [a, b)
+# of a tensor (the tensor-parallel or vocabulary shard) draws exactly those rows, so every layout gets the same
+# full weights, padded vocabulary rows never shift the real ones, and nothing larger than a row is materialised
+# beyond the rank's own shard.
+
+def _name_seed(seed: int, name: str) -> int:
+    digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 62) - 1)
+
+
+def init_rows_(tensor: torch.Tensor, seed: int, name: str, std: float, row_offset: int = 0,
+               col_offset: int = 0, full_cols: int | None = None) -> torch.Tensor:
+    """Fills a 2-D `tensor` with N(0, std) rows of the full parameter `name`.
+
+    `tensor` holds rows [row_offset, row_offset + rows) and columns [col_offset, col_offset + cols) of a full
+    matrix with `full_cols` columns (default: the tensor's own).
+    """
+    rows, cols = tensor.shape
+    full_cols = cols if full_cols is None else full_cols
+    base = _name_seed(seed, name)
+    gen = torch.Generator(device="cpu")
+    row = torch.empty(full_cols, dtype=torch.float32)
+    out = torch.empty(rows, cols, dtype=torch.float32)
+    for r in range(rows):
+        gen.manual_seed(base + row_offset + r)
+        row.normal_(0.0, std, generator=gen)
+        out[r] = row[col_offset:col_offset + cols]
+    with torch.no_grad():
+        tensor.copy_(out)
+    return tensor
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_tables(seq_length: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    angles = torch.outer(torch.arange(seq_length, dtype=torch.float32, device=device), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the half-split convention of Hugging Face LLaMA. x: [b, heads, s, d]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.dropout = cfg.dropout
+        self.wq = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.hidden_size, cfg.kv_dim, bias=False)
+        self.wv = nn.Linear(cfg.hidden_size, cfg.kv_dim, bias=False)
+        self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.wq(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attention_core(q, k, v, self.dropout if self.training else 0.0)
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """Causal grouped-query attention. q: [b, h, s, d]; k, v: [b, h_kv, s, d]."""
+    repeat = q.shape[1] // k.shape[1]
+    if repeat > 1:
+        k = k.repeat_interleave(repeat, dim=1)
+        v = v.repeat_interleave(repeat, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w_gate = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=False)
+        self.w_up = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=False)
+        self.w_down = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class Llama(nn.Module):
+    """A LLaMA decoder or a contiguous slice of one.
+
+    layers: the global indices this module holds (default: all). has_embedding / has_head: whether this slice
+    owns the token embedding / the final norm and LM head. Without an embedding, forward takes hidden states;
+    without a head, it returns hidden states; the full model maps input ids [b, s] to logits [b, s, vocab].
+    """
+
+    def __init__(self, cfg: ModelConfig, layers: list[int] | None = None, has_embedding: bool = True,
+                 has_head: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        layers = range(cfg.num_layers) if layers is None else layers
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if has_embedding else None
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg) for i in layers})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps) if has_head else None
+        self.head = None
+        if has_head and not (cfg.tie_embeddings and has_embedding):
+            self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.seq_length, cfg.head_dim, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def head_weight(self) -> torch.Tensor:
+        return self.head.weight if self.head is not None else self.embedding.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embedding is not None:
+            x = self.embedding(x)
+        s = x.shape[1]
+        if s > self.rope_cos.shape[0]:
+            raise ValueError(f"sequence length {s} exceeds the model's --seq-length {self.rope_cos.shape[0]}")
+        cos, sin = self.rope_cos[:s].to(x.dtype), self.rope_sin[:s].to(x.dtype)
+        for layer in self.layers.values():
+            x = layer(x, cos, sin)
+        if self.norm is None:
+            return x
+        return F.linear(self.norm(x), self.head_weight())
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Layout-invariant init: N(0, init_std) for matrices, with the residual-output projections (wo, w_down)
+        scaled by 1/sqrt(2 * num_layers) as in GPT-2/Megatron; ones for norms."""
+        out_std = self.cfg.init_std / math.sqrt(2.0 * self.cfg.num_layers)
+        for name, param in self.named_parameters():
+            if param.ndim == 1:
+                param.fill_(1.0)
+            else:
+                std = out_std if name.endswith(("wo.weight", "w_down.weight")) else self.cfg.init_std
+                if name == "head.weight" and self.cfg.tie_embeddings:
+                    name = "embedding.weight"  # a pipeline's last stage holds its own copy of the tied weight
+                init_rows_(param, seed, name, std)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,29 @@
+"""Optimizers, clipping, LR schedule and loss scaling."""
+from __future__ import annotations
+
+import torch
+
+from .adafactor import Adafactor
+from .clip import clip_grad_norm_
+from .lr_schedule import LRSchedule
+from .scaler import LossScaler
+
+__all__ = ["Adafactor", "LRSchedule", "LossScaler", "build_optimizer", "clip_grad_norm_", "param_groups"]
+
+
+def param_groups(named_params, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (linear weights and embeddings), none on vectors (norm gains, biases)."""
+    decay, no_decay = [], []
+    for _, p in named_params:
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(name: str, named_params, lr: float, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
+    groups = param_groups(named_params, weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+    if name == "adafactor":
+        return Adafactor(groups, lr=lr, beta1=betas[0])
+    raise ValueError(f"unknown optimizer {name!r}")

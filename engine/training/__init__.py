@@ -1,0 +1,33 @@
+"""Configuration, the trainer, checkpoints and metrics; `main` is the pretraining command line."""
+from __future__ import annotations
+
+import os
+import sys
+
+from engine.training.checkpoint import CheckpointError
+from engine.training.config import Config, ConfigError, exit_on_config_error, parse_config, validate
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of examples/pretrain_llama.py. Every setting is checked on every rank before anything is
+    built; a bad one exits with status 2 and a message naming the flag."""
+    from engine.training.trainer import StopTraining, Trainer
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+
+    def setup() -> Trainer:
+        cfg = parse_config(argv)
+        validate(cfg, world_size)
+        return Trainer(cfg, world_size=world_size, rank=rank)
+
+    trainer = exit_on_config_error(setup)
+    try:
+        exit_on_config_error(trainer.train)
+    except (StopTraining, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+__all__ = ["Config", "ConfigError", "main", "parse_config", "validate"]

@@ -1,0 +1,186 @@
+"""Checkpoints: atomic step directories, checksums, no pickles, and layout-portable tensors.
+
+    DIR/step_00000012/rank_00000.safetensors   tensors this rank holds: model/<name>, optim/<name>/<state>,
+                                               rng/<stream>; the header records, for each tensor, the global
+                                               shape and the offset of the slice it holds
+    DIR/step_00000012/meta.json                step, data position, scheduler/scaler state, config, layout and
+                                               the sha256 of every rank file (written last)
+    DIR/latest                                 the name of the newest complete step directory
+
+A step directory is written under a temporary name and renamed when complete; `latest` is replaced atomically
+after that, so a crash mid-save leaves the previous checkpoint intact. Any rank's slice of any tensor can be
+reassembled from the saved slices, whatever layout wrote them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_rank_file(tmp_dir: str, rank: int, tensors: dict[str, torch.Tensor],
+                    slices: dict[str, tuple[list[int], list[int]]]) -> tuple[str, str]:
+    """Writes one rank's tensors; `slices[key] = (global_shape, offset)` for tensors that are shards (the
+    rest are whole). Returns (file name, sha256)."""
+    name = f"rank_{rank:05d}.safetensors"
+    header = {key: {"global_shape": list(t.shape), "offset": [0] * t.ndim} for key, t in tensors.items()}
+    for key, (global_shape, offset) in slices.items():
+        header[key] = {"global_shape": list(global_shape), "offset": list(offset)}
+    path = os.path.join(tmp_dir, name)
+    save_file({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, path,
+              metadata={"slices": json.dumps(header)})
+    return name, sha256_file(path)
+
+
+def finalize(save_dir: str, step: int, meta: dict, files: dict[str, str], keep_last: int | None) -> str:
+    """Called by one rank once every rank file is written: meta.json, rename into place, update `latest`."""
+    final = os.path.join(save_dir, step_dir_name(step))
+    tmp = final + ".tmp"
+    _write_json_atomic(os.path.join(tmp, "meta.json"), {**meta, "format": FORMAT_VERSION, "step": step,
+                                                         "files": files})
+    if os.path.exists(final):  # re-saving a step (after a rollback): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    with open(os.path.join(save_dir, "latest.tmp"), "w") as fh:
+        fh.write(step_dir_name(step) + "\n")
+    os.replace(os.path.join(save_dir, "latest.tmp"), os.path.join(save_dir, "latest"))
+    if keep_last:
+        for old in list_checkpoints(save_dir)[:-keep_last]:
+            shutil.rmtree(os.path.join(save_dir, old), ignore_errors=True)
+    return final
+
+
+def prepare_tmp_dir(save_dir: str, step: int) -> str:
+    tmp = os.path.join(save_dir, step_dir_name(step) + ".tmp")
+    os.makedirs(tmp, exist_ok=True)
+    return tmp
+
+
+def list_checkpoints(save_dir: str) -> list[str]:
+    if not os.path.isdir(save_dir):
+        return []
+    return sorted(d for d in os.listdir(save_dir)
+                  if d.startswith("step_") and not d.endswith(".tmp")
+                  and os.path.isfile(os.path.join(save_dir, d, "meta.json")))
+
+
+def resolve(path: str) -> str | None:
+    """The step directory to load: `path` itself if it is one, else the one named by path/latest; None when
+    there is no complete checkpoint."""
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        return path
+    latest = os.path.join(path, "latest")
+    if not os.path.isfile(latest):
+        return None
+    with open(latest) as fh:
+        step_dir = os.path.join(path, fh.read().strip())
+    if not os.path.isfile(os.path.join(step_dir, "meta.json")):
+        raise CheckpointError(f"{latest} names {step_dir}, which has no meta.json; the checkpoint directory is "
+                              "damaged: point --load at an intact step_* directory")
+    return step_dir
+
+
+class CheckpointReader:
+    """Reads a step directory: verifies checksums, then serves any slice of any saved tensor."""
+
+    def __init__(self, step_dir: str, verify: bool = True):
+        self.step_dir = step_dir
+        with open(os.path.join(step_dir, "meta.json")) as fh:
+            self.meta = json.load(fh)
+        if self.meta.get("format") != FORMAT_VERSION:
+            raise CheckpointError(f"{step_dir}: checkpoint format {self.meta.get('format')} is not supported "
+                                  f"(this engine reads format {FORMAT_VERSION})")
+        self.index: dict[str, list[tuple[str, dict]]] = {}
+        for name, digest in self.meta["files"].items():
+            path = os.path.join(step_dir, name)
+            if not os.path.isfile(path):
+                raise CheckpointError(f"checkpoint file {path} is missing")
+            if verify and sha256_file(path) != digest:
+                raise CheckpointError(f"checkpoint file {path} is corrupt or truncated (sha256 mismatch); "
+                                      "load an earlier step directory instead")
+            try:
+                with safe_open(path, "pt") as f:
+                    header = json.loads(f.metadata()["slices"])
+            except Exception as exc:  # safetensors raises several exception types for damaged files
+                raise CheckpointError(f"checkpoint file {path} cannot be read ({exc})") from None
+            for key, info in header.items():
+                self.index.setdefault(key, []).append((path, info))
+
+    def keys(self, prefix: str = "") -> list[str]:
+        return sorted(k for k in self.index if k.startswith(prefix))
+
+    def global_shape(self, key: str) -> list[int]:
+        return self.index[key][0][1]["global_shape"]
+
+    def read(self, key: str, offset: list[int] | None = None, shape: list[int] | None = None) -> torch.Tensor:
+        """The block [offset, offset + shape) of the global tensor `key` (default: the whole tensor),
+        assembled from every saved slice that overlaps it."""
+        if key not in self.index:
+            raise CheckpointError(f"{self.step_dir}: tensor {key!r} is not in the checkpoint")
+        global_shape = self.global_shape(key)
+        offset = [0] * len(global_shape) if offset is None else offset
+        shape = list(global_shape) if shape is None else shape
+        out, covered = None, 0
+        for path, info in self.index[key]:
+            lo = [max(a, b) for a, b in zip(offset, info["offset"])]
+            with safe_open(path, "pt") as f:
+                src = f.get_slice(key)
+                src_shape = src.get_shape()
+                hi = [min(a + n, b + m) for a, n, b, m in zip(offset, shape, info["offset"], src_shape)]
+                if any(h <= l for h, l in zip(hi, lo)) and len(shape) > 0:
+                    continue
+                piece = src[tuple(slice(l - b, h - b) for l, h, b in zip(lo, hi, info["offset"]))]
+            if out is None:
+                out = torch.empty(shape, dtype=piece.dtype)
+            out[tuple(slice(l - a, h - a) for l, h, a in zip(lo, hi, offset))] = piece
+            covered += piece.numel()
+        if out is None or covered < out.numel():
+            raise CheckpointError(f"{self.step_dir}: the saved slices of {key!r} do not cover the requested block")
+        return out
+
+
+def load_full_model(path: str, device: str = "cpu"):
+    """engine.load_model: rebuilds the whole model from any checkpoint's slices."""
+    from engine.models.llama import Llama, ModelConfig
+
+    step_dir = resolve(path)
+    if step_dir is None:
+        raise CheckpointError(f"{path}: no checkpoint here (neither meta.json nor a 'latest' file)")
+    reader = CheckpointReader(step_dir)
+    model = Llama(ModelConfig(**reader.meta["model_config"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(reader.read(f"model/{name}"))
+    return model.to(device).eval()

@@ -1,0 +1,388 @@
+"""Run configuration: one dataclass per group, filled from defaults < model preset < TOML file < command line.
+
+Every field is a flag (`--field-name`, help text in the field's metadata) and a TOML key (either flat,
+`lr = 3e-4`, or inside a table named after its group, `[optimizer] lr = 3e-4`). `validate` collects every
+inconsistency before anything is built or any collective issued, each naming the flag and the fix.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tomllib
+from dataclasses import dataclass, field
+
+from engine.models.llama import PRESETS, ModelConfig
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names the flag and the fix."""
+
+
+def _f(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelArgs:
+    model: str = _f("tiny", "model preset: " + ", ".join(PRESETS), choices=list(PRESETS))
+    num_layers: int = _f(None, "override: transformer layers")
+    hidden_size: int = _f(None, "override: model width")
+    ffn_hidden_size: int = _f(None, "override: SwiGLU inner width")
+    num_heads: int = _f(None, "override: query heads")
+    num_kv_heads: int = _f(None, "override: key/value heads (grouped-query attention when < --num-heads)")
+    vocab_size: int = _f(None, "override: vocabulary size (default: the preset's, or the tokenizer's)")
+    seq_length: int = _f(None, "override: tokens per sample")
+    rope_theta: float = _f(None, "override: rotary embedding base")
+    norm_eps: float = _f(None, "override: RMSNorm epsilon")
+    dropout: float = _f(0.0, "dropout on attention probabilities and residual branches")
+    tie_embeddings: bool = _f(False, "share the input embedding with the LM head")
+
+
+@dataclass
+class ParallelArgs:
+    tp: int = _f(1, "tensor-parallel size")
+    pp: int = _f(1, "pipeline-parallel size")
+    dp: int = _f(None, "data-parallel size [world / (tp * pp)]")
+    vpp: int = _f(1, "virtual pipeline stages per pipeline rank")
+    schedule: str = _f(None, "pipeline schedule [1f1b; interleaved when --vpp > 1]",
+                       choices=["1f1b", "interleaved", "gpipe"])
+    sequence_parallel: bool = _f(False, "shard norms and residuals along the sequence across the tp group")
+    zero: int = _f(0, "ZeRO stage: 0 none, 1 optimizer states, 2 + gradients, 3 + parameters",
+                   choices=[0, 1, 2, 3])
+
+
+@dataclass
+class PrecisionArgs:
+    precision: str = _f(None, "compute precision [fp32 on CPU, bf16 on GPU]", choices=["fp32", "bf16", "fp16"])
+    loss_scale: float = _f(None, "static loss scale for fp16 [dynamic]")
+
+
+@dataclass
+class RecomputeArgs:
+    recompute: str = _f("none", "activation recomputation", choices=["none", "selective", "full"])
+    recompute_layers: int = _f(None, "with --recompute full: recompute the first N layers of each stage [all]")
+
+
+@dataclass
+class OptimizerArgs:
+    optimizer: str = _f("adamw", "optimizer", choices=["adamw", "adafactor"])
+    lr: float = _f(3e-3, "peak learning rate")
+    min_lr: float = _f(None, "final learning rate [0.1 * --lr]")
+    beta1: float = _f(0.9, "Adam beta1 (Adafactor: momentum; 0 disables it)")
+    beta2: float = _f(0.95, "Adam beta2")
+    eps: float = _f(1e-8, "Adam epsilon")
+    weight_decay: float = _f(0.1, "decoupled weight decay (matrices and embeddings only, not norms or biases)")
+    clip_grad: float = _f(1.0, "clip the global gradient norm to this value (0 disables)")
+
+
+@dataclass
+class ScheduleArgs:
+    lr_warmup_steps: int = _f(None, "linear warm-up steps [--lr-warmup-fraction of --lr-decay-steps]")
+    lr_warmup_fraction: float = _f(0.005, "warm-up as a fraction of --lr-decay-steps")
+    lr_decay_style: str = _f("cosine", "decay after warm-up",
+                             choices=["linear", "cosine", "inverse-sqrt", "constant", "wsd"])
+    lr_decay_steps: int = _f(None, "steps over which the LR reaches --min-lr [--steps]")
+    lr_wsd_decay_fraction: float = _f(0.1, "wsd: fraction of --lr-decay-steps spent in the final linear decay")
+
+
+@dataclass
+class BatchArgs:
+    micro_batch_size: int = _f(4, "samples per micro-batch per data-parallel rank")
+    global_batch_size: int = _f(16, "samples per optimizer step, all data-parallel ranks together")
+    rampup_batch_size: str = _f(None, "START,INCREMENT,RAMPUP_SAMPLES: grow the global batch from START by "
+                                      "INCREMENT evenly over RAMPUP_SAMPLES consumed samples (GPT-3)")
+
+
+@dataclass
+class DataArgs:
+    data: list = _f(None, "text files, directories, .jsonl files (field 'text') or a preprocessed .bin/.idx "
+                          "prefix [built-in corpus: the Python standard library's sources]", nargs="+")
+    tokenizer: str = _f("byte", "'byte' or a path to a tokenizer.json (needs the 'tokenizers' package)")
+    valid_fraction: float = _f(0.01, "fraction of documents held out for evaluation")
+    eval_interval: int = _f(None, "evaluate every N steps [never]")
+    eval_iters: int = _f(4, "global batches per evaluation")
+
+
+@dataclass
+class RunArgs:
+    steps: int = _f(200, "total optimizer steps of the run (a resumed run continues up to it)")
+    seed: int = _f(1234, "seed of weights, data order and dropout")
+    log_interval: int = _f(1, "write a metrics line every N steps")
+    metrics_file: str = _f(None, "JSON-lines metrics [runs/<name>/metrics.jsonl]")
+    plot: str = _f(None, "loss-curve PNG written at the end (needs matplotlib) [runs/<name>/loss.png]")
+    run_name: str = _f(None, "name of the run directory runs/<name> [derived from model and layout]")
+    peak_tflops: float = _f(None, "peak TFLOP/s per device for MFU [known for A100/H100/H200]")
+    device: str = _f(None, "cpu or cuda [cuda when available]", choices=["cpu", "cuda"])
+
+
+@dataclass
+class CheckpointArgs:
+    save: str = _f(None, "checkpoint directory [runs/<name>/checkpoints]")
+    save_interval: int = _f(None, "save every N steps [at the end only]")
+    load: str = _f(None, "resume from the latest complete checkpoint in this directory")
+    keep_last: int = _f(None, "keep only the newest K checkpoints [all]")
+
+
+@dataclass
+class StabilityArgs:
+    spike_factor: float = _f(None, "roll back to the last checkpoint when the loss exceeds F x its running mean, "
+                                   "skipping the data consumed since")
+    max_rollbacks: int = _f(3, "stop after this many rollbacks")
+
+
+GROUPS = {"model": ModelArgs, "parallel": ParallelArgs, "precision": PrecisionArgs, "recompute": RecomputeArgs,
+          "optimizer": OptimizerArgs, "schedule": ScheduleArgs, "batch": BatchArgs, "data": DataArgs,
+          "run": RunArgs, "checkpoint": CheckpointArgs, "stability": StabilityArgs}
+
+
+@dataclass
+class Config:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    parallel: ParallelArgs = field(default_factory=ParallelArgs)
+    precision: PrecisionArgs = field(default_factory=PrecisionArgs)
+    recompute: RecomputeArgs = field(default_factory=RecomputeArgs)
+    optimizer: OptimizerArgs = field(default_factory=OptimizerArgs)
+    schedule: ScheduleArgs = field(default_factory=ScheduleArgs)
+    batch: BatchArgs = field(default_factory=BatchArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    run: RunArgs = field(default_factory=RunArgs)
+    checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
+    stability: StabilityArgs = field(default_factory=StabilityArgs)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def model_config(self) -> ModelConfig:
+        """The model shape: the preset with explicit overrides applied."""
+        cfg = dataclasses.replace(PRESETS[self.model.model])
+        for f in dataclasses.fields(ModelConfig):
+            value = getattr(self.model, f.name, None)
+            if value is not None and f.name != "init_std":
+                setattr(cfg, f.name, value)
+        return cfg
+
+
+def _field_index() -> dict[str, tuple[str, dataclasses.Field]]:
+    return {f.name: (group, f) for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain_llama.py", argument_default=argparse.SUPPRESS,
+                description="Pretrain a LLaMA-family model with tensor, pipeline and data parallelism. "
+                    "Run with torchrun for several processes; every flag can also be set in a TOML file.")
+    parser.add_argument("--config", help="TOML file of settings (flat keys or [group] tables); flags override it")
+    for group, cls in GROUPS.items():
+        arg_group = parser.add_argument_group(group)
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            meta = f.metadata
+            help_text = meta["help"] + ("" if f.default is None or "[" in meta["help"] else f" [{f.default}]")
+            if f.type == "bool":
+                arg_group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+                continue
+            kind = {"int": int, "float": float, "str": str, "list": str}[f.type]
+            arg_group.add_argument(flag, dest=f.name, type=kind, help=help_text, choices=meta.get("choices"),
+                                   nargs=meta.get("nargs"), metavar=None if meta.get("choices") else f.name.upper())
+    return parser
+
+
+def _load_toml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: file {path!r} not found; give the path of a TOML file")
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config: {path} is not valid TOML ({exc})") from None
+    flat = {}
+    for key, value in raw.items():
+        if isinstance(value, dict) and key in GROUPS:
+            flat.update({k.replace("-", "_"): v for k, v in value.items()})
+        else:
+            flat[key.replace("-", "_")] = value
+    return flat
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Parses flags (and the TOML file they name) into a validated-shape Config; raises ConfigError."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    settings = _load_toml(args.pop("config")) if "config" in args else {}
+    settings.update(args)
+    index = _field_index()
+    cfg = Config()
+    for key, value in settings.items():
+        if key not in index:
+            raise ConfigError(f"--config: unknown setting {key!r}; see --help for the list of settings")
+        group, f = index[key]
+        setattr(getattr(cfg, group), key, _coerce(key, value, f))
+    return cfg
+
+
+def _coerce(key, value, f):
+    flag = "--" + key.replace("_", "-")
+    try:
+        if f.type == "bool" and not isinstance(value, bool):
+            raise TypeError
+        if f.type == "list":
+            value = [value] if isinstance(value, str) else [str(v) for v in value]
+        elif f.type == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise TypeError
+            value = int(value)
+        elif f.type == "float":
+            value = float(value)
+        elif f.type == "str":
+            value = str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{flag}: {value!r} is not a valid {f.type}") from None
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{flag}: {value!r} is not one of {choices}")
+    return value
+
+
+def parse_rampup(spec: str) -> tuple[int, int, int]:
+    try:
+        start, increment, samples = (int(x) for x in spec.split(","))
+    except ValueError:
+        raise ConfigError(f"--rampup-batch-size: {spec!r} must be START,INCREMENT,RAMPUP_SAMPLES, "
+                          "three integers such as 16,16,100000") from None
+    return start, increment, samples
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Fills derived defaults and raises ConfigError listing every problem (one per line)."""
+    errors: list[str] = []
+    p, b, o, s = cfg.parallel, cfg.batch, cfg.optimizer, cfg.schedule
+    model = cfg.model_config()
+    errors += [f"{flag}: {msg}" for flag, msg in model.validate()]
+    for flag, value in [("--tp", p.tp), ("--pp", p.pp), ("--vpp", p.vpp), ("--steps", cfg.run.steps),
+                        ("--micro-batch-size", b.micro_batch_size), ("--global-batch-size", b.global_batch_size),
+                        ("--log-interval", cfg.run.log_interval)]:
+        if value < 1:
+            errors.append(f"{flag}: must be a positive integer, got {value}")
+    if errors:
+        raise ConfigError("\n".join(errors))
+    if p.dp is None:
+        if world_size % (p.tp * p.pp):
+            errors.append(f"--tp/--pp: tp * pp = {p.tp * p.pp} does not divide the world size {world_size}; "
+                          "launch a multiple of tp * pp processes")
+        p.dp = max(world_size // (p.tp * p.pp), 1)
+    elif p.tp * p.pp * p.dp != world_size:
+        errors.append(f"--dp: tp * pp * dp = {p.tp}*{p.pp}*{p.dp} = {p.tp * p.pp * p.dp} does not equal the world "
+                      f"size {world_size}; launch that many processes or change --tp/--pp/--dp")
+    if model.num_heads % p.tp:
+        errors.append(f"--tp: --num-heads {model.num_heads} is not divisible by --tp {p.tp}; "
+                      "choose a tp that divides the head count")
+    if model.num_kv_heads % p.tp:
+        errors.append(f"--tp: --num-kv-heads {model.num_kv_heads} is not divisible by --tp {p.tp}; "
+                      "choose a tp that divides the key/value head count")
+    if model.num_layers % (p.pp * p.vpp):
+        errors.append(f"--pp: --num-layers {model.num_layers} is not divisible by pp * vpp = {p.pp * p.vpp}; "
+                      "choose pp and vpp whose product divides the layer count")
+    if p.sequence_parallel and model.seq_length % p.tp:
+        errors.append(f"--sequence-parallel: --seq-length {model.seq_length} is not divisible by --tp {p.tp}")
+    if p.sequence_parallel and p.tp == 1:
+        errors.append("--sequence-parallel: needs --tp > 1 (it shards the sequence across the tp group)")
+    if p.vpp > 1 and p.pp == 1:
+        errors.append("--vpp: virtual stages need --pp > 1")
+    if p.schedule is None:
+        p.schedule = "interleaved" if p.vpp > 1 else "1f1b"
+    if p.schedule == "interleaved" and p.vpp == 1:
+        errors.append("--schedule interleaved: needs --vpp > 1 (virtual stages per pipeline rank)")
+    if p.schedule != "interleaved" and p.vpp > 1:
+        errors.append(f"--schedule {p.schedule}: --vpp > 1 needs --schedule interleaved")
+    per_step = b.micro_batch_size * p.dp
+    if b.global_batch_size % per_step:
+        errors.append(f"--global-batch-size: {b.global_batch_size} is not divisible by micro-batch-size * dp = "
+                      f"{b.micro_batch_size}*{p.dp} = {per_step}; use a multiple of {per_step}")
+    if b.rampup_batch_size is not None:
+        try:
+            start, inc, samples = parse_rampup(b.rampup_batch_size)
+        except ConfigError as exc:
+            errors.append(str(exc))
+        else:
+            if start < 1 or inc < 1 or samples < 0 or start > b.global_batch_size:
+                errors.append("--rampup-batch-size: need 1 <= START <= --global-batch-size, INCREMENT >= 1 and "
+                              "RAMPUP_SAMPLES >= 0")
+            elif start % per_step or inc % per_step or (b.global_batch_size - start) % inc:
+                errors.append(f"--rampup-batch-size: START and INCREMENT must be multiples of micro-batch-size * "
+                              f"dp = {per_step}, and --global-batch-size - START a multiple of INCREMENT")
+    if o.lr <= 0:
+        errors.append(f"--lr: must be positive, got {o.lr}")
+    if o.min_lr is None:
+        o.min_lr = 0.1 * o.lr
+    if not 0 <= o.min_lr <= o.lr:
+        errors.append(f"--min-lr: {o.min_lr} must be between 0 and --lr {o.lr}")
+    if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1) or o.eps <= 0 or o.weight_decay < 0 or o.clip_grad < 0:
+        errors.append("--beta1/--beta2/--eps/--weight-decay/--clip-grad: need 0 <= beta < 1, eps > 0, "
+                      "weight decay >= 0 and clip-grad >= 0")
+    if s.lr_decay_steps is None:
+        s.lr_decay_steps = cfg.run.steps
+    if s.lr_decay_steps < 1:
+        errors.append(f"--lr-decay-steps: must be positive, got {s.lr_decay_steps}")
+    if not 0 <= s.lr_warmup_fraction <= 1:
+        errors.append(f"--lr-warmup-fraction: must be in [0, 1], got {s.lr_warmup_fraction}")
+    if s.lr_warmup_steps is None:
+        s.lr_warmup_steps = int(s.lr_warmup_fraction * s.lr_decay_steps)
+    if not 0 <= s.lr_warmup_steps <= s.lr_decay_steps:
+        errors.append(f"--lr-warmup-steps: {s.lr_warmup_steps} must be between 0 and --lr-decay-steps "
+                      f"{s.lr_decay_steps}")
+    if not 0 < s.lr_wsd_decay_fraction <= 1:
+        errors.append("--lr-wsd-decay-fraction: must be in (0, 1]")
+    prec = cfg.precision
+    if prec.loss_scale is not None and (prec.precision != "fp16" or prec.loss_scale <= 0):
+        errors.append("--loss-scale: only for --precision fp16, and must be positive")
+    r = cfg.recompute
+    if r.recompute_layers is not None and (r.recompute != "full" or r.recompute_layers < 0):
+        errors.append("--recompute-layers: goes with --recompute full and must be >= 0")
+    d = cfg.data
+    for path in d.data or []:
+        if not (os.path.exists(path) or (os.path.exists(path + ".bin") and os.path.exists(path + ".idx"))):
+            errors.append(f"--data: {path!r} not found; give existing text files, directories, .jsonl files or "
+                          "the prefix of a preprocessed .bin/.idx pair")
+    if d.tokenizer != "byte" and not os.path.isfile(d.tokenizer):
+        errors.append(f"--tokenizer: {d.tokenizer!r} is neither 'byte' nor an existing tokenizer.json file")
+    if not 0 <= d.valid_fraction < 1:
+        errors.append(f"--valid-fraction: must be in [0, 1), got {d.valid_fraction}")
+    if d.eval_interval is not None and (d.eval_interval < 1 or d.eval_iters < 1):
+        errors.append("--eval-interval/--eval-iters: must be positive")
+    c = cfg.checkpoint
+    if c.save_interval is not None and c.save_interval < 1:
+        errors.append(f"--save-interval: must be positive, got {c.save_interval}")
+    if c.keep_last is not None and c.keep_last < 1:
+        errors.append(f"--keep-last: must be at least 1, got {c.keep_last}")
+    st = cfg.stability
+    if st.spike_factor is not None and st.spike_factor <= 1:
+        errors.append(f"--spike-factor: must be greater than 1, got {st.spike_factor}")
+    if st.max_rollbacks < 0:
+        errors.append("--max-rollbacks: must be >= 0")
+    if errors:
+        raise ConfigError("\n".join(errors))
+    _check_implemented(cfg)
+
+
+def _check_implemented(cfg: Config) -> None:
+    """Layouts whose machinery has not landed yet fail with a clear message instead of running wrongly."""
+    p = cfg.parallel
+    pending = [("--tp", p.tp > 1, "tensor parallelism"), ("--pp", p.pp > 1, "pipeline parallelism"),
+               ("--dp", p.dp > 1, "data parallelism"), ("--zero", p.zero > 0, "ZeRO sharding"),
+               ("--recompute", cfg.recompute.recompute != "none", "activation recomputation")]
+    for flag, used, what in pending:
+        if used:
+            raise ConfigError(f"{flag}: {what} is not available in this version of the engine yet; "
+                              "run with a single process and the default layout")
+
+
+def exit_on_config_error(fn):
+    """Runs fn(); a ConfigError becomes one message on stderr and exit status 2, with no traceback."""
+    try:
+        return fn()
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)

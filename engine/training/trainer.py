@@ -1,0 +1,334 @@
+"""The training loop: one global batch per step, gradient accumulation over micro-batches, clipping, the
+optimizer, metrics, evaluation, checkpoints, rollback on loss spikes and clean exit on SIGTERM."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from engine.data.datasets import load_stream, train_valid_split
+from engine.data.sampler import BatchSizeRampup, GlobalBatchSampler
+from engine.data.tokenizers import build_tokenizer
+from engine.estimate import model_flops_per_token
+from engine.models.llama import Llama, ModelConfig
+from engine.optim import LossScaler, LRSchedule, build_optimizer, clip_grad_norm_
+from engine.training import checkpoint as ckpt
+from engine.training.config import Config, ConfigError, parse_rampup
+from engine.training.metrics import MetricsWriter, Progress, peak_memory_bytes, peak_tflops, plot_losses, step_line
+
+SPIKE_WINDOW = 20      # the running mean for spike detection is over this many recent steps
+SPIKE_MIN_HISTORY = 5  # no spike detection before this many steps of history
+
+
+class StopTraining(RuntimeError):
+    """Training cannot continue (e.g. too many rollbacks); the message says why."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0                 # optimizer steps taken (the last completed step)
+    consumed_samples: int = 0     # samples trained on
+    data_position: int = 0        # next sample position in the sampler's order (> consumed after skips)
+    skipped_ranges: list = field(default_factory=list)  # [start, end) sample positions skipped by rollbacks
+    skipped_steps: int = 0        # updates skipped for non-finite gradients
+    rollbacks: int = 0
+    loss_history: list = field(default_factory=list)  # [step, loss] of recent steps, for spike detection
+
+
+def _dtype(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class Trainer:
+    def __init__(self, cfg: Config, world_size: int = 1, rank: int = 0):
+        self.cfg, self.world_size, self.rank = cfg, world_size, rank
+        run = cfg.run
+        self.device = torch.device(run.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        cfg.precision.precision = cfg.precision.precision or ("bf16" if self.device.type == "cuda" else "fp32")
+        self.precision = cfg.precision.precision
+        self.run_name = run.run_name or f"{cfg.model.model}-tp{cfg.parallel.tp}-pp{cfg.parallel.pp}-dp{cfg.parallel.dp}"
+        self.run_dir = os.path.join("runs", self.run_name)
+        self.save_dir = cfg.checkpoint.save or os.path.join(self.run_dir, "checkpoints")
+        self.metrics_path = run.metrics_file or os.path.join(self.run_dir, "metrics.jsonl")
+        self.plot_path = run.plot or os.path.join(self.run_dir, "loss.png")
+        self.is_logger = rank == 0
+
+        self._build_data()
+        self.model_cfg = self._model_config()
+        torch.manual_seed(run.seed)
+        self.model = Llama(self.model_cfg).to(self.device)
+        self.model.init_weights(run.seed)
+        self.named_params = [(n, p) for n, p in self.model.named_parameters()]
+        for _, p in self.named_params:  # gradients live for the whole run (accumulated in place)
+            p.grad = torch.zeros_like(p)
+        o = cfg.optimizer
+        self.optimizer = build_optimizer(o.optimizer, self.named_params, o.lr, (o.beta1, o.beta2), o.eps,
+                                         o.weight_decay)
+        s = cfg.schedule
+        self.lr_schedule = LRSchedule(o.lr, o.min_lr, s.lr_warmup_steps, s.lr_decay_steps, s.lr_decay_style,
+                                      s.lr_wsd_decay_fraction)
+        b = cfg.batch
+        ramp = parse_rampup(b.rampup_batch_size) if b.rampup_batch_size else (None, None, 0)
+        self.rampup = BatchSizeRampup(b.global_batch_size, *ramp)
+        ls = cfg.precision.loss_scale
+        self.scaler = LossScaler(initial=ls or 2.0 ** 16, dynamic=ls is None) if self.precision == "fp16" else None
+        self.state = TrainState()
+        self.flops_per_token = model_flops_per_token(self.model_cfg, self.model_cfg.seq_length)
+        self.peak_tflops = peak_tflops(self.device, self.precision, run.peak_tflops)
+        self._stop_requested = False
+
+    # ---- setup -------------------------------------------------------------------------------------------
+    def _build_data(self) -> None:
+        d, seq = self.cfg.data, self.cfg.model_config().seq_length
+        self.tokenizer = build_tokenizer(d.tokenizer)
+        try:
+            stream = load_stream(d.data, self.tokenizer)
+            self.train_data, self.valid_data = train_valid_split(stream, seq, d.valid_fraction)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
+        self.sampler = GlobalBatchSampler(len(self.train_data), self.cfg.run.seed)
+
+    def _model_config(self) -> ModelConfig:
+        cfg = self.cfg.model_config()
+        if self.cfg.model.vocab_size is None:
+            cfg.vocab_size = self.tokenizer.vocab_size
+        elif cfg.vocab_size < self.tokenizer.vocab_size:
+            raise ConfigError(f"--vocab-size: {cfg.vocab_size} is smaller than the tokenizer's vocabulary "
+                              f"({self.tokenizer.vocab_size}); leave it unset or raise it")
+        return cfg
+
+    # ---- one step ----------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=_dtype(self.precision))
+
+    def _micro_batches(self, position: int, global_batch: int) -> list[torch.Tensor]:
+        indices = self.sampler.rank_slice(position, global_batch, 0, 1)
+        mbs = self.cfg.batch.micro_batch_size
+        samples = torch.stack([self.train_data[i] for i in indices])
+        return list(samples.to(self.device).split(mbs))
+
+    def loss_sum(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Sum of the token cross-entropies of one micro-batch (fp32)."""
+        with self._autocast():
+            logits = self.model(tokens[:, :-1])
+        return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum")
+
+    def forward_backward(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
+        """Accumulates gradients of the global-batch mean loss; returns that loss."""
+        num_tokens = sum(mb[:, 1:].numel() for mb in micro_batches)
+        scale = self.scaler.scale if self.scaler else 1.0
+        total = torch.zeros((), device=self.device)
+        self.model.train()
+        for mb in micro_batches:
+            loss = self.loss_sum(mb) / num_tokens
+            (loss * scale).backward()
+            total += loss.detach()
+        return total
+
+    def train_step(self) -> dict:
+        st = self.state
+        step = st.step + 1
+        global_batch = self.rampup.global_batch_size(st.consumed_samples)
+        lr = self.lr_schedule(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        start = time.perf_counter()
+        micro_batches = self._micro_batches(st.data_position, global_batch)
+        for _, p in self.named_params:
+            p.grad.zero_()
+        loss = self.forward_backward(micro_batches)
+        grads = [p.grad for _, p in self.named_params]
+        if self.scaler is not None:
+            torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
+        grad_norm = clip_grad_norm_([p for _, p in self.named_params], self.cfg.optimizer.clip_grad)
+        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
+        if finite:
+            self.optimizer.step()
+        else:
+            st.skipped_steps += 1
+        if self.scaler is not None:
+            self.scaler.update(found_inf=not finite)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - start
+        st.step, st.consumed_samples = step, st.consumed_samples + global_batch
+        st.data_position += global_batch
+        tokens = global_batch * self.model_cfg.seq_length
+        tflops = self.flops_per_token * tokens / elapsed / self.world_size / 1e12
+        return {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                "global_batch_size": global_batch, "consumed_samples": st.consumed_samples,
+                "tokens_per_s": tokens / elapsed, "tflops_per_device": tflops,
+                "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+                "peak_mem_bytes": peak_memory_bytes(self.device),
+                "loss_scale": self.scaler.scale if self.scaler else 1.0, "skipped": not finite,
+                "step_time_s": elapsed}
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.valid_data is None:
+            return None
+        self.model.eval()
+        d, gbs = self.cfg.data, self.cfg.batch.global_batch_size
+        count = d.eval_iters * gbs
+        indices = [i % len(self.valid_data) for i in range(count)]
+        total, tokens = 0.0, 0
+        for chunk in range(0, count, self.cfg.batch.micro_batch_size):
+            batch = torch.stack([self.valid_data[i] for i in indices[chunk:chunk + self.cfg.batch.micro_batch_size]])
+            batch = batch.to(self.device)
+            total += self.loss_sum(batch).item()
+            tokens += batch[:, 1:].numel()
+        return total / tokens
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> str:
+        tensors, slices = {}, {}
+        param_names = {p: n for n, p in self.named_params}
+        for name, p in self.named_params:
+            tensors[f"model/{name}"] = p.detach()
+        for p, pstate in self.optimizer.state.items():
+            for key, value in pstate.items():
+                if torch.is_tensor(value):
+                    tensors[f"optim/{param_names[p]}/{key}"] = value
+        tensors["rng/cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng/cuda"] = torch.cuda.get_rng_state(self.device)
+        tmp = ckpt.prepare_tmp_dir(self.save_dir, self.state.step)
+        name, digest = ckpt.write_rank_file(tmp, self.rank, tensors, slices)
+        p = self.cfg.parallel
+        meta = {"state": dataclasses.asdict(self.state), "config": self.cfg.to_dict(),
+                "model_config": dataclasses.asdict(self.model_cfg),
+                "layout": {"tp": p.tp, "pp": p.pp, "dp": p.dp, "vpp": p.vpp, "zero": p.zero,
+                           "world": self.world_size},
+                "optimizer": self.cfg.optimizer.optimizer,
+                "scaler": self.scaler.state_dict() if self.scaler else None}
+        return ckpt.finalize(self.save_dir, self.state.step, meta, {name: digest}, self.cfg.checkpoint.keep_last)
+
+    def load_checkpoint(self, step_dir: str) -> None:
+        reader = ckpt.CheckpointReader(step_dir)
+        meta = reader.meta
+        saved = ModelConfig(**meta["model_config"])
+        if dataclasses.replace(saved, dropout=0.0) != dataclasses.replace(self.model_cfg, dropout=0.0):
+            raise ConfigError(f"--load: {step_dir} holds a model of shape {saved}, not the configured "
+                              f"{self.model_cfg}; pass the same model flags as the run that saved it")
+        if meta["optimizer"] != self.cfg.optimizer.optimizer:
+            raise ConfigError(f"--load: {step_dir} was trained with --optimizer {meta['optimizer']}; "
+                              "resume with the same optimizer")
+        with torch.no_grad():
+            for name, p in self.named_params:
+                p.copy_(reader.read(f"model/{name}"))
+        self.optimizer.state.clear()
+        for name, p in self.named_params:
+            keys = reader.keys(f"optim/{name}/")
+            if keys:
+                self.optimizer.state[p] = {k.rsplit("/", 1)[1]: reader.read(k).to(
+                    self.device if reader.global_shape(k) else "cpu") for k in keys}
+        self.state = TrainState(**meta["state"])
+        if self.scaler is not None and meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        if meta["layout"]["world"] == self.world_size:
+            torch.set_rng_state(reader.read("rng/cpu"))
+            if self.device.type == "cuda" and "rng/cuda" in reader.index:
+                torch.cuda.set_rng_state(reader.read("rng/cuda"), self.device)
+
+    # ---- stability ---------------------------------------------------------------------------------------
+    def _is_spike(self, loss: float) -> bool:
+        factor = self.cfg.stability.spike_factor
+        history = [l for _, l in self.state.loss_history[-SPIKE_WINDOW:]]
+        if factor is None or len(history) < SPIKE_MIN_HISTORY:
+            return False
+        return loss > factor * (sum(history) / len(history))
+
+    def rollback(self, metrics: MetricsWriter, progress: Progress) -> None:
+        step_dir = ckpt.resolve(self.save_dir) if os.path.isdir(self.save_dir) else None
+        st = self.state
+        if step_dir is None:
+            progress.log(f"warning: loss spike at step {st.step} but no checkpoint in {self.save_dir} to roll "
+                         "back to; continuing (set --save-interval to enable rollback)")
+            return
+        if st.rollbacks >= self.cfg.stability.max_rollbacks:
+            raise StopTraining(f"loss spike at step {st.step} after {st.rollbacks} rollbacks (--max-rollbacks "
+                               f"{self.cfg.stability.max_rollbacks}); the run is unstable: lower --lr, raise "
+                               "--clip-grad's strictness or --spike-factor, or inspect the data")
+        from_step, skip_end, rollbacks = st.step, st.data_position, st.rollbacks + 1
+        self.load_checkpoint(step_dir)
+        skipped = [self.state.data_position, skip_end]
+        self.state.skipped_ranges.append(skipped)
+        self.state.data_position, self.state.rollbacks = skip_end, rollbacks
+        metrics.write({"event": "rollback", "from_step": from_step, "to_step": self.state.step,
+                       "skipped_samples": skipped})
+        progress.log(f"loss spike at step {from_step}: rolled back to step {self.state.step}, skipping samples "
+                     f"[{skipped[0]}, {skipped[1]}) (rollback {rollbacks}/{self.cfg.stability.max_rollbacks})")
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+    def memory_event(self) -> dict:
+        def nbytes(tensors):
+            return sum(t.numel() * t.element_size() for t in tensors)
+        params = [p for _, p in self.named_params]
+        states = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim]
+        return {"event": "memory", "param_bytes": nbytes(params), "grad_bytes": nbytes(p.grad for p in params),
+                "optimizer_bytes": nbytes(states)}
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop_requested = True
+
+    def train(self) -> TrainState:
+        cfg = self.cfg
+        resumed = False
+        if cfg.checkpoint.load:
+            step_dir = ckpt.resolve(cfg.checkpoint.load)
+            if step_dir is None:
+                print(f"--load: no checkpoint in {cfg.checkpoint.load} (no 'latest' file); starting fresh")
+            else:
+                self.load_checkpoint(step_dir)
+                resumed = True
+                print(f"resumed from {step_dir} at step {self.state.step}")
+        metrics = MetricsWriter(self.metrics_path if self.is_logger else None, append=resumed)
+        progress = Progress(cfg.run.steps, self.state.step, self.is_logger)
+        p = cfg.parallel
+        metrics.write({"event": "layout", "tp": p.tp, "pp": p.pp, "dp": p.dp, "vpp": p.vpp, "zero": p.zero,
+                       "world": self.world_size})
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        wrote_memory = False
+        try:
+            while self.state.step < cfg.run.steps:
+                rec = self.train_step()
+                if not wrote_memory:
+                    metrics.write(self.memory_event())
+                    wrote_memory = True
+                if rec["step"] % cfg.run.log_interval == 0 or rec["skipped"]:
+                    metrics.write(rec)
+                    progress.log(step_line(rec, cfg.run.steps))
+                progress.advance()
+                if self._is_spike(rec["loss"]):
+                    self.rollback(metrics, progress)
+                    continue
+                if not rec["skipped"]:
+                    self.state.loss_history = (self.state.loss_history + [[rec["step"], rec["loss"]]])[-SPIKE_WINDOW:]
+                if cfg.data.eval_interval and rec["step"] % cfg.data.eval_interval == 0:
+                    eval_loss = self.evaluate()
+                    if eval_loss is not None:
+                        metrics.write({"event": "eval", "step": rec["step"], "eval_loss": eval_loss})
+                        progress.log(f"eval at step {rec['step']}: loss {eval_loss:.4f}")
+                if self._stop_requested:
+                    path = self.save_checkpoint()
+                    progress.log(f"SIGTERM: saved {path} at step {self.state.step}; exiting")
+                    return self.state
+                if cfg.checkpoint.save_interval and rec["step"] % cfg.checkpoint.save_interval == 0:
+                    progress.log(f"saved {self.save_checkpoint()}")
+            if not os.path.isdir(os.path.join(self.save_dir, ckpt.step_dir_name(self.state.step))):
+                progress.log(f"saved {self.save_checkpoint()}")
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            progress.close()
+            metrics.close()
+        if self.is_logger and plot_losses(self.metrics_path, self.plot_path):
+            progress.log(f"loss curve: {self.plot_path}")
+        return self.state
