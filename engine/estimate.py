@@ -24,6 +24,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 from engine.models.llama import PRESETS, ModelConfig, preset
 
@@ -133,7 +134,9 @@ def saved_activations(cfg: ModelConfig, micro_batch_size: int, seq_length: int, 
     saved as the input of wo; the expanded k, v and the log-sum-exp are dropped. With flash attention there is
     no s^2 term left to save, so selective saves little (nothing but the log-sum-exp without GQA). "full": only
     the layer input is kept. Transients (one layer's rematerialised activations during its backward, gradient
-    buffers) are not counted.
+    buffers) are not counted. With dropout > 0 the residual dropout masks are counted as CUDA's native_dropout
+    keeps them (1 byte each); dropout on the attention probabilities is not (flash attention replays it from
+    the RNG state).
     """
     e, sb, h, f = bytes_per_element, micro_batch_size * seq_length, cfg.hidden_size, cfg.ffn_hidden_size
     q, kv, heads = cfg.num_heads * cfg.head_dim, cfg.kv_dim, cfg.num_heads
@@ -254,13 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
         model.add_argument(flag, type=kind, help=text)
     model.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, help="share embedding and head")
     layout = p.add_argument_group("layout")
-    for flag, text in [("--tp", "tensor-parallel size [1]"), ("--pp", "pipeline-parallel size [1]"),
-                       ("--dp", "data-parallel size [gpus / (tp * pp)]"),
-                       ("--vpp", "virtual pipeline stages per rank [1]"),
-                       ("--micro-batch-size", "samples per micro-batch [1]"),
-                       ("--global-batch-size", "samples per step; sets the micro-batches per step "
-                                               "[unknown: enough to fill the pipeline]")]:
-        layout.add_argument(flag, type=int, help=text)
+    for flag, default, text in [
+            ("--tp", 1, "tensor-parallel size [1]"), ("--pp", 1, "pipeline-parallel size [1]"),
+            ("--dp", None, "data-parallel size [gpus / (tp * pp)]"),
+            ("--vpp", 1, "virtual pipeline stages per rank [1]"),
+            ("--micro-batch-size", 1, "samples per micro-batch [1]"),
+            ("--global-batch-size", None, "samples per step; sets the micro-batches per step "
+                                          "[unknown: enough to fill the pipeline]")]:
+        layout.add_argument(flag, type=int, default=default, help=text)
     layout.add_argument("--schedule", choices=["1f1b", "interleaved", "gpipe"],
                         help="pipeline schedule [1f1b; interleaved when --vpp > 1]")
     layout.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=0, help="ZeRO stage [0]")
@@ -276,7 +280,7 @@ def _model_config(args) -> ModelConfig:
 
 
 def _check(args, cfg: ModelConfig | None) -> list[str]:
-    """Every problem with the flags, as 'flag: message' lines; fills args.gpus, dp, schedule."""
+    """Every problem with the flags, as 'flag: message' lines; fills in args.gpus, args.dp, args.schedule."""
     positive = [("--params", args.params), ("--tokens", args.tokens), ("--gpus", args.gpus),
                 ("--flops-per-gpu", args.flops_per_gpu), ("--tp", args.tp), ("--pp", args.pp), ("--dp", args.dp),
                 ("--vpp", args.vpp), ("--micro-batch-size", args.micro_batch_size),
@@ -287,8 +291,7 @@ def _check(args, cfg: ModelConfig | None) -> list[str]:
         errors += [f"{flag}: {msg}" for flag, msg in cfg.validate()]
     if errors:
         return errors
-    tp, pp, vpp = args.tp or 1, args.pp or 1, args.vpp or 1
-    args.tp, args.pp, args.vpp, args.micro_batch_size = tp, pp, vpp, args.micro_batch_size or 1
+    tp, pp, vpp = args.tp, args.pp, args.vpp
     if args.dp is None:
         args.dp = (args.gpus or tp * pp) // (tp * pp)
         if args.gpus is not None and args.gpus % (tp * pp):
@@ -326,8 +329,8 @@ def estimate(argv: list[str] | None = None) -> dict:
 
 
 def _report(args: argparse.Namespace) -> dict:
-    given_overrides = [flag for flag, *_ in MODEL_FLAGS + [("--tie-embeddings",)]
-                       if getattr(args, flag[2:].replace("-", "_")) is not None]
+    flags = [flag for flag, _, _ in MODEL_FLAGS] + ["--tie-embeddings"]
+    given_overrides = [flag for flag in flags if getattr(args, flag[2:].replace("-", "_")) is not None]
     if args.params is not None and given_overrides:
         _fail([f"--params: gives no architecture, so {', '.join(given_overrides)} cannot apply; "
                "use --model with overrides instead"])
@@ -335,9 +338,10 @@ def _report(args: argparse.Namespace) -> dict:
     errors = _check(args, cfg)
     if errors:
         _fail(errors)
+    per_step = args.micro_batch_size * args.dp
     layout = Layout(tp=args.tp, pp=args.pp, dp=args.dp, vpp=args.vpp, zero=args.zero,
                     sequence_parallel=args.sequence_parallel, micro_batch_size=args.micro_batch_size,
-                    microbatches=args.global_batch_size and args.global_batch_size // (args.micro_batch_size * args.dp),
+                    microbatches=args.global_batch_size // per_step if args.global_batch_size else None,
                     schedule=args.schedule, precision=args.precision, recompute=args.recompute)
     report = {"model": args.model or ("tiny" if cfg else None), "layout": dataclasses.asdict(layout)}
     if cfg is None:
@@ -361,7 +365,7 @@ def _report(args: argparse.Namespace) -> dict:
             "train_days": seconds / 86400, "memory_stage": stage, "memory_bytes": memory}
 
 
-def _fail(errors: list[str]) -> None:
+def _fail(errors: list[str]) -> NoReturn:
     for line in errors:
         print(f"error: {line}", file=sys.stderr)
     sys.exit(2)

@@ -1,0 +1,34 @@
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# A model small enough that a step takes milliseconds; the shape still has GQA and several layers.
+SMALL = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-heads", "4",
+         "--num-kv-heads", "2", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A small directory of real text (a slice of the standard library's sources)."""
+    from engine.data.datasets import stdlib_sources
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i, path in enumerate(stdlib_sources()[:40]):
+        with open(path, "rb") as src, open(root / f"doc{i:03d}.py", "wb") as dst:
+            dst.write(src.read())
+    return str(root)
+
+
+def read_metrics(path):
+    with open(path) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def step_losses(path):
+    """{step: loss} of the step lines (a later line for the same step wins, as after a rollback)."""
+    return {r["step"]: r["loss"] for r in read_metrics(path) if "event" not in r}

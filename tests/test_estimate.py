@@ -1,0 +1,232 @@
+"""engine.estimate: parameter counts against real models, FLOPs, memory rules, and the activation table
+against the tensors autograd actually saves."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import engine.models.llama as llama
+from engine import estimate as est
+from engine.models.llama import Llama, ModelConfig, preset
+
+REPO = Path(__file__).resolve().parents[1]
+GQA_TIED = ModelConfig(num_layers=3, hidden_size=64, ffn_hidden_size=96, num_heads=8, num_kv_heads=2,
+                       vocab_size=50, seq_length=16, tie_embeddings=True)
+
+
+def run_json(capsys, *argv):
+    est.main([*argv, "--json"])
+    return json.loads(capsys.readouterr().out)
+
+
+def run_error(capsys, *argv):
+    with pytest.raises(SystemExit) as exc:
+        est.main(list(argv))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert "Traceback" not in err
+    return err
+
+
+def test_llama_7b_exact_parameter_count(capsys):
+    assert est.count_parameters(preset("llama-7b"))["total"] == 6_738_415_616
+    report = run_json(capsys, "--model", "llama-7b")
+    assert report["params"] == 6_738_415_616
+    assert report["params_by_component"]["total"] == 6_738_415_616
+    assert report["flops_per_token"] == 6 * 6_738_415_616
+    assert set(report["memory_bytes"]) == {"params", "grads", "optimizer", "activations", "total"}
+    assert all(isinstance(v, int) for v in report["memory_bytes"].values())
+
+
+def test_65b_training_time(capsys):
+    r = run_json(capsys, "--params", "6.5e10", "--tokens", "1.4e12", "--gpus", "2048", "--flops-per-gpu", "2e14",
+                 "--recompute", "full")
+    assert r["flops_per_token"] == 8 * 6.5e10
+    assert r["train_flops"] == pytest.approx(8 * 6.5e10 * 1.4e12)
+    assert r["train_seconds"] == pytest.approx(1.777e6, rel=5e-3)
+    assert r["train_days"] == pytest.approx(20.6, abs=0.05)
+    assert r["memory_bytes"]["activations"] == 0
+
+
+def test_default_tokens_are_chinchilla(capsys):
+    r = run_json(capsys, "--params", "1e9")
+    assert r["tokens"] == 2e10 and r["train_flops"] == pytest.approx(6 * 1e9 * 2e10)
+
+
+def test_tied_embeddings_drop_the_head():
+    untied = est.count_parameters(preset("tiny"))
+    tied = est.count_parameters(ModelConfig(tie_embeddings=True))
+    assert tied["head"] == 0 and untied["head"] == untied["embedding"]
+    assert untied["total"] - tied["total"] == untied["embedding"]
+
+
+def test_gqa_attention_by_hand():
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=8, num_kv_heads=2)  # head_dim 8, kv_dim 16
+    assert est.count_parameters(cfg)["attention"] == 2 * (64 * 64 + 2 * 64 * 16 + 64 * 64)
+    mha = ModelConfig(num_layers=2, hidden_size=64, num_heads=8, num_kv_heads=8)
+    assert est.count_parameters(mha)["attention"] == 2 * 4 * 64 * 64
+
+
+@pytest.mark.parametrize("cfg", [preset("tiny"), GQA_TIED, preset("llama-1b")], ids=["tiny", "gqa-tied", "1b"])
+def test_components_match_the_model(cfg):
+    with torch.device("meta"):
+        model = Llama(cfg)
+    assert est.count_parameters(cfg)["total"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("cfg", [preset("tiny"), GQA_TIED], ids=["untied", "tied"])
+def test_pipeline_stages_match_the_stage_models(cfg):
+    pp = 3 if cfg.num_layers % 3 == 0 else 2
+    per = cfg.num_layers // pp
+    for stage in range(pp):
+        with torch.device("meta"):
+            part = Llama(cfg, layers=list(range(stage * per, (stage + 1) * per)), has_embedding=stage == 0,
+                         has_head=stage == pp - 1)
+        # with tied embeddings and pp > 1 the last stage builds its own copy of the embedding as its head
+        assert est.stage_parameters(cfg, 1, pp, stage) == sum(p.numel() for p in part.parameters())
+
+
+def test_tensor_parallel_shards():
+    cfg = preset("llama-7b")
+    counts = est.count_parameters(cfg)
+    replicated = counts["norms"]
+    assert est.stage_parameters(cfg, 4, 1, 0) == (counts["total"] - replicated) // 4 + replicated
+
+
+def test_model_flops_match_megatron_formula():
+    # 3*h*F == 8*h^2 makes the SwiGLU MLP count like GPT's 4h MLP, so Megatron's formula applies exactly.
+    h, layers, s, v = 96, 4, 128, 1000
+    cfg = ModelConfig(num_layers=layers, hidden_size=h, ffn_hidden_size=256, num_heads=8, num_kv_heads=8,
+                      vocab_size=v, seq_length=s)
+    megatron = 72 * layers * h * h * (1 + s / (6 * h) + v / (12 * h * layers))
+    assert est.model_flops_per_token(cfg) == pytest.approx(megatron)
+    tied = ModelConfig(**{**cfg.__dict__, "tie_embeddings": True})
+    assert est.model_flops_per_token(tied) == est.model_flops_per_token(cfg)
+    assert est.model_flops_per_token(cfg, seq_length=2 * s) > est.model_flops_per_token(cfg)
+
+
+def test_state_bytes_per_parameter():
+    n = 1000
+    assert est.state_bytes(n, "fp32", 0, 4) == {"params": 4 * n, "grads": 4 * n, "optimizer": 8 * n}
+    assert est.state_bytes(n, "bf16", 0, 4) == {"params": 2 * n, "grads": 4 * n, "optimizer": 12 * n}
+    assert est.state_bytes(n, "bf16", 1, 4) == {"params": 2 * n, "grads": 4 * n, "optimizer": 12 * n // 4}
+    assert est.state_bytes(n, "bf16", 2, 4) == {"params": 2 * n, "grads": n, "optimizer": 12 * n // 4}
+    assert est.state_bytes(n, "fp16", 3, 4) == {"params": 2 * n // 4, "grads": n, "optimizer": 12 * n // 4}
+
+
+def test_memory_through_the_cli(capsys):
+    total = 6_738_415_616
+    fp32 = run_json(capsys, "--model", "llama-7b", "--precision", "fp32", "--gpus", "8")["memory_bytes"]
+    assert fp32["params"] == 4 * total and fp32["optimizer"] == 8 * total
+    zero1 = run_json(capsys, "--model", "llama-7b", "--dp", "8", "--zero", "1")["memory_bytes"]
+    assert zero1["optimizer"] == 12 * total // 8 and zero1["grads"] == 4 * total
+    zero3 = run_json(capsys, "--model", "llama-7b", "--dp", "8", "--zero", "3")["memory_bytes"]
+    assert zero3["params"] == 2 * total // 8 and zero3["grads"] == 4 * total // 8
+    assert zero3["total"] == sum(v for k, v in zero3.items() if k != "total")
+
+
+def test_activation_ordering_and_sharding():
+    cfg = preset("llama-7b")
+
+    def act(recompute, tp=1, sp=False):
+        return est.activation_bytes_per_layer(cfg, 1, 2048, tp, sp, recompute, 2)
+    assert act("full") < act("selective") < act("none")
+    assert act("none", tp=8) < act("none")
+    assert act("none", tp=8, sp=True) < act("none", tp=8)
+    assert act("none", tp=8, sp=True) == pytest.approx(act("none") / 8, rel=1e-6)
+    assert act("full") == 2048 * 4096 * 2 and act("full", tp=8, sp=True) == act("full") // 8
+
+
+def test_pipeline_inflight():
+    assert [est.inflight_chunks("1f1b", 4, 1, s, None) for s in range(4)] == [4, 3, 2, 1]
+    assert est.inflight_chunks("1f1b", 4, 1, 0, 2) == 2
+    assert est.inflight_chunks("gpipe", 4, 1, 3, 16) == 16
+    pp, vpp = 4, 2  # Korthikanti: the first stage holds L * (1 + (pp - 1) / (pp * vpp)) layers' activations
+    assert est.inflight_chunks("interleaved", pp, vpp, 0, None) / (pp * vpp) == 1 + (pp - 1) / (pp * vpp)
+
+
+def _saved_bytes(fn, skip_tensors) -> int:
+    """Bytes of the distinct storages autograd saves while running fn(), leaving out skip_tensors."""
+    skip = {t.untyped_storage().data_ptr() for t in skip_tensors}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip and t.is_floating_point() and t.dim() > 0:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dtype,nbytes", [(torch.float32, 4), (torch.bfloat16, 2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kv_heads", [8, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_activation_table_matches_autograd(monkeypatch, dtype, nbytes, kv_heads, recompute):
+    cfg = ModelConfig(num_layers=1, hidden_size=64, ffn_hidden_size=96, num_heads=8, num_kv_heads=kv_heads,
+                      vocab_size=50, seq_length=16)
+    model = Llama(cfg).to(dtype)
+    layer, cos, sin = model.layers["0"], model.rope_cos.to(dtype), model.rope_sin.to(dtype)
+    x = torch.randn(2, 16, 64, dtype=dtype, requires_grad=True)
+    if recompute == "selective":
+        core = llama.attention_core
+        monkeypatch.setattr(llama, "attention_core", lambda *a: checkpoint(core, *a, use_reentrant=True))
+    run = (lambda: checkpoint(layer, x, cos, sin, use_reentrant=True)) if recompute == "full" \
+        else (lambda: layer(x, cos, sin))
+    measured = _saved_bytes(run, [*model.parameters(), cos, sin])
+    assert measured == est.activation_bytes_per_layer(cfg, 2, 16, 1, False, recompute, nbytes)
+
+
+@pytest.mark.parametrize("dtype,nbytes", [(torch.float32, 4), (torch.bfloat16, 2)], ids=["fp32", "bf16"])
+def test_head_activation_table_matches_autograd(dtype, nbytes):
+    model = Llama(GQA_TIED, layers=[], has_embedding=False).to(dtype)
+    x = torch.randn(2, 16, 64, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, 50, (32,))
+    measured = _saved_bytes(lambda: F.cross_entropy(model(x).float().flatten(0, 1), targets), model.parameters())
+    rows = est.saved_head_activations(GQA_TIED, 2, 16, 1, nbytes)
+    assert measured == sum(n * b for _, n, b, _ in rows)
+
+
+def test_peak_stage_and_pipeline_split(capsys):
+    one = run_json(capsys, "--model", "llama-7b")["memory_bytes"]
+    four = run_json(capsys, "--model", "llama-7b", "--pp", "4")
+    assert four["memory_bytes"]["params"] < one["params"] / 3
+    # 1F1B: the first stage holds pp micro-batches of its L/pp layers, i.e. all L layers' worth.
+    assert four["memory_stage"] == 0
+    assert four["memory_bytes"]["activations"] == 32 * est.activation_bytes_per_layer(
+        preset("llama-7b"), 1, 2048, 1, False, "none", 2)
+
+
+def test_human_output(capsys):
+    est.main(["--model", "llama-7b"])
+    out = capsys.readouterr().out
+    assert "6,738,415,616" in out and "GiB" in out and "days" in out
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--model", "llama-7b", "--pp", "5"], "--pp"),
+    (["--model", "llama-7b", "--gpus", "0"], "--gpus"),
+    (["--params", "-1"], "--params"),
+    (["--model", "nope"], "--model"),
+    (["--model", "llama-7b", "--dp", "3", "--gpus", "8"], "--dp"),
+    (["--model", "tiny", "--sequence-parallel"], "--sequence-parallel"),
+    (["--params", "1e9", "--num-layers", "4"], "--params"),
+    (["--model", "tiny", "--hidden-size", "100"], "--hidden-size"),
+])
+def test_invalid_flags_exit_2(capsys, argv, flag):
+    err = run_error(capsys, *argv)
+    assert err.startswith(f"error: {flag}")
+
+
+def test_invalid_tp_subprocess():
+    proc = subprocess.run([sys.executable, "-m", "engine.estimate", "--model", "llama-7b", "--tp", "3"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: --tp:") and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == ""

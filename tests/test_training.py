@@ -1,0 +1,190 @@
+"""The single-process trainer: metrics, exact resume, rollback, non-finite steps, SIGTERM, checkpoints."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, SMALL, read_metrics, step_losses
+from engine.training import main, parse_config, validate
+from engine.training.checkpoint import CheckpointError, CheckpointReader, resolve
+from engine.training.trainer import Trainer
+
+STEP_KEYS = {"step", "loss", "lr", "grad_norm", "global_batch_size", "consumed_samples", "tokens_per_s",
+             "tflops_per_device", "mfu", "peak_mem_bytes", "loss_scale", "skipped"}
+
+
+def make_trainer(argv):
+    cfg = parse_config(argv)
+    validate(cfg, 1)
+    return Trainer(cfg)
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_metrics_contract(run_dir, corpus):
+    assert main(SMALL + ["--data", corpus, "--steps", "4", "--eval-interval", "2", "--run-name", "m"]) == 0
+    records = read_metrics("runs/m/metrics.jsonl")
+    layout = [r for r in records if r.get("event") == "layout"]
+    assert layout == [{"event": "layout", "tp": 1, "pp": 1, "dp": 1, "vpp": 1, "zero": 0, "world": 1}]
+    memory = [r for r in records if r.get("event") == "memory"][0]
+    num_params = 2 * (259 * 64) + 64 + 2 * (2 * 64 + 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128)
+    assert memory["param_bytes"] == 4 * num_params and memory["grad_bytes"] == 4 * num_params
+    assert memory["optimizer_bytes"] == 8 * num_params  # fp32 AdamW: m and v; the params are their own master
+    steps = [r for r in records if "event" not in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        assert STEP_KEYS <= set(r) and r["skipped"] is False and r["loss_scale"] == 1.0
+        assert r["tokens_per_s"] > 0 and r["peak_mem_bytes"] > 0
+    assert [r["consumed_samples"] for r in steps] == [4, 8, 12, 16]
+    assert steps[0]["loss"] == pytest.approx(5.55, abs=0.15)  # ln(259): uniform over the byte vocabulary
+    evals = [r for r in records if r.get("event") == "eval"]
+    assert [e["step"] for e in evals] == [2, 4] and all(e["eval_loss"] > 0 for e in evals)
+    assert os.path.isfile("runs/m/loss.png")
+    assert open("runs/m/checkpoints/latest").read().strip() == "step_00000004"
+
+
+def test_resume_is_bit_exact(run_dir, corpus):
+    # the LR schedule spans --lr-decay-steps, which defaults to --steps: pin it so both runs share it
+    base = SMALL + ["--data", corpus, "--steps", "12", "--dropout", "0.1", "--lr-warmup-steps", "2",
+                    "--lr-decay-steps", "12"]
+    assert main(base + ["--run-name", "full"]) == 0
+    assert main(base + ["--run-name", "half", "--steps", "6"]) == 0
+    assert main(base + ["--run-name", "half", "--load", "runs/half/checkpoints"]) == 0
+    full, half = step_losses("runs/full/metrics.jsonl"), step_losses("runs/half/metrics.jsonl")
+    assert sorted(half) == list(range(1, 13))
+    assert half == full  # bit-identical, dropout included
+
+
+def test_load_without_latest_starts_fresh(run_dir, corpus, capsys):
+    os.makedirs("empty")
+    assert main(SMALL + ["--data", corpus, "--steps", "1", "--load", "empty", "--run-name", "f"]) == 0
+    assert "starting fresh" in capsys.readouterr().out
+
+
+def test_nonfinite_gradient_skips_the_update(run_dir, corpus):
+    trainer = make_trainer(SMALL + ["--data", corpus, "--steps", "3", "--run-name", "nf"])
+    original = trainer.forward_backward
+
+    def poisoned(micro_batches):
+        loss = original(micro_batches)
+        if trainer.state.step == 1:  # during the second step
+            next(trainer.model.parameters()).grad[0, 0] = float("inf")
+        return loss
+
+    trainer.forward_backward = poisoned
+    weights = lambda: [p.detach().clone() for p in trainer.model.parameters()]
+    records = [trainer.train_step()]
+    after_first = weights()
+    records.append(trainer.train_step())
+    assert all(torch.equal(a, b) for a, b in zip(after_first, weights()))
+    records.append(trainer.train_step())
+    assert [r["skipped"] for r in records] == [False, True, False]
+    assert trainer.state.skipped_steps == 1 and trainer.state.step == 3
+    assert not all(torch.equal(a, b) for a, b in zip(after_first, weights()))
+
+
+def test_spike_rolls_back_and_skips_the_data(run_dir, corpus):
+    trainer = make_trainer(SMALL + ["--data", corpus, "--steps", "12", "--save-interval", "6",
+                                    "--spike-factor", "3", "--run-name", "sp", "--lr-warmup-steps", "0"])
+    original = trainer.forward_backward
+    spiked = []
+
+    def spiky(micro_batches):
+        loss = original(micro_batches)
+        if trainer.state.step == 8 and not spiked:  # step 9 reports a spike, once
+            spiked.append(True)
+            return loss * 10
+        return loss
+
+    trainer.forward_backward = spiky
+    state = trainer.train()
+    records = read_metrics("runs/sp/metrics.jsonl")
+    rollback = [r for r in records if r.get("event") == "rollback"]
+    # global batch 4: steps 7..9 consumed positions [24, 36) after the step-6 checkpoint
+    assert rollback == [{"event": "rollback", "from_step": 9, "to_step": 6, "skipped_samples": [24, 36]}]
+    assert state.step == 12 and state.rollbacks == 1 and state.skipped_ranges == [[24, 36]]
+    assert state.consumed_samples == 48 and state.data_position == 60
+    # After the rollback, step 7 trains on the data at position 36, i.e. what step 10 would have seen.
+    reference = make_trainer(SMALL + ["--data", corpus, "--steps", "6", "--run-name", "ref",
+                                      "--lr-warmup-steps", "0"])
+    reference.load_checkpoint(os.path.join("runs/sp/checkpoints", "step_00000006"))
+    reference.state.data_position = 36
+    rec = reference.train_step()
+    assert rec["loss"] == step_losses("runs/sp/metrics.jsonl")[7]
+
+
+def test_max_rollbacks_stops_with_a_message(run_dir, corpus, capsys):
+    trainer = make_trainer(SMALL + ["--data", corpus, "--steps", "20", "--save-interval", "5",
+                                    "--spike-factor", "2", "--max-rollbacks", "1", "--run-name", "mr"])
+    original = trainer.forward_backward
+    trainer.forward_backward = lambda mbs: original(mbs) * (10 if trainer.state.step >= 7 else 1)
+    from engine.training.trainer import StopTraining
+    with pytest.raises(StopTraining, match="max-rollbacks"):
+        trainer.train()
+
+
+def test_sigterm_saves_and_exits_zero(run_dir, corpus):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cmd = [sys.executable, os.path.join(ROOT, "examples", "pretrain_llama.py")] + SMALL + [
+        "--data", corpus, "--steps", "100000", "--run-name", "term"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run_dir / "runs" / "term" / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and (not metrics.exists() or len(step_losses(metrics)) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    last = max(step_losses(metrics))
+    step_dir = resolve(str(run_dir / "runs" / "term" / "checkpoints"))
+    assert step_dir.endswith(f"step_{last:08d}")
+    assert "SIGTERM" in out
+
+
+def test_truncated_checkpoint_is_reported_and_previous_still_loads(run_dir, corpus):
+    assert main(SMALL + ["--data", corpus, "--steps", "4", "--save-interval", "2", "--run-name", "t"]) == 0
+    good, bad = "runs/t/checkpoints/step_00000002", "runs/t/checkpoints/step_00000004"
+    path = os.path.join(bad, "rank_00000.safetensors")
+    size = os.path.getsize(path)
+    with open(path, "r+b") as fh:
+        fh.truncate(size // 2)
+    with pytest.raises(CheckpointError, match="rank_00000.safetensors"):
+        CheckpointReader(bad)
+    assert CheckpointReader(good).meta["step"] == 2
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "pretrain_llama.py")] + SMALL + [
+        "--data", corpus, "--steps", "6", "--load", "runs/t/checkpoints", "--run-name", "t2"],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 1 and "rank_00000.safetensors" in proc.stderr and "Traceback" not in proc.stderr
+    assert main(SMALL + ["--data", corpus, "--steps", "3", "--load", good, "--run-name", "t3"]) == 0
+
+
+def test_keep_last(run_dir, corpus):
+    assert main(SMALL + ["--data", corpus, "--steps", "6", "--save-interval", "1", "--keep-last", "2",
+                         "--run-name", "k"]) == 0
+    assert sorted(d for d in os.listdir("runs/k/checkpoints") if d.startswith("step_")) == [
+        "step_00000005", "step_00000006"]
+
+
+def test_fp16_loss_scale_and_bf16_autocast_run(run_dir, corpus):
+    assert main(SMALL + ["--data", corpus, "--steps", "2", "--precision", "fp16", "--run-name", "h"]) == 0
+    steps = [r for r in read_metrics("runs/h/metrics.jsonl") if "event" not in r]
+    assert steps[0]["loss_scale"] == 2.0 ** 16
+    assert main(SMALL + ["--data", corpus, "--steps", "2", "--precision", "bf16", "--run-name", "b"]) == 0
+    assert all(r["loss"] < 6 for r in read_metrics("runs/b/metrics.jsonl") if "event" not in r)
+
+
+def test_adafactor_trains_and_resumes(run_dir, corpus):
+    base = SMALL + ["--data", corpus, "--optimizer", "adafactor", "--lr", "1e-2", "--lr-decay-steps", "4"]
+    assert main(base + ["--steps", "4", "--run-name", "a"]) == 0
+    assert main(base + ["--steps", "2", "--run-name", "a2"]) == 0
+    assert main(base + ["--steps", "4", "--run-name", "a2", "--load", "runs/a2/checkpoints"]) == 0
+    assert step_losses("runs/a/metrics.jsonl") == step_losses("runs/a2/metrics.jsonl")
