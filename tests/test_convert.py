@@ -200,6 +200,22 @@ def test_engine_checkpoint_to_hf(tmp_path, tie):
         assert torch.equal(a, b), name
 
 
+def test_trainer_checkpoint_to_hf(tmp_path, monkeypatch):
+    from engine.training import main
+
+    monkeypatch.chdir(tmp_path)  # runs/ lands here
+    (tmp_path / "corpus.txt").write_text("def f(x):\n    return x + 1\n" * 100)
+    rc = main(["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-heads", "4",
+               "--num-kv-heads", "2", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
+               "--steps", "2", "--save", "ckpt", "--run-name", "x", "--data", "corpus.txt"])
+    assert rc == 0
+    assert convert.main(["engine-to-hf", "ckpt", "hf"]) == 0
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    diff = max_diff(engine.load_model("ckpt"), hf, 259)
+    print(f"trainer checkpoint -> hf max abs logits diff: {diff:.3g}")
+    assert diff <= ATOL
+
+
 def test_refuses_to_overwrite_checkpoints(tmp_path):
     hf_model(False).save_pretrained(tmp_path / "hf", safe_serialization=True)
     convert.hf_to_engine(str(tmp_path / "hf"), str(tmp_path / "engine"))
