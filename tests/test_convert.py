@@ -221,3 +221,33 @@ def test_refuses_to_overwrite_checkpoints(tmp_path):
     convert.hf_to_engine(str(tmp_path / "hf"), str(tmp_path / "engine"))
     with pytest.raises(convert.ConvertError, match="already holds checkpoints"):
         convert.hf_to_engine(str(tmp_path / "hf"), str(tmp_path / "engine"))
+
+
+def test_training_starts_from_converted_weights(tmp_path, monkeypatch):
+    """--load of a converted (weights-only) checkpoint starts a fresh run at step 0 from those weights."""
+    from engine.training import main, parse_config, validate
+    from engine.training.trainer import Trainer
+
+    monkeypatch.chdir(tmp_path)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=259, max_position_embeddings=32,
+                                   rms_norm_eps=1e-5, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf", safe_serialization=True)
+    assert convert.main(["hf-to-engine", "hf", "eng"]) == 0
+    (tmp_path / "corpus.txt").write_text("def f(x):\n    return x + 1\n" * 100)
+    argv = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-heads", "4",
+            "--num-kv-heads", "2", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
+            "--steps", "2", "--data", "corpus.txt", "--load", "eng", "--run-name", "ft"]
+    run_cfg = parse_config(argv)
+    validate(run_cfg, 1)
+    trainer = Trainer(run_cfg)
+    trainer.load_checkpoint(ckpt.resolve("eng"))
+    reference = engine.load_model("eng")
+    for (name, p), (_, q) in zip(trainer.model.named_parameters(), reference.named_parameters()):
+        assert torch.equal(p, q), name
+    assert trainer.state.step == 0
+    assert main(argv) == 0
+    with open("runs/ft/metrics.jsonl") as fh:
+        steps = [json.loads(line) for line in fh if '"event"' not in line]
+    assert [r["step"] for r in steps] == [1, 2]

@@ -215,15 +215,18 @@ class Trainer:
         reader = ckpt.CheckpointReader(step_dir)
         meta = reader.meta
         saved = ModelConfig(**meta["model_config"])
-        if dataclasses.replace(saved, dropout=0.0) != dataclasses.replace(self.model_cfg, dropout=0.0):
+        shape = lambda c: dataclasses.replace(c, dropout=0.0, init_std=0.0)  # noqa: E731
+        if shape(saved) != shape(self.model_cfg):
             raise ConfigError(f"--load: {step_dir} holds a model of shape {saved}, not the configured "
                               f"{self.model_cfg}; pass the same model flags as the run that saved it")
-        if meta["optimizer"] != self.cfg.optimizer.optimizer:
-            raise ConfigError(f"--load: {step_dir} was trained with --optimizer {meta['optimizer']}; "
-                              "resume with the same optimizer")
         with torch.no_grad():
             for name, p in self.named_params:
                 p.copy_(reader.read(f"model/{name}"))
+        if meta.get("state") is None:  # weights only (engine.convert): a fresh run starting from them
+            return
+        if meta["optimizer"] != self.cfg.optimizer.optimizer:
+            raise ConfigError(f"--load: {step_dir} was trained with --optimizer {meta['optimizer']}; "
+                              "resume with the same optimizer")
         self.optimizer.state.clear()
         for name, p in self.named_params:
             keys = reader.keys(f"optim/{name}/")
@@ -288,8 +291,9 @@ class Trainer:
                 print(f"--load: no checkpoint in {cfg.checkpoint.load} (no 'latest' file); starting fresh")
             else:
                 self.load_checkpoint(step_dir)
-                resumed = True
-                print(f"resumed from {step_dir} at step {self.state.step}")
+                resumed = self.state.step > 0
+                print(f"resumed from {step_dir} at step {self.state.step}" if resumed else
+                      f"initialised from the weights in {step_dir}; starting at step 0")
         metrics = MetricsWriter(self.metrics_path if self.is_logger else None, append=resumed)
         progress = Progress(cfg.run.steps, self.state.step, self.is_logger)
         p = cfg.parallel
