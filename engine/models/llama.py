@@ -7,6 +7,7 @@ layout-invariant.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -15,6 +16,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from engine.parallel.layers import (ColumnParallelLinear, RowParallelLinear, TPContext, VocabParallelEmbedding,
+                                    padded_vocab_size, valid_slice)
+from engine.parallel.random import RNGTracker
+from engine.parallel.recompute import recompute
 
 
 @dataclass
@@ -111,6 +117,8 @@ def init_rows_(tensor: torch.Tensor, seed: int, name: str, std: float, row_offse
     """
     rows, cols = tensor.shape
     full_cols = cols if full_cols is None else full_cols
+    if rows == 0 or cols == 0:
+        return tensor
     base = _name_seed(seed, name)
     gen = torch.Generator(device="cpu")
     row = torch.empty(full_cols, dtype=torch.float32)
@@ -153,23 +161,50 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+@dataclass
+class Parallelism:
+    """How a model instance is parallelised: its tensor-parallel context, random streams and recomputation.
+    The defaults describe a single process (no communication, no recomputation)."""
+
+    tp: TPContext = dataclasses.field(default_factory=TPContext)
+    rng: RNGTracker | None = None
+    recompute: str = "none"           # none | selective (attention core) | full (whole layers)
+    recompute_layers: int | None = None  # with full: only the first N layers of this module
+
+    def fork_tp(self):
+        return self.rng.fork("tp") if self.rng is not None else contextlib.nullcontext()
+
+    def fork_for_residual(self):
+        """Residual dropout: per-rank stream on sequence shards, the shared default stream otherwise."""
+        return self.fork_tp() if self.tp.sequence_parallel else contextlib.nullcontext()
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, par: Parallelism):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.dropout = cfg.dropout
-        self.wq = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.hidden_size, cfg.kv_dim, bias=False)
-        self.wv = nn.Linear(cfg.hidden_size, cfg.kv_dim, bias=False)
-        self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        tp = par.tp
+        self.par, self.head_dim, self.dropout = par, cfg.head_dim, cfg.dropout
+        q_dim = cfg.num_heads * cfg.head_dim
+        self.wq = ColumnParallelLinear(cfg.hidden_size, q_dim, tp)
+        self.wk = ColumnParallelLinear(cfg.hidden_size, cfg.kv_dim, tp)
+        self.wv = ColumnParallelLinear(cfg.hidden_size, cfg.kv_dim, tp)
+        self.wo = RowParallelLinear(q_dim, cfg.hidden_size, tp)
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with self.par.fork_tp():  # different heads on each tp rank: per-rank dropout stream
+            return attention_core(q, k, v, self.dropout if self.training else 0.0)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = self.par.tp.enter(x)
         b, s, _ = x.shape
-        q = self.wq(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attention_core(q, k, v, self.dropout if self.training else 0.0)
+        q = self.wq.forward_local(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = self.wk.forward_local(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = self.wv.forward_local(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos[:s], sin[:s]), apply_rope(k, cos[:s], sin[:s])
+        if self.par.recompute == "selective":
+            out = recompute(self.core, self.par.rng, q, k, v)
+        else:
+            out = self.core(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -183,28 +218,41 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p:
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, par: Parallelism):
         super().__init__()
-        self.w_gate = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=False)
-        self.w_up = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=False)
-        self.w_down = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False)
+        tp = par.tp
+        self.tp = tp
+        self.w_gate = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, tp)
+        self.w_up = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, tp)
+        self.w_down = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        x = self.tp.enter(x)
+        return self.w_down(F.silu(self.w_gate.forward_local(x)) * self.w_up.forward_local(x))
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, par: Parallelism = None):
         super().__init__()
+        par = par or Parallelism()
+        self.par = par
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, par)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, par)
         self.dropout = nn.Dropout(cfg.dropout)
+        for norm in (self.attn_norm, self.mlp_norm):
+            norm.weight.sequence_parallel = par.tp.sequence_parallel
+
+    def _residual_dropout(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.dropout.p == 0:
+            return x
+        with self.par.fork_for_residual():
+            return self.dropout(x)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        x = x + self._residual_dropout(self.attn(self.attn_norm(x), cos, sin))
+        return x + self._residual_dropout(self.mlp(self.mlp_norm(x)))
 
 
 class Llama(nn.Module):
@@ -213,19 +261,26 @@ class Llama(nn.Module):
     layers: the global indices this module holds (default: all). has_embedding / has_head: whether this slice
     owns the token embedding / the final norm and LM head. Without an embedding, forward takes hidden states;
     without a head, it returns hidden states; the full model maps input ids [b, s] to logits [b, s, vocab].
+    Under tensor parallelism the logits are this rank's vocabulary slice (vocab_parallel_cross_entropy takes
+    them as they are); under sequence parallelism hidden states between layers are sequence shards.
     """
 
     def __init__(self, cfg: ModelConfig, layers: list[int] | None = None, has_embedding: bool = True,
-                 has_head: bool = True):
+                 has_head: bool = True, parallelism: Parallelism | None = None):
         super().__init__()
-        self.cfg = cfg
+        par = parallelism or Parallelism()
+        self.cfg, self.par = cfg, par
         layers = range(cfg.num_layers) if layers is None else layers
-        self.embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if has_embedding else None
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg) for i in layers})
+        padded_vocab = padded_vocab_size(cfg.vocab_size, par.tp.size)
+        self.vocab_start = par.tp.rank * (padded_vocab // par.tp.size)
+        self.embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, par.tp) if has_embedding else None
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, par) for i in layers})
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps) if has_head else None
+        if self.norm is not None:
+            self.norm.weight.sequence_parallel = par.tp.sequence_parallel
         self.head = None
         if has_head and not (cfg.tie_embeddings and has_embedding):
-            self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.head = ColumnParallelLinear(cfg.hidden_size, padded_vocab, par.tp, real_out_features=cfg.vocab_size)
         cos, sin = rope_tables(cfg.seq_length, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -233,32 +288,44 @@ class Llama(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.head.weight if self.head is not None else self.embedding.weight
 
+    def _run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        full = self.par.recompute == "full"
+        limit = len(self.layers) if self.par.recompute_layers is None else self.par.recompute_layers
+        for i, layer in enumerate(self.layers.values()):
+            if full and i < limit:
+                x = recompute(layer, self.par.rng, x, cos, sin)
+            else:
+                x = layer(x, cos, sin)
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.embedding is not None:
+            if x.shape[1] > self.cfg.seq_length:
+                raise ValueError(f"sequence length {x.shape[1]} exceeds the model's --seq-length "
+                                 f"{self.cfg.seq_length}")
             x = self.embedding(x)
-        s = x.shape[1]
-        if s > self.rope_cos.shape[0]:
-            raise ValueError(f"sequence length {s} exceeds the model's --seq-length {self.rope_cos.shape[0]}")
-        cos, sin = self.rope_cos[:s].to(x.dtype), self.rope_sin[:s].to(x.dtype)
-        for layer in self.layers.values():
-            x = layer(x, cos, sin)
+        x = self._run_layers(x, self.rope_cos.to(x.dtype), self.rope_sin.to(x.dtype))
         if self.norm is None:
             return x
-        return F.linear(self.norm(x), self.head_weight())
+        return F.linear(self.par.tp.enter(self.norm(x)), self.head_weight())
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
         """Layout-invariant init: N(0, init_std) for matrices, with the residual-output projections (wo, w_down)
-        scaled by 1/sqrt(2 * num_layers) as in GPT-2/Megatron; ones for norms."""
+        scaled by 1/sqrt(2 * num_layers) as in GPT-2/Megatron; ones for norms; zeros for vocabulary padding.
+        Each rank draws exactly the rows of its shard (see init_rows_)."""
         out_std = self.cfg.init_std / math.sqrt(2.0 * self.cfg.num_layers)
         for name, param in self.named_parameters():
             if param.ndim == 1:
                 param.fill_(1.0)
-            else:
-                std = out_std if name.endswith(("wo.weight", "w_down.weight")) else self.cfg.init_std
-                if name == "head.weight" and self.cfg.tie_embeddings:
-                    name = "embedding.weight"  # a pipeline's last stage holds its own copy of the tied weight
-                init_rows_(param, seed, name, std)
+                continue
+            std = out_std if name.endswith(("wo.weight", "w_down.weight")) else self.cfg.init_std
+            if name == "head.weight" and self.cfg.tie_embeddings:
+                name = "embedding.weight"  # a pipeline's last stage holds its own copy of the tied weight
+            global_shape, offset, (rows, cols) = valid_slice(param)
+            param.zero_()
+            init_rows_(param[:rows, :cols], seed, name, std, row_offset=offset[0], col_offset=offset[1],
+                       full_cols=global_shape[1])
 
 
 def count_parameters(model: nn.Module) -> int:

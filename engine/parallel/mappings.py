@@ -1,0 +1,89 @@
+"""Conjugate communication pairs as autograd functions (Megatron's mappings).
+
+Each forward collective has the matching backward so gradients flow correctly through tensor-parallel
+regions. All are identities when the group has one rank.
+
+    copy_to_tp          forward identity           backward all-reduce
+    reduce_from_tp      forward all-reduce         backward identity
+    scatter_to_tp       forward split last dim     backward all-gather last dim
+    gather_from_tp      forward all-gather last    backward split last dim
+    gather_seq          forward all-gather seq     backward reduce-scatter seq    (sequence parallelism)
+    reduce_scatter_seq  forward reduce-scatter seq backward all-gather seq
+    scatter_seq         forward split seq          backward all-gather seq
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+SEQ_DIM = 1  # activations are [batch, seq, hidden]
+
+
+def _size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    size = _size(group)
+    if x.shape[dim] % size:
+        raise ValueError(f"cannot reduce-scatter dimension {dim} of size {x.shape[dim]} over {size} ranks")
+    parts = [p.contiguous() for p in x.chunk(size, dim)]
+    out = torch.empty_like(parts[0])
+    dist.reduce_scatter(out, parts, group=group)
+    return out
+
+
+def split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    return x.chunk(_size(group), dim)[dist.get_group_rank(group, dist.get_rank())].contiguous()
+
+
+class _Pair(torch.autograd.Function):
+    """forward applies `fwd`, backward applies `bwd`; both are (tensor, group) -> tensor."""
+
+    @staticmethod
+    def forward(ctx, x, group, fwd, bwd):
+        ctx.group, ctx.bwd = group, bwd
+        return fwd(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.bwd(grad, ctx.group), None, None, None
+
+
+def _identity(x, group):
+    return x
+
+
+def _pair(fwd, bwd):
+    def apply(x: torch.Tensor, group) -> torch.Tensor:
+        return x if _size(group) == 1 else _Pair.apply(x, group, fwd, bwd)
+    return apply
+
+
+def _last(op):
+    return lambda x, group: op(x, -1, group)
+
+
+def _seq(op):
+    return lambda x, group: op(x, SEQ_DIM, group)
+
+
+copy_to_tp = _pair(_identity, all_reduce)
+reduce_from_tp = _pair(all_reduce, _identity)
+scatter_to_tp = _pair(_last(split), _last(all_gather))
+gather_from_tp = _pair(_last(all_gather), _last(split))
+gather_seq = _pair(_seq(all_gather), _seq(reduce_scatter))
+reduce_scatter_seq = _pair(_seq(reduce_scatter), _seq(all_gather))
+scatter_seq = _pair(_seq(split), _seq(all_gather))

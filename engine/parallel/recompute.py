@@ -1,0 +1,57 @@
+"""Activation recomputation and the count of bytes saved for backward.
+
+`recompute(fn, tracker, *args)` runs fn without keeping its intermediate activations and reruns it during
+backward (torch's non-reentrant checkpoint). Every random stream - the device generator and the tracker's
+named streams - is put back to its state at the first run before the rerun, so dropout masks are identical and
+the gradients bit-identical to running without recomputation.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .random import RNGTracker
+
+
+def recompute(fn, tracker: RNGTracker | None, *args):
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    snapshot = tracker.get_states() if tracker is not None else None
+    calls = []
+
+    def run(*inner):
+        if calls and snapshot is not None:  # the rerun in backward: replay the first run's streams
+            current = tracker.get_states()
+            tracker.set_states(snapshot)
+            try:
+                return fn(*inner)
+            finally:
+                tracker.set_states(current)
+        calls.append(True)
+        return fn(*inner)
+
+    return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=snapshot is None)
+
+
+class SavedTensorCounter:
+    """Counts the bytes autograd saves for backward inside the block: floating-point tensors of at least one
+    dimension, each storage once, leaving out the storages of `exclude` (parameters, RoPE tables)."""
+
+    def __init__(self, exclude=()):
+        self.bytes = 0
+        self._seen = {t.untyped_storage().data_ptr() for t in exclude}
+
+    def _pack(self, t: torch.Tensor):
+        storage = t.untyped_storage()
+        if t.is_floating_point() and t.dim() > 0 and storage.data_ptr() not in self._seen:
+            self._seen.add(storage.data_ptr())
+            self.bytes += storage.nbytes()
+        return t
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
