@@ -72,8 +72,9 @@ def hf_config(cfg: ModelConfig):
 def hf_state_dict(ours: Llama) -> dict[str, torch.Tensor]:
     """Our parameters under Hugging Face LLaMA names."""
     sd = ours.state_dict()
-    out = {"model.embed_tokens.weight": sd["embedding.weight"], "model.norm.weight": sd["norm.weight"]}
-    out["lm_head.weight"] = sd["head.weight"] if "head.weight" in sd else sd["embedding.weight"]
+    vocab = ours.cfg.vocab_size  # rows past it, if any, are tensor-parallel vocabulary padding
+    out = {"model.embed_tokens.weight": sd["embedding.weight"][:vocab], "model.norm.weight": sd["norm.weight"]}
+    out["lm_head.weight"] = (sd["head.weight"] if "head.weight" in sd else sd["embedding.weight"])[:vocab]
     ours_to_hf = {
         "attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
         "attn.wo": "self_attn.o_proj", "mlp.w_gate": "mlp.gate_proj", "mlp.w_up": "mlp.up_proj",
@@ -132,7 +133,9 @@ def make_batch(cfg: ModelConfig, micro_batch_size: int, seq_length: int, seed: i
 # The step: identical for both sides except for how the logits are obtained.
 
 def ours_logits(model: Llama, x: torch.Tensor) -> torch.Tensor:
-    return model(x)
+    logits = model(x)
+    vocab = model.cfg.vocab_size
+    return logits if logits.shape[-1] == vocab else logits[..., :vocab]  # drop vocabulary padding, if any
 
 
 def hf_logits(model, x: torch.Tensor) -> torch.Tensor:

@@ -87,10 +87,11 @@ def test_invalid_settings_exit_with_one_clear_message(argv, world, flag, capsys,
     assert flag in err and "Traceback" not in err
 
 
-def test_layouts_not_yet_built_are_refused_clearly(capsys, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="--tp: tensor parallelism is not available"):
-        validate(parse_config(["--tp", "2"]), 2)
+def test_layouts_not_yet_built_are_refused_clearly():
+    with pytest.raises(ConfigError, match="--pp: pipeline parallelism is not available"):
+        validate(parse_config(["--pp", "2"]), 2)
+    with pytest.raises(ConfigError, match="Adafactor under tensor parallelism"):
+        validate(parse_config(["--tp", "2", "--optimizer", "adafactor"]), 2)
 
 
 def test_toml_errors(tmp_path):

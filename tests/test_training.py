@@ -74,8 +74,8 @@ def test_nonfinite_gradient_skips_the_update(run_dir, corpus):
     trainer = make_trainer(SMALL + ["--data", corpus, "--steps", "3", "--run-name", "nf"])
     original = trainer.forward_backward
 
-    def poisoned(micro_batches):
-        loss = original(micro_batches)
+    def poisoned(*args):
+        loss = original(*args)
         if trainer.state.step == 1:  # during the second step
             next(trainer.model.parameters()).grad[0, 0] = float("inf")
         return loss
@@ -98,8 +98,8 @@ def test_spike_rolls_back_and_skips_the_data(run_dir, corpus):
     original = trainer.forward_backward
     spiked = []
 
-    def spiky(micro_batches):
-        loss = original(micro_batches)
+    def spiky(*args):
+        loss = original(*args)
         if trainer.state.step == 8 and not spiked:  # step 9 reports a spike, once
             spiked.append(True)
             return loss * 10
@@ -126,7 +126,7 @@ def test_max_rollbacks_stops_with_a_message(run_dir, corpus, capsys):
     trainer = make_trainer(SMALL + ["--data", corpus, "--steps", "20", "--save-interval", "5",
                                     "--spike-factor", "2", "--max-rollbacks", "1", "--run-name", "mr"])
     original = trainer.forward_backward
-    trainer.forward_backward = lambda mbs: original(mbs) * (10 if trainer.state.step >= 7 else 1)
+    trainer.forward_backward = lambda *args: original(*args) * (10 if trainer.state.step >= 7 else 1)
     from engine.training.trainer import StopTraining
     with pytest.raises(StopTraining, match="max-rollbacks"):
         trainer.train()

@@ -46,7 +46,10 @@ def reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
 
 
 def split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    return x.chunk(_size(group), dim)[dist.get_group_rank(group, dist.get_rank())].contiguous()
+    size = _size(group)
+    if x.shape[dim] % size:
+        raise ValueError(f"cannot split dimension {dim} of size {x.shape[dim]} over {size} ranks")
+    return x.chunk(size, dim)[dist.get_group_rank(group, dist.get_rank())].contiguous()
 
 
 class _Pair(torch.autograd.Function):

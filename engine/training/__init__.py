@@ -9,17 +9,18 @@ from engine.training.config import Config, ConfigError, exit_on_config_error, pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of examples/pretrain_llama.py. Every setting is checked on every rank before anything is
-    built; a bad one exits with status 2 and a message naming the flag."""
+    """Entry point of examples/pretrain_llama.py. Every setting is checked on every rank before any process
+    group exists; a bad one exits with status 2 and a message naming the flag."""
+    from engine.parallel.topology import init_distributed
     from engine.training.trainer import StopTraining, Trainer
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
 
     def setup() -> Trainer:
         cfg = parse_config(argv)
         validate(cfg, world_size)
-        return Trainer(cfg, world_size=world_size, rank=rank)
+        init_distributed(cfg.run.collective_timeout, cfg.run.device)
+        return Trainer(cfg)
 
     trainer = exit_on_config_error(setup)
     try:

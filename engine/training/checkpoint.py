@@ -19,6 +19,7 @@ import os
 import shutil
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -84,8 +85,34 @@ def finalize(save_dir: str, step: int, meta: dict, files: dict[str, str], keep_l
 
 def prepare_tmp_dir(save_dir: str, step: int) -> str:
     tmp = os.path.join(save_dir, step_dir_name(step) + ".tmp")
-    os.makedirs(tmp, exist_ok=True)
+    if os.path.exists(tmp):  # left by a crash mid-save
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
     return tmp
+
+
+def save(save_dir: str, step: int, rank: int, tensors: dict, slices: dict, meta: dict,
+         keep_last: int | None = None) -> str:
+    """Every rank calls this with its own tensors; rank 0 writes meta.json and publishes the step once every
+    rank file is on disk. Returns the step directory."""
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    tmp = os.path.join(save_dir, step_dir_name(step) + ".tmp")
+    if rank == 0:
+        prepare_tmp_dir(save_dir, step)
+    if distributed:
+        dist.barrier()
+    name, digest = write_rank_file(tmp, rank, tensors, slices)
+    files = [(name, digest)]
+    if distributed:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (name, digest))
+        files = gathered
+    final = os.path.join(save_dir, step_dir_name(step))
+    if rank == 0:
+        finalize(save_dir, step, meta, dict(files), keep_last)
+    if distributed:
+        dist.barrier()
+    return final
 
 
 def list_checkpoints(save_dir: str) -> list[str]:
@@ -113,9 +140,10 @@ def resolve(path: str) -> str | None:
 
 
 class CheckpointReader:
-    """Reads a step directory: verifies checksums, then serves any slice of any saved tensor."""
+    """Reads a step directory and serves any slice of any saved tensor. A file's checksum is verified the
+    first time it is read from, so each rank hashes only the files it needs."""
 
-    def __init__(self, step_dir: str, verify: bool = True):
+    def __init__(self, step_dir: str):
         self.step_dir = step_dir
         with open(os.path.join(step_dir, "meta.json")) as fh:
             self.meta = json.load(fh)
@@ -123,20 +151,31 @@ class CheckpointReader:
             raise CheckpointError(f"{step_dir}: checkpoint format {self.meta.get('format')} is not supported "
                                   f"(this engine reads format {FORMAT_VERSION})")
         self.index: dict[str, list[tuple[str, dict]]] = {}
-        for name, digest in self.meta["files"].items():
+        self._verified: set[str] = set()
+        for name in self.meta["files"]:
             path = os.path.join(step_dir, name)
             if not os.path.isfile(path):
                 raise CheckpointError(f"checkpoint file {path} is missing")
-            if verify and sha256_file(path) != digest:
-                raise CheckpointError(f"checkpoint file {path} is corrupt or truncated (sha256 mismatch); "
-                                      "load an earlier step directory instead")
             try:
                 with safe_open(path, "pt") as f:
                     header = json.loads(f.metadata()["slices"])
             except Exception as exc:  # safetensors raises several exception types for damaged files
-                raise CheckpointError(f"checkpoint file {path} cannot be read ({exc})") from None
+                raise CheckpointError(f"checkpoint file {path} is corrupt or truncated ({exc}); load an earlier "
+                                      "step directory instead") from None
             for key, info in header.items():
                 self.index.setdefault(key, []).append((path, info))
+
+    def _verify(self, path: str) -> None:
+        if path in self._verified:
+            return
+        if sha256_file(path) != self.meta["files"][os.path.basename(path)]:
+            raise CheckpointError(f"checkpoint file {path} is corrupt or truncated (sha256 mismatch); "
+                                  "load an earlier step directory instead")
+        self._verified.add(path)
+
+    def verify_all(self) -> None:
+        for name in self.meta["files"]:
+            self._verify(os.path.join(self.step_dir, name))
 
     def keys(self, prefix: str = "") -> list[str]:
         return sorted(k for k in self.index if k.startswith(prefix))
@@ -152,9 +191,14 @@ class CheckpointReader:
         global_shape = self.global_shape(key)
         offset = [0] * len(global_shape) if offset is None else offset
         shape = list(global_shape) if shape is None else shape
+        if any(n == 0 for n in shape):  # an empty block (a rank holding only vocabulary padding)
+            path = self.index[key][0][0]
+            with safe_open(path, "pt") as f:
+                return f.get_slice(key)[tuple(slice(0, 0) for _ in shape)].reshape(shape)
         out, covered = None, 0
         for path, info in self.index[key]:
             lo = [max(a, b) for a, b in zip(offset, info["offset"])]
+            self._verify(path)
             with safe_open(path, "pt") as f:
                 src = f.get_slice(key)
                 src_shape = src.get_shape()
@@ -184,3 +228,55 @@ def load_full_model(path: str, device: str = "cpu"):
         for name, p in model.named_parameters():
             p.copy_(reader.read(f"model/{name}"))
     return model.to(device).eval()
+
+
+# ---- model and optimizer shards ------------------------------------------------------------------------
+
+def shard_tensors(named_params, optimizer, owns) -> tuple[dict, dict]:
+    """The tensors a rank saves: model/<name> and optim/<name>/<state> for every parameter `owns(param)` is
+    true for (one copy of each slice across the job), cut to the real (unpadded) rows. Returns (tensors,
+    slices) for write_rank_file."""
+    from engine.parallel.layers import valid_slice
+    tensors, slices = {}, {}
+    for name, p in named_params:
+        if not owns(p):
+            continue
+        global_shape, offset, local = valid_slice(p)
+        block = tuple(slice(0, n) for n in local)
+        entries = {f"model/{name}": p.detach()}
+        for key, value in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(value):
+                entries[f"optim/{name}/{key}"] = value
+        for key, t in entries.items():
+            if t.shape == p.shape:
+                tensors[key], slices[key] = t[block], (global_shape, offset)
+            else:  # scalars (step counts) and other per-parameter state are saved whole
+                tensors[key] = t
+    return tensors, slices
+
+
+def load_shards(reader: CheckpointReader, named_params, optimizer, weights_only: bool = False) -> None:
+    """Fills every parameter (and its optimizer state) with its slice of the saved tensors, whatever layout
+    saved them; padded rows are zeroed."""
+    from engine.parallel.layers import valid_slice
+    with torch.no_grad():
+        for name, p in named_params:
+            global_shape, offset, local = valid_slice(p)
+            block = tuple(slice(0, n) for n in local)
+            p.zero_()
+            p[block] = reader.read(f"model/{name}", list(offset), list(local)).to(p.dtype)
+            if weights_only:
+                continue
+            state = {}
+            for key in reader.keys(f"optim/{name}/"):
+                short = key.rsplit("/", 1)[1]
+                if p.ndim and tuple(reader.global_shape(key)) == tuple(global_shape):  # shaped like the param
+                    piece = reader.read(key, list(offset), list(local))
+                    value = torch.zeros(p.shape, dtype=piece.dtype, device=p.device)
+                    value[block] = piece
+                else:
+                    value = reader.read(key)
+                    value = value if value.ndim == 0 else value.to(p.device)
+                state[short] = value
+            if state:
+                optimizer.state[p] = state

@@ -115,6 +115,7 @@ class RunArgs:
     run_name: str = _f(None, "name of the run directory runs/<name> [derived from model and layout]")
     peak_tflops: float = _f(None, "peak TFLOP/s per device for MFU [known for A100/H100/H200]")
     device: str = _f(None, "cpu or cuda [cuda when available]", choices=["cpu", "cuda"])
+    collective_timeout: float = _f(600.0, "seconds a collective may wait before the job fails naming it")
 
 
 @dataclass
@@ -367,15 +368,15 @@ def validate(cfg: Config, world_size: int) -> None:
 
 
 def _check_implemented(cfg: Config) -> None:
-    """Layouts whose machinery has not landed yet fail with a clear message instead of running wrongly."""
+    """Settings whose machinery has not landed yet fail with a clear message instead of running wrongly."""
     p = cfg.parallel
-    pending = [("--tp", p.tp > 1, "tensor parallelism"), ("--pp", p.pp > 1, "pipeline parallelism"),
-               ("--dp", p.dp > 1, "data parallelism"), ("--zero", p.zero > 0, "ZeRO sharding"),
-               ("--recompute", cfg.recompute.recompute != "none", "activation recomputation")]
+    pending = [("--pp", p.pp > 1, "pipeline parallelism"), ("--zero", p.zero > 0, "ZeRO sharding"),
+               ("--optimizer adafactor", cfg.optimizer.optimizer == "adafactor" and p.tp > 1,
+                "Adafactor under tensor parallelism (its factored statistics span whole matrices)")]
     for flag, used, what in pending:
         if used:
             raise ConfigError(f"{flag}: {what} is not available in this version of the engine yet; "
-                              "run with a single process and the default layout")
+                              "choose another layout or optimizer")
 
 
 def exit_on_config_error(fn):

@@ -10,14 +10,16 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 
 from engine.data.datasets import load_stream, train_valid_split
 from engine.data.sampler import BatchSizeRampup, GlobalBatchSampler
 from engine.data.tokenizers import build_tokenizer
 from engine.estimate import model_flops_per_token
-from engine.models.llama import Llama, ModelConfig
+from engine.models.llama import Llama, ModelConfig, Parallelism
 from engine.optim import LossScaler, LRSchedule, build_optimizer, clip_grad_norm_
+from engine.parallel import RNGTracker, TPContext, Topology, vocab_parallel_cross_entropy
+from engine.parallel.recompute import SavedTensorCounter
 from engine.training import checkpoint as ckpt
 from engine.training.config import Config, ConfigError, parse_rampup
 from engine.training.metrics import MetricsWriter, Progress, peak_memory_bytes, peak_tflops, plot_losses, step_line
@@ -41,32 +43,56 @@ class TrainState:
     loss_history: list = field(default_factory=list)  # [step, loss] of recent steps, for spike detection
 
 
+def _device(requested: str | None) -> torch.device:
+    if (requested or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _all_reduce_coalesced(tensors: list[torch.Tensor], group) -> None:
+    """Sums tensors across the group with one collective over a flat copy."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    torch._foreach_copy_(tensors, [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
+
+
 def _dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 class Trainer:
-    def __init__(self, cfg: Config, world_size: int = 1, rank: int = 0):
-        self.cfg, self.world_size, self.rank = cfg, world_size, rank
-        run = cfg.run
-        self.device = torch.device(run.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """Trains one rank's part of the model. `topology` holds the process groups (built from the config when
+    not given; a single process needs no process group)."""
+
+    def __init__(self, cfg: Config, topology: Topology | None = None):
+        p, run = cfg.parallel, cfg.run
+        self.cfg = cfg
+        self.topo = topology or Topology(p.tp, p.pp, p.dp, p.vpp, timeout_s=run.collective_timeout)
+        self.world_size, self.rank = self.topo.world, self.topo.rank
+        self.device = _device(run.device)
         cfg.precision.precision = cfg.precision.precision or ("bf16" if self.device.type == "cuda" else "fp32")
         self.precision = cfg.precision.precision
-        self.run_name = run.run_name or f"{cfg.model.model}-tp{cfg.parallel.tp}-pp{cfg.parallel.pp}-dp{cfg.parallel.dp}"
+        self.run_name = run.run_name or f"{cfg.model.model}-tp{p.tp}-pp{p.pp}-dp{p.dp}"
         self.run_dir = os.path.join("runs", self.run_name)
         self.save_dir = cfg.checkpoint.save or os.path.join(self.run_dir, "checkpoints")
         self.metrics_path = run.metrics_file or os.path.join(self.run_dir, "metrics.jsonl")
         self.plot_path = run.plot or os.path.join(self.run_dir, "loss.png")
-        self.is_logger = rank == 0
+        self.is_logger = self.rank == 0
 
         self._build_data()
         self.model_cfg = self._model_config()
-        torch.manual_seed(run.seed)
-        self.model = Llama(self.model_cfg).to(self.device)
+        torch.manual_seed(run.seed)  # the default stream: identical on every rank (replicated regions)
+        self.rng = RNGTracker(run.seed, self.topo.tp_rank, self.device)
+        tp = TPContext(self.topo.tp_group, p.tp, self.topo.tp_rank, p.sequence_parallel)
+        par = Parallelism(tp, self.rng, cfg.recompute.recompute, cfg.recompute.recompute_layers)
+        self.model = Llama(self.model_cfg, parallelism=par).to(self.device)
         self.model.init_weights(run.seed)
         self.named_params = [(n, p) for n, p in self.model.named_parameters()]
-        for _, p in self.named_params:  # gradients live for the whole run (accumulated in place)
-            p.grad = torch.zeros_like(p)
+        for _, param in self.named_params:  # gradients live for the whole run (accumulated in place)
+            param.grad = torch.zeros_like(param)
+        # Parameters replicated across tp (norm gains) are counted in the gradient norm and saved by tp rank 0
+        # only; with sequence parallelism their gradients are partial sums to be reduced over tp.
+        self.sp_params = [q for _, q in self.named_params if getattr(q, "sequence_parallel", False)]
         o = cfg.optimizer
         self.optimizer = build_optimizer(o.optimizer, self.named_params, o.lr, (o.beta1, o.beta2), o.eps,
                                          o.weight_decay)
@@ -81,7 +107,12 @@ class Trainer:
         self.state = TrainState()
         self.flops_per_token = model_flops_per_token(self.model_cfg, self.model_cfg.seq_length)
         self.peak_tflops = peak_tflops(self.device, self.precision, run.peak_tflops)
+        self.activation_bytes = None
         self._stop_requested = False
+
+    def owns(self, param) -> bool:
+        """Whether this rank holds the one counted copy of `param` across the tensor-parallel group."""
+        return hasattr(param, "shard") or self.topo.tp_rank == 0
 
     # ---- setup -------------------------------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -110,28 +141,52 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=_dtype(self.precision))
 
     def _micro_batches(self, position: int, global_batch: int) -> list[torch.Tensor]:
-        indices = self.sampler.rank_slice(position, global_batch, 0, 1)
-        mbs = self.cfg.batch.micro_batch_size
+        indices = self.sampler.rank_slice(position, global_batch, self.topo.dp_rank, self.topo.dp)
         samples = torch.stack([self.train_data[i] for i in indices])
-        return list(samples.to(self.device).split(mbs))
+        return list(samples.to(self.device).split(self.cfg.batch.micro_batch_size))
 
     def loss_sum(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Sum of the token cross-entropies of one micro-batch (fp32)."""
+        """Sum of the token cross-entropies of one micro-batch (fp32), from vocabulary-parallel logits."""
         with self._autocast():
             logits = self.model(tokens[:, :-1])
-        return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum")
+        losses = vocab_parallel_cross_entropy(logits, tokens[:, 1:], self.model.vocab_start,
+                                              self.model_cfg.vocab_size, self.topo.tp_group)
+        return losses.sum()
 
-    def forward_backward(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
-        """Accumulates gradients of the global-batch mean loss; returns that loss."""
-        num_tokens = sum(mb[:, 1:].numel() for mb in micro_batches)
+    def forward_backward(self, micro_batches: list[torch.Tensor], num_tokens: int) -> torch.Tensor:
+        """Accumulates this rank's gradients of the global-batch mean loss (its micro-batches' summed token
+        losses divided by the token count of the whole global batch); returns its share of that loss."""
         scale = self.scaler.scale if self.scaler else 1.0
         total = torch.zeros((), device=self.device)
         self.model.train()
-        for mb in micro_batches:
-            loss = self.loss_sum(mb) / num_tokens
+        for i, mb in enumerate(micro_batches):
+            if self.activation_bytes is None and i == 0:
+                exclude = [p for _, p in self.named_params] + list(self.model.buffers())
+                with SavedTensorCounter(exclude) as counter:
+                    loss = self.loss_sum(mb) / num_tokens
+                self.activation_bytes = counter.bytes
+            else:
+                loss = self.loss_sum(mb) / num_tokens
             (loss * scale).backward()
             total += loss.detach()
         return total
+
+    def reduce_gradients(self) -> None:
+        """Completes the gradients: partial sums of sequence-parallel norm gains over tp, then the sum over
+        data-parallel replicas (the loss is already normalised by the global token count)."""
+        if self.sp_params and self.topo.tp > 1:
+            _all_reduce_coalesced([q.grad for q in self.sp_params], self.topo.tp_group)
+        if self.topo.dp > 1:
+            _all_reduce_coalesced([q.grad for _, q in self.named_params], self.topo.dp_group)
+
+    def clip_gradients(self) -> torch.Tensor:
+        """The global gradient norm over the whole model (each slice counted once); clips all gradients."""
+        owned = [q for _, q in self.named_params if self.owns(q)]
+        norm = clip_grad_norm_(owned, 0.0, group=self.topo.mp_group)
+        max_norm = self.cfg.optimizer.clip_grad
+        if max_norm > 0 and torch.isfinite(norm) and norm.item() > max_norm:
+            torch._foreach_mul_([q.grad for _, q in self.named_params], max_norm / (norm.item() + 1e-6))
+        return norm
 
     def train_step(self) -> dict:
         st = self.state
@@ -144,11 +199,13 @@ class Trainer:
         micro_batches = self._micro_batches(st.data_position, global_batch)
         for _, p in self.named_params:
             p.grad.zero_()
-        loss = self.forward_backward(micro_batches)
-        grads = [p.grad for _, p in self.named_params]
+        loss = self.forward_backward(micro_batches, global_batch * self.model_cfg.seq_length)
+        self.reduce_gradients()
+        if self.topo.dp > 1:
+            dist.all_reduce(loss, group=self.topo.dp_group)
         if self.scaler is not None:
-            torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
-        grad_norm = clip_grad_norm_([p for _, p in self.named_params], self.cfg.optimizer.clip_grad)
+            torch._foreach_mul_([p.grad for _, p in self.named_params], 1.0 / self.scaler.scale)
+        grad_norm = self.clip_gradients()
         finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
         if finite:
             self.optimizer.step()
@@ -173,43 +230,37 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
+        """Mean token loss over the first eval_iters global batches of the validation set (the same ones at
+        every evaluation, split across data-parallel ranks like training batches)."""
         if self.valid_data is None:
             return None
         self.model.eval()
-        d, gbs = self.cfg.data, self.cfg.batch.global_batch_size
-        count = d.eval_iters * gbs
-        indices = [i % len(self.valid_data) for i in range(count)]
-        total, tokens = 0.0, 0
-        for chunk in range(0, count, self.cfg.batch.micro_batch_size):
-            batch = torch.stack([self.valid_data[i] for i in indices[chunk:chunk + self.cfg.batch.micro_batch_size]])
-            batch = batch.to(self.device)
-            total += self.loss_sum(batch).item()
-            tokens += batch[:, 1:].numel()
-        return total / tokens
+        gbs, mbs, dp = self.cfg.batch.global_batch_size, self.cfg.batch.micro_batch_size, self.topo.dp
+        per_rank = gbs // dp
+        total = torch.zeros((), device=self.device)
+        for it in range(self.cfg.data.eval_iters):
+            first = it * gbs + self.topo.dp_rank * per_rank
+            indices = [i % len(self.valid_data) for i in range(first, first + per_rank)]
+            for chunk in range(0, per_rank, mbs):
+                batch = torch.stack([self.valid_data[i] for i in indices[chunk:chunk + mbs]]).to(self.device)
+                total += self.loss_sum(batch)
+        if dp > 1:
+            dist.all_reduce(total, group=self.topo.dp_group)
+        return total.item() / (self.cfg.data.eval_iters * gbs * self.model_cfg.seq_length)
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def save_checkpoint(self) -> str:
-        tensors, slices = {}, {}
-        param_names = {p: n for n, p in self.named_params}
-        for name, p in self.named_params:
-            tensors[f"model/{name}"] = p.detach()
-        for p, pstate in self.optimizer.state.items():
-            for key, value in pstate.items():
-                if torch.is_tensor(value):
-                    tensors[f"optim/{param_names[p]}/{key}"] = value
-        tensors["rng/cpu"] = torch.get_rng_state()
-        if self.device.type == "cuda":
-            tensors["rng/cuda"] = torch.cuda.get_rng_state(self.device)
-        tmp = ckpt.prepare_tmp_dir(self.save_dir, self.state.step)
-        name, digest = ckpt.write_rank_file(tmp, self.rank, tensors, slices)
-        p = self.cfg.parallel
+        owns = lambda q: self.topo.dp_rank == 0 and self.owns(q)  # noqa: E731  one copy of every slice
+        tensors, slices = ckpt.shard_tensors(self.named_params, self.optimizer, owns)
+        tensors[f"rng/rank{self.rank}/cpu"] = torch.get_rng_state()
+        for name, state in self.rng.get_states().items():
+            tensors[f"rng/rank{self.rank}/{name}"] = state
         meta = {"state": dataclasses.asdict(self.state), "config": self.cfg.to_dict(),
-                "model_config": dataclasses.asdict(self.model_cfg),
-                "layout": {"tp": p.tp, "pp": p.pp, "dp": p.dp, "vpp": p.vpp, "zero": p.zero,
-                           "world": self.world_size},
+                "model_config": dataclasses.asdict(self.model_cfg), "layout": self._layout(),
                 "optimizer": self.cfg.optimizer.optimizer,
                 "scaler": self.scaler.state_dict() if self.scaler else None}
-        return ckpt.finalize(self.save_dir, self.state.step, meta, {name: digest}, self.cfg.checkpoint.keep_last)
+        return ckpt.save(self.save_dir, self.state.step, self.rank, tensors, slices, meta,
+                         self.cfg.checkpoint.keep_last)
 
     def load_checkpoint(self, step_dir: str) -> None:
         reader = ckpt.CheckpointReader(step_dir)
@@ -219,27 +270,27 @@ class Trainer:
         if shape(saved) != shape(self.model_cfg):
             raise ConfigError(f"--load: {step_dir} holds a model of shape {saved}, not the configured "
                               f"{self.model_cfg}; pass the same model flags as the run that saved it")
-        with torch.no_grad():
-            for name, p in self.named_params:
-                p.copy_(reader.read(f"model/{name}"))
-        if meta.get("state") is None:  # weights only (engine.convert): a fresh run starting from them
-            return
-        if meta["optimizer"] != self.cfg.optimizer.optimizer:
+        weights_only = meta.get("state") is None  # engine.convert output: a fresh run starting from them
+        if not weights_only and meta["optimizer"] != self.cfg.optimizer.optimizer:
             raise ConfigError(f"--load: {step_dir} was trained with --optimizer {meta['optimizer']}; "
                               "resume with the same optimizer")
         self.optimizer.state.clear()
-        for name, p in self.named_params:
-            keys = reader.keys(f"optim/{name}/")
-            if keys:
-                self.optimizer.state[p] = {k.rsplit("/", 1)[1]: reader.read(k).to(
-                    self.device if reader.global_shape(k) else "cpu") for k in keys}
+        ckpt.load_shards(reader, self.named_params, self.optimizer, weights_only)
+        if weights_only:
+            return
         self.state = TrainState(**meta["state"])
         if self.scaler is not None and meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
-        if meta["layout"]["world"] == self.world_size:
-            torch.set_rng_state(reader.read("rng/cpu"))
-            if self.device.type == "cuda" and "rng/cuda" in reader.index:
-                torch.cuda.set_rng_state(reader.read("rng/cuda"), self.device)
+        prefix = f"rng/rank{self.rank}/"
+        if meta["layout"] == self._layout() and reader.keys(prefix):
+            torch.set_rng_state(reader.read(prefix + "cpu"))
+            self.rng.set_states({k[len(prefix):]: reader.read(k) for k in reader.keys(prefix) if k != prefix + "cpu"})
+        elif self.is_logger:
+            print(f"note: {step_dir} was saved under layout {meta['layout']}; random streams restart from the seed")
+
+    def _layout(self) -> dict:
+        p = self.cfg.parallel
+        return {"tp": p.tp, "pp": p.pp, "dp": p.dp, "vpp": p.vpp, "zero": p.zero, "world": self.world_size}
 
     # ---- stability ---------------------------------------------------------------------------------------
     def _is_spike(self, loss: float) -> bool:
@@ -277,10 +328,18 @@ class Trainer:
         params = [p for _, p in self.named_params]
         states = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim]
         return {"event": "memory", "param_bytes": nbytes(params), "grad_bytes": nbytes(p.grad for p in params),
-                "optimizer_bytes": nbytes(states)}
+                "optimizer_bytes": nbytes(states), "activation_bytes": self.activation_bytes}
 
     def _on_sigterm(self, signum, frame) -> None:
         self._stop_requested = True
+
+    def _stop_agreed(self) -> bool:
+        """Ranks receive SIGTERM at slightly different times: stop when any rank has, all at the same step."""
+        if self.world_size == 1:
+            return self._stop_requested
+        flag = torch.tensor([float(self._stop_requested)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def train(self) -> TrainState:
         cfg = self.cfg
@@ -296,9 +355,7 @@ class Trainer:
                       f"initialised from the weights in {step_dir}; starting at step 0")
         metrics = MetricsWriter(self.metrics_path if self.is_logger else None, append=resumed)
         progress = Progress(cfg.run.steps, self.state.step, self.is_logger)
-        p = cfg.parallel
-        metrics.write({"event": "layout", "tp": p.tp, "pp": p.pp, "dp": p.dp, "vpp": p.vpp, "zero": p.zero,
-                       "world": self.world_size})
+        metrics.write({"event": "layout", **self._layout()})
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         wrote_memory = False
         try:
@@ -321,7 +378,7 @@ class Trainer:
                     if eval_loss is not None:
                         metrics.write({"event": "eval", "step": rec["step"], "eval_loss": eval_loss})
                         progress.log(f"eval at step {rec['step']}: loss {eval_loss:.4f}")
-                if self._stop_requested:
+                if self._stop_agreed():
                     path = self.save_checkpoint()
                     progress.log(f"SIGTERM: saved {path} at step {self.state.step}; exiting")
                     return self.state
