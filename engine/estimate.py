@@ -186,6 +186,20 @@ def activation_bytes_per_layer(cfg: ModelConfig, micro_batch_size: int, seq_leng
     return _rows_bytes(rows, tp, sequence_parallel)
 
 
+def microbatch_activation_bytes(cfg: ModelConfig, micro_batch_size: int, seq_length: int, tp: int,
+                                sequence_parallel: bool, recompute: str, bytes_per_element: int,
+                                num_layers: int | None = None, last_stage: bool = True) -> int:
+    """Bytes one rank saves for backward for one micro-batch through `num_layers` layers (default: all),
+    plus the final norm and loss when it holds the last stage: what the trainer's memory event measures."""
+    layers = cfg.num_layers if num_layers is None else num_layers
+    total = layers * activation_bytes_per_layer(cfg, micro_batch_size, seq_length, tp, sequence_parallel,
+                                                recompute, bytes_per_element)
+    if last_stage:
+        rows = saved_head_activations(cfg, micro_batch_size, seq_length, tp, bytes_per_element)
+        total += _rows_bytes(rows, tp, sequence_parallel)
+    return total
+
+
 def inflight_chunks(schedule: str, pp: int, vpp: int, stage: int, microbatches: int | None) -> int:
     """(micro-batch, model chunk) activation sets pipeline rank `stage` holds at its peak.
 

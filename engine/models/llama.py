@@ -195,11 +195,9 @@ class Attention(nn.Module):
             return attention_core(q, k, v, self.dropout if self.training else 0.0)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = self.par.tp.enter(x)
-        b, s, _ = x.shape
-        q = self.wq.forward_local(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        k = self.wk.forward_local(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        v = self.wv.forward_local(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        q, k, v = self.par.tp.enter_linears(x, [self.wq.weight, self.wk.weight, self.wv.weight])
+        b, s, _ = q.shape
+        q, k, v = (t.view(b, s, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
         q, k = apply_rope(q, cos[:s], sin[:s]), apply_rope(k, cos[:s], sin[:s])
         if self.par.recompute == "selective":
             out = recompute(self.core, self.par.rng, q, k, v)
@@ -227,8 +225,8 @@ class MLP(nn.Module):
         self.w_down = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.tp.enter(x)
-        return self.w_down(F.silu(self.w_gate.forward_local(x)) * self.w_up.forward_local(x))
+        gate, up = self.tp.enter_linears(x, [self.w_gate.weight, self.w_up.weight])
+        return self.w_down(F.silu(gate) * up)
 
 
 class TransformerLayer(nn.Module):
@@ -307,7 +305,7 @@ class Llama(nn.Module):
         x = self._run_layers(x, self.rope_cos.to(x.dtype), self.rope_sin.to(x.dtype))
         if self.norm is None:
             return x
-        return F.linear(self.par.tp.enter(self.norm(x)), self.head_weight())
+        return self.par.tp.enter_linears(self.norm(x), [self.head_weight()])[0]
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:

@@ -1,0 +1,48 @@
+"""The activation bytes the trainer measures (saved-tensor hooks, one micro-batch) agree with the
+estimator's per-tensor accounting, for every recompute mode, with and without tensor and sequence
+parallelism."""
+import functools
+
+import pytest
+
+import distributed
+from engine import estimate as est
+from engine.training import parse_config, validate
+from engine.training.trainer import Trainer
+
+MODEL = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-heads", "8",
+         "--num-kv-heads", "4", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4"]
+
+
+def predicted(trainer) -> int:
+    cfg, p = trainer.model_cfg, trainer.cfg.parallel
+    return est.microbatch_activation_bytes(cfg, trainer.cfg.batch.micro_batch_size, cfg.seq_length, p.tp,
+                                           p.sequence_parallel, trainer.cfg.recompute.recompute, 4)
+
+
+def measure(argv, world=1):
+    cfg = parse_config(argv)
+    validate(cfg, world)
+    trainer = Trainer(cfg)
+    trainer.train_step()
+    return trainer.activation_bytes, predicted(trainer)
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_single_process(corpus, recompute, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    measured, expected = measure(MODEL + ["--data", corpus, "--recompute", recompute])
+    assert measured == expected
+
+
+def _worker(rank, world, corpus, workdir):
+    import os
+    os.chdir(workdir)
+    for layout in (["--tp", "2"], ["--tp", "2", "--sequence-parallel"]):
+        for recompute in ("none", "selective", "full"):
+            measured, expected = measure(MODEL + ["--data", corpus, "--recompute", recompute] + layout, world)
+            assert measured == expected, (layout, recompute, measured, expected)
+
+
+def test_tensor_and_sequence_parallel(corpus, tmp_path):
+    distributed.run(functools.partial(_worker, corpus=corpus, workdir=str(tmp_path)), world=2)
