@@ -61,6 +61,7 @@ INVALID = [
     (["--sequence-parallel"], 1, "--sequence-parallel"),
     (["--schedule", "interleaved", "--pp", "2"], 2, "--schedule"),
     (["--rampup-batch-size", "4,4"], 1, "--rampup-batch-size"),
+    (["--pp", "2", "--vpp", "2", "--global-batch-size", "12", "--micro-batch-size", "4"], 2, "--schedule interleaved"),
     (["--rampup-batch-size", "6,4,100"], 1, "--rampup-batch-size"),
     (["--min-lr", "1", "--lr", "0.1"], 1, "--min-lr"),
     (["--lr", "0"], 1, "--lr"),
@@ -88,8 +89,8 @@ def test_invalid_settings_exit_with_one_clear_message(argv, world, flag, capsys,
 
 
 def test_layouts_not_yet_built_are_refused_clearly():
-    with pytest.raises(ConfigError, match="--pp: pipeline parallelism is not available"):
-        validate(parse_config(["--pp", "2"]), 2)
+    with pytest.raises(ConfigError, match="--zero: ZeRO sharding is not available"):
+        validate(parse_config(["--zero", "1"]), 1)
     with pytest.raises(ConfigError, match="Adafactor under tensor parallelism"):
         validate(parse_config(["--tp", "2", "--optimizer", "adafactor"]), 2)
 

@@ -244,7 +244,7 @@ def test_training_starts_from_converted_weights(tmp_path, monkeypatch):
     trainer = Trainer(run_cfg)
     trainer.load_checkpoint(ckpt.resolve("eng"))
     reference = engine.load_model("eng")
-    for (name, p), (_, q) in zip(trainer.model.named_parameters(), reference.named_parameters()):
+    for (name, p), (_, q) in zip(trainer.named_params, reference.named_parameters()):
         assert torch.equal(p, q), name
     assert trainer.state.step == 0
     assert main(argv) == 0

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT, step_losses
 
-MODEL = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-heads", "8",
+MODEL = ["--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-heads", "8",
          "--num-kv-heads", "4", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
          "--steps", "8", "--lr-decay-steps", "8", "--lr-warmup-steps", "2"]
 RTOL = 1e-5
@@ -52,6 +52,12 @@ def assert_same_losses(workdir, run, steps=range(1, 9)):
     (2, ["--tp", "2", "--recompute", "full"]),
     (2, ["--tp", "2", "--recompute", "selective"]),
     (2, ["--dp", "2"]),
+    (2, ["--pp", "2"]),
+    (4, ["--pp", "4"]),
+    (2, ["--pp", "2", "--schedule", "gpipe"]),
+    (2, ["--pp", "2", "--vpp", "2"]),
+    (4, ["--tp", "2", "--pp", "2", "--sequence-parallel", "--recompute", "full"]),
+    (8, ["--tp", "2", "--pp", "2", "--dp", "2"]),
 ], ids=lambda v: "-".join(v).replace("--", "") if isinstance(v, list) else str(v))
 def test_layout_reproduces_single_process(workdir, nproc, layout):
     name = "run" + "".join(layout).replace("--", "_")
@@ -60,17 +66,26 @@ def test_layout_reproduces_single_process(workdir, nproc, layout):
 
 
 def test_checkpoint_loads_under_another_layout(workdir):
-    """The single-process step-4 checkpoint resumes at tp 2 x dp 2 and continues the same trajectory."""
-    launch(4, MODEL + ["--data", "corpus", "--run-name", "resharded", "--tp", "2", "--dp", "2",
+    """The single-process step-4 checkpoint resumes at tp 2 x pp 2 and continues the same trajectory."""
+    launch(4, MODEL + ["--data", "corpus", "--run-name", "resharded", "--tp", "2", "--pp", "2",
                        "--load", "runs/single/checkpoints/step_00000004"], workdir)
     assert_same_losses(workdir, "resharded", steps=range(5, 9))
 
 
+def test_tied_embeddings_stay_in_sync_across_stages(workdir):
+    tied = MODEL + ["--data", "corpus", "--tie-embeddings"]
+    launch(1, tied + ["--run-name", "tied-single"], workdir)
+    launch(2, tied + ["--run-name", "tied-pp2", "--pp", "2"], workdir)
+    ref = step_losses(workdir / "runs" / "tied-single" / "metrics.jsonl")
+    got = step_losses(workdir / "runs" / "tied-pp2" / "metrics.jsonl")
+    assert got == pytest.approx(ref, rel=RTOL)
+
+
 def test_resume_at_the_same_parallel_layout_is_exact(workdir):
-    layout = ["--tp", "2", "--dp", "2", "--sequence-parallel", "--dropout", "0.1"]
-    launch(4, MODEL + ["--data", "corpus", "--run-name", "straight"] + layout, workdir)
-    launch(4, MODEL + ["--data", "corpus", "--run-name", "halves", "--steps", "4"] + layout, workdir)
-    launch(4, MODEL + ["--data", "corpus", "--run-name", "halves", "--load", "runs/halves/checkpoints"] + layout,
+    layout = ["--tp", "2", "--pp", "2", "--dp", "2", "--sequence-parallel", "--dropout", "0.1"]
+    launch(8, MODEL + ["--data", "corpus", "--run-name", "straight"] + layout, workdir)
+    launch(8, MODEL + ["--data", "corpus", "--run-name", "halves", "--steps", "4"] + layout, workdir)
+    launch(8, MODEL + ["--data", "corpus", "--run-name", "halves", "--load", "runs/halves/checkpoints"] + layout,
            workdir)
     assert step_losses(workdir / "runs" / "halves" / "metrics.jsonl") == \
         step_losses(workdir / "runs" / "straight" / "metrics.jsonl")

@@ -77,11 +77,11 @@ def test_nonfinite_gradient_skips_the_update(run_dir, corpus):
     def poisoned(*args):
         loss = original(*args)
         if trainer.state.step == 1:  # during the second step
-            next(trainer.model.parameters()).grad[0, 0] = float("inf")
+            trainer.named_params[0][1].grad[0, 0] = float("inf")
         return loss
 
     trainer.forward_backward = poisoned
-    weights = lambda: [p.detach().clone() for p in trainer.model.parameters()]
+    weights = lambda: [p.detach().clone() for _, p in trainer.named_params]
     records = [trainer.train_step()]
     after_first = weights()
     records.append(trainer.train_step())

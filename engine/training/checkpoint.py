@@ -239,7 +239,7 @@ def shard_tensors(named_params, optimizer, owns) -> tuple[dict, dict]:
     from engine.parallel.layers import valid_slice
     tensors, slices = {}, {}
     for name, p in named_params:
-        if not owns(p):
+        if not owns(name, p):
             continue
         global_shape, offset, local = valid_slice(p)
         block = tuple(slice(0, n) for n in local)
@@ -255,15 +255,18 @@ def shard_tensors(named_params, optimizer, owns) -> tuple[dict, dict]:
     return tensors, slices
 
 
-def load_shards(reader: CheckpointReader, named_params, optimizer, weights_only: bool = False) -> None:
+def load_shards(reader: CheckpointReader, named_params, optimizer, weights_only: bool = False,
+                source=lambda name: name) -> None:
     """Fills every parameter (and its optimizer state) with its slice of the saved tensors, whatever layout
-    saved them; padded rows are zeroed."""
+    saved them; padded rows are zeroed. source(name) is the saved name a parameter is read from (a tied
+    copy reads the embedding)."""
     from engine.parallel.layers import valid_slice
     with torch.no_grad():
         for name, p in named_params:
             global_shape, offset, local = valid_slice(p)
             block = tuple(slice(0, n) for n in local)
             p.zero_()
+            name = source(name)
             p[block] = reader.read(f"model/{name}", list(offset), list(local)).to(p.dtype)
             if weights_only:
                 continue

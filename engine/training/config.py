@@ -301,6 +301,10 @@ def validate(cfg: Config, world_size: int) -> None:
     if b.global_batch_size % per_step:
         errors.append(f"--global-batch-size: {b.global_batch_size} is not divisible by micro-batch-size * dp = "
                       f"{b.micro_batch_size}*{p.dp} = {per_step}; use a multiple of {per_step}")
+    if p.schedule == "interleaved" and not b.global_batch_size % per_step and (b.global_batch_size // per_step) % p.pp:
+        errors.append(f"--schedule interleaved: the micro-batches per step (global batch / (micro-batch * dp) = "
+                      f"{b.global_batch_size // per_step}) must be a multiple of --pp {p.pp}; raise "
+                      "--global-batch-size or lower --micro-batch-size")
     if b.rampup_batch_size is not None:
         try:
             start, inc, samples = parse_rampup(b.rampup_batch_size)
@@ -313,6 +317,9 @@ def validate(cfg: Config, world_size: int) -> None:
             elif start % per_step or inc % per_step or (b.global_batch_size - start) % inc:
                 errors.append(f"--rampup-batch-size: START and INCREMENT must be multiples of micro-batch-size * "
                               f"dp = {per_step}, and --global-batch-size - START a multiple of INCREMENT")
+            elif p.schedule == "interleaved" and ((start // per_step) % p.pp or (inc // per_step) % p.pp):
+                errors.append(f"--rampup-batch-size: with --schedule interleaved START and INCREMENT must give "
+                              f"micro-batch counts that are multiples of --pp {p.pp}")
     if o.lr <= 0:
         errors.append(f"--lr: must be positive, got {o.lr}")
     if o.min_lr is None:
@@ -370,7 +377,7 @@ def validate(cfg: Config, world_size: int) -> None:
 def _check_implemented(cfg: Config) -> None:
     """Settings whose machinery has not landed yet fail with a clear message instead of running wrongly."""
     p = cfg.parallel
-    pending = [("--pp", p.pp > 1, "pipeline parallelism"), ("--zero", p.zero > 0, "ZeRO sharding"),
+    pending = [("--zero", p.zero > 0, "ZeRO sharding"),
                ("--optimizer adafactor", cfg.optimizer.optimizer == "adafactor" and p.tp > 1,
                 "Adafactor under tensor parallelism (its factored statistics span whole matrices)")]
     for flag, used, what in pending:

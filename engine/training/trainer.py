@@ -20,6 +20,9 @@ from engine.models.llama import Llama, ModelConfig, Parallelism
 from engine.optim import LossScaler, LRSchedule, build_optimizer, clip_grad_norm_
 from engine.parallel import RNGTracker, TPContext, Topology, vocab_parallel_cross_entropy
 from engine.parallel.recompute import SavedTensorCounter
+from engine.pipeline import schedules
+from engine.pipeline.executor import PipelineExecutor
+from engine.pipeline.p2p import P2P
 from engine.training import checkpoint as ckpt
 from engine.training.config import Config, ConfigError, parse_rampup
 from engine.training.metrics import MetricsWriter, Progress, peak_memory_bytes, peak_tflops, plot_losses, step_line
@@ -85,9 +88,8 @@ class Trainer:
         self.rng = RNGTracker(run.seed, self.topo.tp_rank, self.device)
         tp = TPContext(self.topo.tp_group, p.tp, self.topo.tp_rank, p.sequence_parallel)
         par = Parallelism(tp, self.rng, cfg.recompute.recompute, cfg.recompute.recompute_layers)
-        self.model = Llama(self.model_cfg, parallelism=par).to(self.device)
-        self.model.init_weights(run.seed)
-        self.named_params = [(n, p) for n, p in self.model.named_parameters()]
+        self.chunks = self._build_chunks(par)
+        self.named_params = [(n, q) for chunk in self.chunks for n, q in chunk.named_parameters()]
         for _, param in self.named_params:  # gradients live for the whole run (accumulated in place)
             param.grad = torch.zeros_like(param)
         # Parameters replicated across tp (norm gains) are counted in the gradient norm and saved by tp rank 0
@@ -109,10 +111,41 @@ class Trainer:
         self.peak_tflops = peak_tflops(self.device, self.precision, run.peak_tflops)
         self.activation_bytes = None
         self._stop_requested = False
+        shape = (b.micro_batch_size, self.model_cfg.seq_length // (p.tp if p.sequence_parallel else 1),
+                 self.model_cfg.hidden_size)
+        pipe = P2P(self.topo, shape, torch.float32, self.device, p.vpp, run.collective_timeout) if p.pp > 1 else None
+        self.executor = PipelineExecutor(self.chunks, self.topo, pipe)
+        self._schedules: dict[int, list] = {}
 
-    def owns(self, param) -> bool:
-        """Whether this rank holds the one counted copy of `param` across the tensor-parallel group."""
-        return hasattr(param, "shard") or self.topo.tp_rank == 0
+    def _build_chunks(self, par: Parallelism) -> list[Llama]:
+        """This rank's model chunks: virtual stage v = c * pp + rank holds layers [v*L/(pp*vpp), (v+1)*L/(pp*vpp));
+        the first virtual stage holds the embedding, the last the final norm and head. Every chunk draws its
+        weights by global parameter name, so the split never changes them."""
+        p, cfg = self.cfg.parallel, self.model_cfg
+        stages, per = p.pp * p.vpp, cfg.num_layers // (p.pp * p.vpp)
+        chunks = []
+        for c in range(p.vpp):
+            v = schedules.virtual_stage(self.topo.pp_rank, c, p.pp)
+            chunk = Llama(cfg, layers=list(range(v * per, (v + 1) * per)), has_embedding=v == 0,
+                          has_head=v == stages - 1, parallelism=par).to(self.device)
+            chunk.init_weights(self.cfg.run.seed)
+            chunks.append(chunk)
+        return chunks
+
+    def _tied_copy(self, name: str) -> bool:
+        """The last stage's copy of a tied embedding (the first stage's is the counted, saved one)."""
+        return name == "head.weight" and self.model_cfg.tie_embeddings
+
+    def owns(self, name: str, param) -> bool:
+        """Whether this rank holds the one counted copy of `param` across the tensor and pipeline groups."""
+        return not self._tied_copy(name) and (hasattr(param, "shard") or self.topo.tp_rank == 0)
+
+    def schedule(self, num_microbatches: int) -> list:
+        if num_microbatches not in self._schedules:
+            p = self.cfg.parallel
+            lists = schedules.build(p.schedule, p.pp, num_microbatches, p.vpp)
+            self._schedules[num_microbatches] = lists[self.topo.pp_rank]
+        return self._schedules[num_microbatches]
 
     # ---- setup -------------------------------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -145,43 +178,43 @@ class Trainer:
         samples = torch.stack([self.train_data[i] for i in indices])
         return list(samples.to(self.device).split(self.cfg.batch.micro_batch_size))
 
-    def loss_sum(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Sum of the token cross-entropies of one micro-batch (fp32), from vocabulary-parallel logits."""
-        with self._autocast():
-            logits = self.model(tokens[:, :-1])
-        losses = vocab_parallel_cross_entropy(logits, tokens[:, 1:], self.model.vocab_start,
-                                              self.model_cfg.vocab_size, self.topo.tp_group)
-        return losses.sum()
+    def _loss_fn(self, num_tokens: int):
+        """A micro-batch's summed token cross-entropy (fp32, from vocabulary-parallel logits) / num_tokens."""
+        vocab_start, vocab = self.chunks[-1].vocab_start, self.model_cfg.vocab_size
+        return lambda logits, targets: vocab_parallel_cross_entropy(
+            logits, targets, vocab_start, vocab, self.topo.tp_group).sum() / num_tokens
 
     def forward_backward(self, micro_batches: list[torch.Tensor], num_tokens: int) -> torch.Tensor:
-        """Accumulates this rank's gradients of the global-batch mean loss (its micro-batches' summed token
-        losses divided by the token count of the whole global batch); returns its share of that loss."""
-        scale = self.scaler.scale if self.scaler else 1.0
-        total = torch.zeros((), device=self.device)
-        self.model.train()
-        for i, mb in enumerate(micro_batches):
-            if self.activation_bytes is None and i == 0:
-                exclude = [p for _, p in self.named_params] + list(self.model.buffers())
-                with SavedTensorCounter(exclude) as counter:
-                    loss = self.loss_sum(mb) / num_tokens
-                self.activation_bytes = counter.bytes
-            else:
-                loss = self.loss_sum(mb) / num_tokens
-            (loss * scale).backward()
-            total += loss.detach()
-        return total
+        """Runs the pipeline schedule over this rank's micro-batches, accumulating gradients of the global-batch
+        mean loss; returns this rank's share of that loss (the loss lives on the last pipeline stage)."""
+        for chunk in self.chunks:
+            chunk.train()
+        counter = None
+        if self.activation_bytes is None:
+            exclude = [q for _, q in self.named_params] + [t for c in self.chunks for t in c.buffers()]
+            counter = SavedTensorCounter(exclude)
+        with self._autocast():
+            loss = self.executor.run(self.schedule(len(micro_batches)), micro_batches, self._loss_fn(num_tokens),
+                                     self.scaler.scale if self.scaler else 1.0,
+                                     first_forward_context=(lambda: counter) if counter else contextlib.nullcontext)
+        if counter is not None:
+            self.activation_bytes = counter.bytes
+        return loss
 
     def reduce_gradients(self) -> None:
         """Completes the gradients: partial sums of sequence-parallel norm gains over tp, then the sum over
         data-parallel replicas (the loss is already normalised by the global token count)."""
         if self.sp_params and self.topo.tp > 1:
             _all_reduce_coalesced([q.grad for q in self.sp_params], self.topo.tp_group)
+        tied = [q for n, q in self.named_params if n in ("embedding.weight", "head.weight")]
+        if self.model_cfg.tie_embeddings and self.topo.pp > 1 and tied:
+            _all_reduce_coalesced([q.grad for q in tied], self.topo.embedding_group)
         if self.topo.dp > 1:
             _all_reduce_coalesced([q.grad for _, q in self.named_params], self.topo.dp_group)
 
     def clip_gradients(self) -> torch.Tensor:
         """The global gradient norm over the whole model (each slice counted once); clips all gradients."""
-        owned = [q for _, q in self.named_params if self.owns(q)]
+        owned = [q for n, q in self.named_params if self.owns(n, q)]
         norm = clip_grad_norm_(owned, 0.0, group=self.topo.mp_group)
         max_norm = self.cfg.optimizer.clip_grad
         if max_norm > 0 and torch.isfinite(norm) and norm.item() > max_norm:
@@ -201,8 +234,7 @@ class Trainer:
             p.grad.zero_()
         loss = self.forward_backward(micro_batches, global_batch * self.model_cfg.seq_length)
         self.reduce_gradients()
-        if self.topo.dp > 1:
-            dist.all_reduce(loss, group=self.topo.dp_group)
+        self._share_loss(loss)
         if self.scaler is not None:
             torch._foreach_mul_([p.grad for _, p in self.named_params], 1.0 / self.scaler.scale)
         grad_norm = self.clip_gradients()
@@ -228,29 +260,40 @@ class Trainer:
                 "loss_scale": self.scaler.scale if self.scaler else 1.0, "skipped": not finite,
                 "step_time_s": elapsed}
 
+    def _share_loss(self, loss: torch.Tensor) -> None:
+        """In place: the loss of the whole global batch on every rank (summed over the pipeline, where only
+        the last stage holds it, and over data-parallel replicas)."""
+        if self.topo.pp > 1:
+            dist.all_reduce(loss, group=self.topo.pp_group)
+        if self.topo.dp > 1:
+            dist.all_reduce(loss, group=self.topo.dp_group)
+
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean token loss over the first eval_iters global batches of the validation set (the same ones at
         every evaluation, split across data-parallel ranks like training batches)."""
         if self.valid_data is None:
             return None
-        self.model.eval()
-        gbs, mbs, dp = self.cfg.batch.global_batch_size, self.cfg.batch.micro_batch_size, self.topo.dp
-        per_rank = gbs // dp
+        for chunk in self.chunks:
+            chunk.eval()
+        gbs, mbs, p = self.cfg.batch.global_batch_size, self.cfg.batch.micro_batch_size, self.cfg.parallel
+        per_rank, seq = gbs // self.topo.dp, self.model_cfg.seq_length
+        m = per_rank // mbs
+        forward_only = [schedules.Action(schedules.F, i, c) for i in range(m) for c in range(p.vpp)]
+        actions = schedules.with_communication([forward_only] * p.pp, p.pp, p.vpp)[self.topo.pp_rank]
         total = torch.zeros((), device=self.device)
         for it in range(self.cfg.data.eval_iters):
             first = it * gbs + self.topo.dp_rank * per_rank
-            indices = [i % len(self.valid_data) for i in range(first, first + per_rank)]
-            for chunk in range(0, per_rank, mbs):
-                batch = torch.stack([self.valid_data[i] for i in indices[chunk:chunk + mbs]]).to(self.device)
-                total += self.loss_sum(batch)
-        if dp > 1:
-            dist.all_reduce(total, group=self.topo.dp_group)
-        return total.item() / (self.cfg.data.eval_iters * gbs * self.model_cfg.seq_length)
+            samples = torch.stack([self.valid_data[i % len(self.valid_data)] for i in range(first, first + per_rank)])
+            with self._autocast():
+                total += self.executor.run(actions, list(samples.to(self.device).split(mbs)),
+                                           self._loss_fn(1), forward_only=True)
+        self._share_loss(total)
+        return total.item() / (self.cfg.data.eval_iters * gbs * seq)
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def save_checkpoint(self) -> str:
-        owns = lambda q: self.topo.dp_rank == 0 and self.owns(q)  # noqa: E731  one copy of every slice
+        owns = lambda n, q: self.topo.dp_rank == 0 and self.owns(n, q)  # noqa: E731  one copy of every slice
         tensors, slices = ckpt.shard_tensors(self.named_params, self.optimizer, owns)
         tensors[f"rng/rank{self.rank}/cpu"] = torch.get_rng_state()
         for name, state in self.rng.get_states().items():
@@ -275,7 +318,8 @@ class Trainer:
             raise ConfigError(f"--load: {step_dir} was trained with --optimizer {meta['optimizer']}; "
                               "resume with the same optimizer")
         self.optimizer.state.clear()
-        ckpt.load_shards(reader, self.named_params, self.optimizer, weights_only)
+        source = lambda name: "embedding.weight" if self._tied_copy(name) else name  # noqa: E731
+        ckpt.load_shards(reader, self.named_params, self.optimizer, weights_only, source)
         if weights_only:
             return
         self.state = TrainState(**meta["state"])
@@ -327,8 +371,13 @@ class Trainer:
             return sum(t.numel() * t.element_size() for t in tensors)
         params = [p for _, p in self.named_params]
         states = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim]
-        return {"event": "memory", "param_bytes": nbytes(params), "grad_bytes": nbytes(p.grad for p in params),
-                "optimizer_bytes": nbytes(states), "activation_bytes": self.activation_bytes}
+        event = {"event": "memory", "param_bytes": nbytes(params), "grad_bytes": nbytes(p.grad for p in params),
+                 "optimizer_bytes": nbytes(states), "activation_bytes": self.activation_bytes}
+        if self.world_size > 1:  # reported by the first rank of the last pipeline stage (it holds the head)
+            events = [event]
+            dist.broadcast_object_list(events, src=int(self.topo.grid[-1, 0, 0]))
+            event = events[0]
+        return event
 
     def _on_sigterm(self, signum, frame) -> None:
         self._stop_requested = True

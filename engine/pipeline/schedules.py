@@ -1,0 +1,125 @@
+"""Pipeline schedules as data.
+
+A schedule is a function (pp, microbatches, vpp) -> one ordered list of compute actions per pipeline rank;
+`with_communication` inserts the sends and receives each compute action implies. The executor runs these lists,
+and the simulator and the timeline tool (`python -m engine.pipeline`) read the very same lists.
+
+Model chunk c on pipeline rank r is virtual stage v = c * pp + r of pp * vpp (Megatron's interleaving): virtual
+stage 0 holds the embedding, virtual stage pp * vpp - 1 the final norm, head and loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+F, B = "F", "B"                       # forward / backward of one micro-batch through one model chunk
+SEND_F, RECV_F = "SEND_F", "RECV_F"   # activations to the next virtual stage / from the previous one
+SEND_B, RECV_B = "SEND_B", "RECV_B"   # input gradients to the previous virtual stage / from the next one
+
+
+@dataclass(frozen=True)
+class Action:
+    op: str
+    microbatch: int
+    chunk: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.op}{self.microbatch}" + (f".{self.chunk}" if self.chunk else "")
+
+
+class ScheduleError(ValueError):
+    pass
+
+
+def gpipe(pp: int, m: int, vpp: int = 1) -> list[list[Action]]:
+    """All forwards, then all backwards: every micro-batch's activations are alive at the peak."""
+    _check(pp, m, vpp, "gpipe")
+    return [[Action(F, i) for i in range(m)] + [Action(B, i) for i in range(m)] for _ in range(pp)]
+
+
+def one_f_one_b(pp: int, m: int, vpp: int = 1) -> list[list[Action]]:
+    """PipeDream-flush 1F1B: pp - rank - 1 warm-up forwards, then one forward one backward, then the
+    remaining backwards. A rank holds at most min(pp - rank, m) micro-batches' activations."""
+    _check(pp, m, vpp, "1f1b")
+    lists = []
+    for rank in range(pp):
+        warmup = min(pp - rank - 1, m)
+        actions = [Action(F, i) for i in range(warmup)]
+        for i in range(m - warmup):
+            actions += [Action(F, warmup + i), Action(B, i)]
+        actions += [Action(B, i) for i in range(m - warmup, m)]
+        lists.append(actions)
+    return lists
+
+
+def interleaved(pp: int, m: int, vpp: int) -> list[list[Action]]:
+    """Megatron's interleaved 1F1B: each rank holds vpp model chunks; micro-batches advance through the chunks
+    in groups of pp. Needs m to be a multiple of pp (the constraint of Narayanan et al. 2021's schedule)."""
+    _check(pp, m, vpp, "interleaved")
+    total = m * vpp
+
+    def unit(k: int, backward: bool) -> tuple[int, int]:
+        chunk = (k // pp) % vpp
+        return (k // (pp * vpp)) * pp + k % pp, (vpp - 1 - chunk) if backward else chunk
+
+    lists = []
+    for rank in range(pp):
+        warmup = min((pp - rank - 1) * 2 + (vpp - 1) * pp, total)
+        actions = [Action(F, *unit(k, False)) for k in range(warmup)]
+        for i in range(total - warmup):
+            actions += [Action(F, *unit(warmup + i, False)), Action(B, *unit(i, True))]
+        actions += [Action(B, *unit(k, True)) for k in range(total - warmup, total)]
+        lists.append(actions)
+    return lists
+
+
+SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b, "interleaved": interleaved}
+
+
+def _check(pp: int, m: int, vpp: int, name: str) -> None:
+    if pp < 1 or m < 1 or vpp < 1:
+        raise ScheduleError(f"--schedule {name}: pp, micro-batches and vpp must be positive")
+    if name != "interleaved" and vpp != 1:
+        raise ScheduleError(f"--schedule {name}: runs one model chunk per rank; use --schedule interleaved "
+                            "with --vpp > 1")
+    if name == "interleaved" and m % pp:
+        raise ScheduleError(f"--schedule interleaved: the number of micro-batches per step ({m}) must be a "
+                            f"multiple of --pp {pp}; raise --global-batch-size or lower --micro-batch-size")
+
+
+def virtual_stage(rank: int, chunk: int, pp: int) -> int:
+    return chunk * pp + rank
+
+
+def owner(stage: int, pp: int) -> tuple[int, int]:
+    """(rank, chunk) of virtual stage `stage`."""
+    return stage % pp, stage // pp
+
+
+def with_communication(compute: list[list[Action]], pp: int, vpp: int) -> list[list[Action]]:
+    """Each forward receives its input just before it runs (unless it is the first virtual stage) and sends its
+    output right after (unless it is the last); backwards mirror that with gradients."""
+    last = pp * vpp - 1
+    lists = []
+    for rank, actions in enumerate(compute):
+        out = []
+        for a in actions:
+            v = virtual_stage(rank, a.chunk, pp)
+            if a.op == F:
+                out += ([Action(RECV_F, a.microbatch, a.chunk)] if v > 0 else []) + [a] + \
+                       ([Action(SEND_F, a.microbatch, a.chunk)] if v < last else [])
+            else:
+                out += ([Action(RECV_B, a.microbatch, a.chunk)] if v < last else []) + [a] + \
+                       ([Action(SEND_B, a.microbatch, a.chunk)] if v > 0 else [])
+        lists.append(out)
+    return lists
+
+
+def build(name: str, pp: int, m: int, vpp: int = 1) -> list[list[Action]]:
+    """Every rank's full action list (compute and communication) for one step."""
+    return with_communication(SCHEDULES[name](pp, m, vpp), pp, vpp)
+
+
+def peer(action: Action, rank: int, pp: int) -> tuple[int, int]:
+    """(rank, chunk) at the other end of a communication action."""
+    v = virtual_stage(rank, action.chunk, pp)
+    return owner(v + 1 if action.op in (SEND_F, RECV_B) else v - 1, pp)

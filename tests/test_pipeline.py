@@ -1,0 +1,97 @@
+"""Pipeline schedules as data: the timeline tool's figures over a grid, message order, invalid settings, and
+the executor's measured activation peak against the tool's."""
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import distributed
+from conftest import ROOT
+from engine.pipeline.schedules import RECV_B, RECV_F, SEND_B, SEND_F, ScheduleError, build, peer
+from engine.pipeline.simulate import run
+
+
+@pytest.mark.parametrize("pp", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("m", [1, 2, 4, 6, 8, 16])
+def test_gpipe_and_1f1b_figures(pp, m):
+    for name, peak in [("gpipe", [m] * pp), ("1f1b", [min(pp - r, m) for r in range(pp)])]:
+        t = run(name, pp, m)
+        assert t.bubble_fraction == pytest.approx((pp - 1) / (m + pp - 1))
+        assert t.peak_inflight == peak
+
+
+@pytest.mark.parametrize("pp,m,vpp", [(2, 2, 2), (2, 4, 2), (2, 8, 3), (4, 4, 2), (4, 8, 2), (4, 16, 4),
+                                      (3, 6, 2), (8, 16, 2)])
+def test_interleaved_figures(pp, m, vpp):
+    t = run("interleaved", pp, m, vpp)
+    assert t.bubble_fraction == pytest.approx((pp - 1) / (vpp * m + pp - 1))
+    # Megatron's warm-up bound: 2(pp - rank - 1) + (vpp - 1) pp forwards in flight plus the steady-state one
+    assert t.peak_inflight == [min(2 * (pp - r - 1) + (vpp - 1) * pp + 1, m * vpp) for r in range(pp)]
+    assert run("interleaved", pp, m, vpp).bubble_fraction < run("1f1b", pp, m).bubble_fraction
+
+
+@pytest.mark.parametrize("name,vpp", [("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("interleaved", 3)])
+@pytest.mark.parametrize("pp", [2, 3, 4])
+def test_messages_are_posted_in_the_same_order_on_both_ends(name, vpp, pp):
+    """Backends without tags (NCCL) match point-to-point messages by order between each pair of ranks."""
+    m = 2 * pp
+    sends, recvs = {}, {}
+    for rank, actions in enumerate(build(name, pp, m, vpp)):
+        for a in actions:
+            if a.op in (SEND_F, SEND_B, RECV_F, RECV_B):
+                other, other_chunk = peer(a, rank, pp)
+                kind = "act" if a.op in (SEND_F, RECV_F) else "grad"
+                if a.op in (SEND_F, SEND_B):
+                    sends.setdefault((rank, other), []).append((kind, a.microbatch, other_chunk))
+                else:
+                    recvs.setdefault((other, rank), []).append((kind, a.microbatch, a.chunk))
+    assert sends == recvs
+
+
+def test_invalid_schedules():
+    with pytest.raises(ScheduleError, match="multiple of --pp"):
+        run("interleaved", 4, 6, 2)
+    with pytest.raises(ScheduleError, match="interleaved"):
+        run("1f1b", 2, 4, 2)
+
+
+def test_cli_json_and_timeline():
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-m", "engine.pipeline", "--schedule", "1f1b", "--pp", "4",
+                          "--microbatches", "8", "--json"], capture_output=True, text=True, env=env, check=True)
+    result = json.loads(out.stdout)
+    assert result["bubble_fraction"] == pytest.approx(3 / 11) and result["peak_inflight"] == [4, 3, 2, 1]
+    text = subprocess.run([sys.executable, "-m", "engine.pipeline", "--schedule", "interleaved", "--pp", "2",
+                           "--microbatches", "4", "--vpp", "2"], capture_output=True, text=True, env=env,
+                          check=True).stdout
+    assert text.count("rank ") >= 2 and "bubble fraction: 0.1111" in text
+    bad = subprocess.run([sys.executable, "-m", "engine.pipeline", "--schedule", "interleaved", "--pp", "4",
+                          "--microbatches", "6", "--vpp", "2"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "multiple of --pp" in bad.stderr
+
+
+def _measure_peaks(rank, world, corpus, workdir):
+    os.chdir(workdir)
+    from engine.parallel.topology import Topology
+    from engine.training import parse_config, validate
+    from engine.training.trainer import Trainer
+    base = ["--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64", "--num-heads", "4",
+            "--num-kv-heads", "2", "--seq-length", "16", "--micro-batch-size", "1", "--global-batch-size", "8",
+            "--data", corpus]
+    for layout in (["--pp", "4"], ["--pp", "4", "--schedule", "gpipe"], ["--pp", "2", "--dp", "2"],
+                   ["--pp", "2", "--dp", "2", "--vpp", "2"]):
+        cfg = parse_config(base + layout)
+        validate(cfg, world)
+        p = cfg.parallel
+        trainer = Trainer(cfg, Topology(p.tp, p.pp, p.dp, p.vpp))
+        trainer.train_step()
+        m = cfg.batch.global_batch_size // (cfg.batch.micro_batch_size * p.dp)
+        expected = run(p.schedule, p.pp, m, p.vpp).peak_inflight[trainer.topo.pp_rank]
+        assert trainer.executor.peak_inflight == expected, (layout, trainer.executor.peak_inflight, expected)
+
+
+def test_executor_peak_matches_the_tool(corpus, tmp_path):
+    distributed.run(functools.partial(_measure_peaks, corpus=corpus, workdir=str(tmp_path)), world=4)
