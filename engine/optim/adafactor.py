@@ -22,13 +22,14 @@ class Adafactor(torch.optim.Optimizer):
         return x.norm() / (x.numel() ** 0.5)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, grad_scale: float = 1.0):
+        """grad_scale multiplies the gradients first (the fp16 unscale times the clip coefficient)."""
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                self._update(p, p.grad.float(), self.state[p], group)
+                self._update(p, p.grad.float() * grad_scale, self.state[p], group)
         return loss
 
     def _update(self, p, grad, state, group):

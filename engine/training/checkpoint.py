@@ -232,10 +232,10 @@ def load_full_model(path: str, device: str = "cpu"):
 
 # ---- model and optimizer shards ------------------------------------------------------------------------
 
-def shard_tensors(named_params, optimizer, owns) -> tuple[dict, dict]:
-    """The tensors a rank saves: model/<name> and optim/<name>/<state> for every parameter `owns(param)` is
-    true for (one copy of each slice across the job), cut to the real (unpadded) rows. Returns (tensors,
-    slices) for write_rank_file."""
+def shard_tensors(named_params, optimizer_states: dict, owns) -> tuple[dict, dict]:
+    """The tensors a rank saves: model/<name> and optim/<name>/<state> for every parameter `owns(name, param)`
+    is true for (one copy of each slice across the job), cut to the real (unpadded) rows. optimizer_states:
+    {name: {key: tensor}} with param-shaped state tensors for this rank's slice. Returns (tensors, slices)."""
     from engine.parallel.layers import valid_slice
     tensors, slices = {}, {}
     for name, p in named_params:
@@ -244,42 +244,38 @@ def shard_tensors(named_params, optimizer, owns) -> tuple[dict, dict]:
         global_shape, offset, local = valid_slice(p)
         block = tuple(slice(0, n) for n in local)
         entries = {f"model/{name}": p.detach()}
-        for key, value in optimizer.state.get(p, {}).items():
-            if torch.is_tensor(value):
-                entries[f"optim/{name}/{key}"] = value
+        entries.update({f"optim/{name}/{key}": t for key, t in optimizer_states.get(name, {}).items()})
         for key, t in entries.items():
-            if t.shape == p.shape:
+            if t.shape == p.shape and p.ndim:
                 tensors[key], slices[key] = t[block], (global_shape, offset)
             else:  # scalars (step counts) and other per-parameter state are saved whole
                 tensors[key] = t
     return tensors, slices
 
 
-def load_shards(reader: CheckpointReader, named_params, optimizer, weights_only: bool = False,
-                source=lambda name: name) -> None:
-    """Fills every parameter (and its optimizer state) with its slice of the saved tensors, whatever layout
-    saved them; padded rows are zeroed. source(name) is the saved name a parameter is read from (a tied
-    copy reads the embedding)."""
+def load_shards(reader: CheckpointReader, named_params, source=lambda name: name,
+                with_optimizer: bool = True) -> dict:
+    """Fills every parameter with its slice of the saved tensors, whatever layout saved them (padded rows
+    zeroed), and returns {name: {key: optimizer state}} for this rank's slices, param-shaped where the state
+    is. source(name) is the saved name a parameter is read from (a tied copy reads the embedding)."""
     from engine.parallel.layers import valid_slice
+    states = {}
     with torch.no_grad():
         for name, p in named_params:
             global_shape, offset, local = valid_slice(p)
             block = tuple(slice(0, n) for n in local)
+            saved = source(name)
             p.zero_()
-            name = source(name)
-            p[block] = reader.read(f"model/{name}", list(offset), list(local)).to(p.dtype)
-            if weights_only:
+            p[block] = reader.read(f"model/{saved}", list(offset), list(local)).to(p.dtype)
+            if not with_optimizer:
                 continue
-            state = {}
-            for key in reader.keys(f"optim/{name}/"):
+            for key in reader.keys(f"optim/{saved}/"):
                 short = key.rsplit("/", 1)[1]
-                if p.ndim and tuple(reader.global_shape(key)) == tuple(global_shape):  # shaped like the param
+                if p.ndim and tuple(reader.global_shape(key)) == tuple(global_shape):
                     piece = reader.read(key, list(offset), list(local))
-                    value = torch.zeros(p.shape, dtype=piece.dtype, device=p.device)
+                    value = torch.zeros(p.shape, dtype=piece.dtype)
                     value[block] = piece
                 else:
                     value = reader.read(key)
-                    value = value if value.ndim == 0 else value.to(p.device)
-                state[short] = value
-            if state:
-                optimizer.state[p] = state
+                states.setdefault(name, {})[short] = value
+    return states

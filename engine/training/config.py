@@ -116,6 +116,8 @@ class RunArgs:
     peak_tflops: float = _f(None, "peak TFLOP/s per device for MFU [known for A100/H100/H200]")
     device: str = _f(None, "cpu or cuda [cuda when available]", choices=["cpu", "cuda"])
     collective_timeout: float = _f(600.0, "seconds a collective may wait before the job fails naming it")
+    bucket_size: int = _f(4_000_000, "elements per gradient bucket: each bucket's data-parallel reduction starts "
+                                     "as soon as its gradients are final, overlapping the rest of backward")
 
 
 @dataclass
@@ -377,9 +379,11 @@ def validate(cfg: Config, world_size: int) -> None:
 def _check_implemented(cfg: Config) -> None:
     """Settings whose machinery has not landed yet fail with a clear message instead of running wrongly."""
     p = cfg.parallel
-    pending = [("--zero", p.zero > 0, "ZeRO sharding"),
+    pending = [("--zero 3", p.zero == 3, "ZeRO-3 (sharded parameters)"),
                ("--optimizer adafactor", cfg.optimizer.optimizer == "adafactor" and p.tp > 1,
-                "Adafactor under tensor parallelism (its factored statistics span whole matrices)")]
+                "Adafactor under tensor parallelism (its factored statistics span whole matrices)"),
+               ("--optimizer adafactor", cfg.optimizer.optimizer == "adafactor" and p.zero > 0 and p.dp > 1,
+                "Adafactor with ZeRO sharding (it needs whole matrices; use --zero 0)")]
     for flag, used, what in pending:
         if used:
             raise ConfigError(f"{flag}: {what} is not available in this version of the engine yet; "

@@ -17,7 +17,9 @@ from engine.data.sampler import BatchSizeRampup, GlobalBatchSampler
 from engine.data.tokenizers import build_tokenizer
 from engine.estimate import model_flops_per_token
 from engine.models.llama import Llama, ModelConfig, Parallelism
-from engine.optim import LossScaler, LRSchedule, build_optimizer, clip_grad_norm_
+from engine.optim import Adafactor, LossScaler, LRSchedule
+from engine.optim.adamw import FusedAdamW
+from engine.optim.zero import ZeroOptimizer
 from engine.parallel import RNGTracker, TPContext, Topology, vocab_parallel_cross_entropy
 from engine.parallel.recompute import SavedTensorCounter
 from engine.pipeline import schedules
@@ -52,13 +54,6 @@ def _device(requested: str | None) -> torch.device:
     return torch.device("cpu")
 
 
-def _all_reduce_coalesced(tensors: list[torch.Tensor], group) -> None:
-    """Sums tensors across the group with one collective over a flat copy."""
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, group=group)
-    torch._foreach_copy_(tensors, [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
-
-
 def _dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
@@ -90,15 +85,9 @@ class Trainer:
         par = Parallelism(tp, self.rng, cfg.recompute.recompute, cfg.recompute.recompute_layers)
         self.chunks = self._build_chunks(par)
         self.named_params = [(n, q) for chunk in self.chunks for n, q in chunk.named_parameters()]
-        for _, param in self.named_params:  # gradients live for the whole run (accumulated in place)
-            param.grad = torch.zeros_like(param)
-        # Parameters replicated across tp (norm gains) are counted in the gradient norm and saved by tp rank 0
-        # only; with sequence parallelism their gradients are partial sums to be reduced over tp.
-        self.sp_params = [q for _, q in self.named_params if getattr(q, "sequence_parallel", False)]
-        o = cfg.optimizer
-        self.optimizer = build_optimizer(o.optimizer, self.named_params, o.lr, (o.beta1, o.beta2), o.eps,
-                                         o.weight_decay)
-        s = cfg.schedule
+        self.zero = self._build_optimizer()
+        self.optimizer = self.zero.optimizer
+        o, s = cfg.optimizer, cfg.schedule
         self.lr_schedule = LRSchedule(o.lr, o.min_lr, s.lr_warmup_steps, s.lr_decay_steps, s.lr_decay_style,
                                       s.lr_wsd_decay_fraction)
         b = cfg.batch
@@ -113,7 +102,7 @@ class Trainer:
         self._stop_requested = False
         shape = (b.micro_batch_size, self.model_cfg.seq_length // (p.tp if p.sequence_parallel else 1),
                  self.model_cfg.hidden_size)
-        pipe = P2P(self.topo, shape, torch.float32, self.device, p.vpp, run.collective_timeout) if p.pp > 1 else None
+        pipe = P2P(self.topo, shape, self.param_dtype, self.device, p.vpp, run.collective_timeout) if p.pp > 1 else None
         self.executor = PipelineExecutor(self.chunks, self.topo, pipe)
         self._schedules: dict[int, list] = {}
 
@@ -129,8 +118,32 @@ class Trainer:
             chunk = Llama(cfg, layers=list(range(v * per, (v + 1) * per)), has_embedding=v == 0,
                           has_head=v == stages - 1, parallelism=par).to(self.device)
             chunk.init_weights(self.cfg.run.seed)
+            chunk.to(self.param_dtype)
             chunks.append(chunk)
         return chunks
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return _dtype(self.precision)
+
+    def _build_optimizer(self) -> ZeroOptimizer:
+        """Flat parameter and gradient buffers, bucketed data-parallel reduction and the (ZeRO-sharded)
+        optimizer. bf16/fp16 parameters get fp32 master weights inside the optimizer."""
+        o, p = self.cfg.optimizer, self.cfg.parallel
+        if o.optimizer == "adafactor":
+            make = lambda groups: Adafactor(groups, lr=o.lr, beta1=o.beta1, weight_decay=o.weight_decay)  # noqa: E731
+        else:
+            make = lambda groups: FusedAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,  # noqa: E731
+                                             weight_decay=o.weight_decay,
+                                             master_weights=self.param_dtype != torch.float32)
+        # Sequence-parallel norm gains hold partial sums over tp; a tied embedding split across pipeline stages
+        # is summed over the embedding group once the schedule is over.
+        tp_reduced = {n for n, q in self.named_params if getattr(q, "sequence_parallel", False)}
+        tied = {n for n in ("embedding.weight", "head.weight")
+                if self.model_cfg.tie_embeddings and p.pp > 1 and n in dict(self.named_params)}
+        return ZeroOptimizer(self.named_params, p.zero, make, self.topo.dp_group, self.cfg.run.bucket_size,
+                             deferred=tied, tp_reduced=tp_reduced, tp_group=self.topo.tp_group,
+                             embedding_group=self.topo.embedding_group)
 
     def _tied_copy(self, name: str) -> bool:
         """The last stage's copy of a tied embedding (the first stage's is the counted, saved one)."""
@@ -168,11 +181,6 @@ class Trainer:
         return cfg
 
     # ---- one step ----------------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=_dtype(self.precision))
-
     def _micro_batches(self, position: int, global_batch: int) -> list[torch.Tensor]:
         indices = self.sampler.rank_slice(position, global_batch, self.topo.dp_rank, self.topo.dp)
         samples = torch.stack([self.train_data[i] for i in indices])
@@ -193,54 +201,40 @@ class Trainer:
         if self.activation_bytes is None:
             exclude = [q for _, q in self.named_params] + [t for c in self.chunks for t in c.buffers()]
             counter = SavedTensorCounter(exclude)
-        with self._autocast():
-            loss = self.executor.run(self.schedule(len(micro_batches)), micro_batches, self._loss_fn(num_tokens),
-                                     self.scaler.scale if self.scaler else 1.0,
-                                     first_forward_context=(lambda: counter) if counter else contextlib.nullcontext)
+        loss = self.executor.run(self.schedule(len(micro_batches)), micro_batches, self._loss_fn(num_tokens),
+                                 self.scaler.scale if self.scaler else 1.0,
+                                 first_forward_context=(lambda: counter) if counter else contextlib.nullcontext)
         if counter is not None:
             self.activation_bytes = counter.bytes
         return loss
 
-    def reduce_gradients(self) -> None:
-        """Completes the gradients: partial sums of sequence-parallel norm gains over tp, then the sum over
-        data-parallel replicas (the loss is already normalised by the global token count)."""
-        if self.sp_params and self.topo.tp > 1:
-            _all_reduce_coalesced([q.grad for q in self.sp_params], self.topo.tp_group)
-        tied = [q for n, q in self.named_params if n in ("embedding.weight", "head.weight")]
-        if self.model_cfg.tie_embeddings and self.topo.pp > 1 and tied:
-            _all_reduce_coalesced([q.grad for q in tied], self.topo.embedding_group)
-        if self.topo.dp > 1:
-            _all_reduce_coalesced([q.grad for _, q in self.named_params], self.topo.dp_group)
-
-    def clip_gradients(self) -> torch.Tensor:
-        """The global gradient norm over the whole model (each slice counted once); clips all gradients."""
-        owned = [q for n, q in self.named_params if self.owns(n, q)]
-        norm = clip_grad_norm_(owned, 0.0, group=self.topo.mp_group)
-        max_norm = self.cfg.optimizer.clip_grad
-        if max_norm > 0 and torch.isfinite(norm) and norm.item() > max_norm:
-            torch._foreach_mul_([q.grad for _, q in self.named_params], max_norm / (norm.item() + 1e-6))
-        return norm
+    def grad_norm(self) -> torch.Tensor:
+        """The global gradient norm over the whole model (each slice counted once: tensor-parallel shards
+        everywhere, replicated parameters on tp rank 0, a tied embedding on the first stage), still scaled by
+        the fp16 loss scale."""
+        squared = self.zero.grad_norm_squared(self.owns)
+        if self.topo.mp_group is not None:
+            dist.all_reduce(squared, group=self.topo.mp_group)
+        return squared.sqrt()
 
     def train_step(self) -> dict:
         st = self.state
         step = st.step + 1
         global_batch = self.rampup.global_batch_size(st.consumed_samples)
         lr = self.lr_schedule(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         start = time.perf_counter()
         micro_batches = self._micro_batches(st.data_position, global_batch)
-        for _, p in self.named_params:
-            p.grad.zero_()
+        self.zero.start_step(len(micro_batches))
         loss = self.forward_backward(micro_batches, global_batch * self.model_cfg.seq_length)
-        self.reduce_gradients()
+        self.zero.finish_gradients()
         self._share_loss(loss)
-        if self.scaler is not None:
-            torch._foreach_mul_([p.grad for _, p in self.named_params], 1.0 / self.scaler.scale)
-        grad_norm = self.clip_gradients()
+        loss_scale = self.scaler.scale if self.scaler else 1.0
+        grad_norm = self.grad_norm() / loss_scale
         finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
-        if finite:
-            self.optimizer.step()
+        max_norm = self.cfg.optimizer.clip_grad
+        clip = max_norm / (grad_norm.item() + 1e-6) if finite and max_norm > 0 and grad_norm.item() > max_norm else 1.0
+        if finite:  # unscaling and clipping are folded into the optimizer's pass over the gradients
+            self.zero.step(lr, grad_scale=clip / loss_scale)
         else:
             st.skipped_steps += 1
         if self.scaler is not None:
@@ -285,16 +279,16 @@ class Trainer:
         for it in range(self.cfg.data.eval_iters):
             first = it * gbs + self.topo.dp_rank * per_rank
             samples = torch.stack([self.valid_data[i % len(self.valid_data)] for i in range(first, first + per_rank)])
-            with self._autocast():
-                total += self.executor.run(actions, list(samples.to(self.device).split(mbs)),
-                                           self._loss_fn(1), forward_only=True)
+            total += self.executor.run(actions, list(samples.to(self.device).split(mbs)), self._loss_fn(1),
+                                       forward_only=True)
         self._share_loss(total)
         return total.item() / (self.cfg.data.eval_iters * gbs * seq)
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def save_checkpoint(self) -> str:
+        states = self.zero.state_by_name()  # a collective over dp: every rank takes part
         owns = lambda n, q: self.topo.dp_rank == 0 and self.owns(n, q)  # noqa: E731  one copy of every slice
-        tensors, slices = ckpt.shard_tensors(self.named_params, self.optimizer, owns)
+        tensors, slices = ckpt.shard_tensors(self.named_params, states, owns)
         tensors[f"rng/rank{self.rank}/cpu"] = torch.get_rng_state()
         for name, state in self.rng.get_states().items():
             tensors[f"rng/rank{self.rank}/{name}"] = state
@@ -317,11 +311,11 @@ class Trainer:
         if not weights_only and meta["optimizer"] != self.cfg.optimizer.optimizer:
             raise ConfigError(f"--load: {step_dir} was trained with --optimizer {meta['optimizer']}; "
                               "resume with the same optimizer")
-        self.optimizer.state.clear()
         source = lambda name: "embedding.weight" if self._tied_copy(name) else name  # noqa: E731
-        ckpt.load_shards(reader, self.named_params, self.optimizer, weights_only, source)
+        states = ckpt.load_shards(reader, self.named_params, source, with_optimizer=not weights_only)
         if weights_only:
             return
+        self.zero.load_state_by_name(states)
         self.state = TrainState(**meta["state"])
         if self.scaler is not None and meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
@@ -369,10 +363,9 @@ class Trainer:
     def memory_event(self) -> dict:
         def nbytes(tensors):
             return sum(t.numel() * t.element_size() for t in tensors)
-        params = [p for _, p in self.named_params]
-        states = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim]
-        event = {"event": "memory", "param_bytes": nbytes(params), "grad_bytes": nbytes(p.grad for p in params),
-                 "optimizer_bytes": nbytes(states), "activation_bytes": self.activation_bytes}
+        event = {"event": "memory", "param_bytes": nbytes(p for _, p in self.named_params),
+                 "grad_bytes": self.zero.grad_bytes(), "optimizer_bytes": self.zero.optimizer_bytes(),
+                 "activation_bytes": self.activation_bytes}
         if self.world_size > 1:  # reported by the first rank of the last pipeline stage (it holds the head)
             events = [event]
             dist.broadcast_object_list(events, src=int(self.topo.grid[-1, 0, 0]))

@@ -1,0 +1,305 @@
+"""Data-parallel gradients and the ZeRO optimizer (stages 0-2), with fp32 master weights for bf16/fp16.
+
+Parameters live in one flat buffer (their `.data` are views into it), laid out in reverse order of use so that
+the buckets the backward pass completes first come first. The buffer is cut into buckets of about
+`bucket_numel` elements, each padded to a multiple of dp and split into dp contiguous shards; data-parallel
+rank r owns shard r of every bucket.
+
+- stage 0: fp32 gradients accumulate in a flat buffer; each bucket is all-reduced (asynchronously) as soon as
+  all its gradients are final during the last micro-batch's backward; every rank updates everything.
+- stage 1: the same gradients, but the optimizer state (and fp32 master weights) exist only for the owned
+  shards; after the step the updated shards are all-gathered into the parameters.
+- stage 2: additionally each rank keeps only its gradient shard: every micro-batch's bucket is reduce-scattered
+  as soon as it is complete (asynchronously) and accumulated into the shard, and the full bucket is freed.
+
+The optimizer is any engine optimizer built over "shard parameters": views of the owned ranges of each
+parameter, whose gradients are views of the reduced gradients. Checkpoints see whole tensors: states are
+gathered per parameter, and restored into whatever shards the loading layout owns.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Bucket:
+    names: list
+    params: list
+    offsets: list          # start of each parameter in the flat buffer
+    start: int             # first element of the bucket in the flat buffer
+    size: int              # padded to a multiple of dp
+    deferred: bool = False  # reduced only after the whole schedule (tied embeddings across pipeline stages)
+    ready: int = 0
+    pending: list = field(default_factory=list)  # stage 2: (work, output, input) of in-flight reduce-scatters
+
+
+@dataclass
+class Piece:
+    """The part [lo, hi) (flat, within the parameter) of parameter `name` that this rank optimises."""
+    name: str
+    param: nn.Parameter
+    lo: int
+    hi: int
+    shard: nn.Parameter
+
+
+def _dp_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+class ZeroOptimizer:
+    def __init__(self, named_params, stage: int, make_optimizer, dp_group=None, bucket_numel: int = 4_000_000,
+                 deferred: set = frozenset(), tp_reduced: set = frozenset(), tp_group=None, embedding_group=None):
+        """named_params: in forward order. make_optimizer(param_groups) builds the inner optimizer. deferred:
+        names whose gradients must first be summed over `embedding_group` after the schedule; tp_reduced:
+        names whose gradients are partial sums over `tp_group` (sequence-parallel norm gains)."""
+        self.stage, self.dp_group, self.dp = stage, dp_group, _dp_size(dp_group)
+        self.dp_rank = 0 if dp_group is None else dist.get_group_rank(dp_group, dist.get_rank())
+        self.tp_group, self.embedding_group = tp_group, embedding_group
+        self.tp_reduced = tp_reduced
+        named = list(reversed(list(named_params)))
+        self.dtype, self.device = named[0][1].dtype, named[0][1].device
+        self.buckets = self._layout(named, bucket_numel, deferred)
+        total = sum(b.size for b in self.buckets)
+        self.param_buffer = torch.zeros(total, dtype=self.dtype, device=self.device)
+        self.where, self.names = {}, {}
+        for b in self.buckets:
+            for name, p, off in zip(b.names, b.params, b.offsets):
+                view = self.param_buffer[off:off + p.numel()]
+                view.copy_(p.detach().reshape(-1))
+                p.data = view.view_as(p)
+                self.where[p], self.names[p] = (b, off), name
+        self.sharded_grads = stage >= 2 and self.dp > 1
+        self._allocate_grads(total)
+        self.pieces = self._pieces()
+        self.optimizer = make_optimizer(self._param_groups())
+        self.num_microbatches, self.counts = 1, {}
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for b in self.buckets for p in b.params]
+
+    # ---- layout -------------------------------------------------------------------------------------------
+    def _layout(self, named, bucket_numel: int, deferred: set) -> list[Bucket]:
+        groups = [[(n, p) for n, p in named if n in deferred], [(n, p) for n, p in named if n not in deferred]]
+        buckets, start = [], 0
+        for is_deferred, members in zip((True, False), groups):
+            current: list = []
+            for item in members + [None]:
+                if item is not None:
+                    current.append(item)
+                full = item is None or sum(p.numel() for _, p in current) >= bucket_numel
+                if current and full:
+                    offsets, off = [], start
+                    for _, p in current:
+                        offsets.append(off)
+                        off += p.numel()
+                    size = -(-(off - start) // self.dp) * self.dp
+                    buckets.append(Bucket([n for n, _ in current], [p for _, p in current], offsets, start, size,
+                                          is_deferred))
+                    start += size
+                    current = []
+        return buckets
+
+    def _owned(self, b: Bucket) -> tuple[int, int]:
+        if self.stage == 0 or self.dp == 1:
+            return b.start, b.start + b.size
+        shard = b.size // self.dp
+        return b.start + self.dp_rank * shard, b.start + (self.dp_rank + 1) * shard
+
+    def _allocate_grads(self, total: int) -> None:
+        """stage 0/1: a full fp32 gradient buffer. stage 2: the owned shard of each bucket, plus full buffers
+        for deferred buckets (they accumulate over the whole schedule before their reduction)."""
+        f32 = dict(dtype=torch.float32, device=self.device)
+        if not self.sharded_grads:
+            self.grad_buffer = torch.zeros(total, **f32)
+            self.main_grad = {p: self.grad_buffer[off:off + p.numel()].view_as(p) for p, (_, off) in self.where.items()}
+            for p, g in self.main_grad.items():
+                p.grad = g if p.dtype == torch.float32 else None
+            return
+        self.shard_grads = {id(b): torch.zeros(b.size // self.dp, **f32) for b in self.buckets}
+        self.deferred_full = {id(b): torch.zeros(b.size, **f32) for b in self.buckets if b.deferred}
+        self.temp_full: dict[int, torch.Tensor] = {}
+
+    def _grad_view(self, lo: int, hi: int, b: Bucket) -> torch.Tensor:
+        """The reduced gradient for flat elements [lo, hi) owned by this rank."""
+        if not self.sharded_grads:
+            return self.grad_buffer[lo:hi]
+        base = b.start + self.dp_rank * (b.size // self.dp)
+        return self.shard_grads[id(b)][lo - base:hi - base]
+
+    def _pieces(self) -> list[Piece]:
+        pieces = []
+        for b in self.buckets:
+            own_lo, own_hi = self._owned(b)
+            for name, p, off in zip(b.names, b.params, b.offsets):
+                lo, hi = max(off, own_lo), min(off + p.numel(), own_hi)
+                if lo >= hi:
+                    continue
+                whole = (lo, hi) == (off, off + p.numel())  # whole parameters keep their shape (Adafactor)
+                shape = p.shape if whole else (hi - lo,)
+                shard = nn.Parameter(self.param_buffer[lo:hi].view(shape), requires_grad=False)
+                if shard.dtype != torch.float32:
+                    shard.grad_dtype = None  # low-precision parameters take fp32 (main) gradients
+                shard.grad = self._grad_view(lo, hi, b).view(shape)
+                pieces.append(Piece(name, p, lo - off, hi - off, shard))
+        return pieces
+
+    def _param_groups(self) -> list[dict]:
+        """Weight decay on pieces of matrices, none on pieces of vectors (norm gains)."""
+        decay = [pc.shard for pc in self.pieces if pc.param.ndim >= 2]
+        no_decay = [pc.shard for pc in self.pieces if pc.param.ndim < 2]
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    # ---- gradients ----------------------------------------------------------------------------------------
+    def start_step(self, num_microbatches: int) -> None:
+        """Zeroes the gradients and arms the reduction for a step of `num_microbatches` micro-batches."""
+        self.num_microbatches = num_microbatches
+        self.counts = {p: 0 for b in self.buckets for p in b.params}
+        for b in self.buckets:
+            b.ready = 0
+        if self.sharded_grads:
+            for g in list(self.shard_grads.values()) + list(self.deferred_full.values()):
+                g.zero_()
+        else:
+            self.grad_buffer.zero_()
+
+    def _on_grad(self, p: nn.Parameter) -> None:
+        b, off = self.where[p]
+        if self.sharded_grads:
+            self._accumulate_sharded(p, b, off)
+            return
+        if p.grad is not self.main_grad[p]:  # low-precision parameters: add into the fp32 main gradient
+            self.main_grad[p].add_(p.grad)
+            p.grad = None
+        self.counts[p] += 1
+        if self.counts[p] == self.num_microbatches:
+            if self.names[p] in self.tp_reduced and self.tp_group is not None:
+                dist.all_reduce(self.main_grad[p], group=self.tp_group)
+            b.ready += 1
+            if b.ready == len(b.params) and not b.deferred and self.dp > 1:
+                b.pending.append((dist.all_reduce(self.grad_buffer[b.start:b.start + b.size], group=self.dp_group,
+                                                  async_op=True), None, None))
+
+    def _accumulate_sharded(self, p, b: Bucket, off: int) -> None:
+        """stage 2: gradients of one micro-batch go into a temporary full bucket, reduce-scattered when full."""
+        if b.deferred:
+            self.deferred_full[id(b)][off - b.start:off - b.start + p.numel()].add_(p.grad.reshape(-1))
+            p.grad = None
+            return
+        full = self.temp_full.get(id(b))
+        if full is None:
+            full = self.temp_full[id(b)] = torch.zeros(b.size, dtype=torch.float32, device=self.device)
+        piece = full[off - b.start:off - b.start + p.numel()]
+        piece.add_(p.grad.reshape(-1))
+        p.grad = None
+        if self.names[p] in self.tp_reduced and self.tp_group is not None:
+            dist.all_reduce(piece, group=self.tp_group)
+        b.ready += 1
+        if b.ready == len(b.params):
+            b.ready = 0
+            self._drain()
+            out = torch.empty(b.size // self.dp, dtype=torch.float32, device=self.device)
+            work = dist.reduce_scatter_tensor(out, self.temp_full.pop(id(b)), group=self.dp_group, async_op=True)
+            b.pending.append((work, out, None))
+
+    def _drain(self) -> None:
+        for b in self.buckets:
+            for work, out, _ in b.pending:
+                work.wait()
+                if out is not None:
+                    self.shard_grads[id(b)].add_(out)
+            b.pending = []
+
+    def finish_gradients(self) -> None:
+        """After the schedule: reduces the deferred (tied-embedding) buckets and waits for every reduction."""
+        deferred = [b for b in self.buckets if b.deferred]
+        if deferred and self.embedding_group is not None:
+            for b in deferred:
+                full = self.deferred_full[id(b)] if self.sharded_grads else self.grad_buffer[b.start:b.start + b.size]
+                dist.all_reduce(full, group=self.embedding_group)
+        if self.sharded_grads:
+            for b in deferred:
+                out = torch.empty(b.size // self.dp, dtype=torch.float32, device=self.device)
+                dist.reduce_scatter_tensor(out, self.deferred_full[id(b)], group=self.dp_group)
+                self.shard_grads[id(b)].add_(out)
+        elif self.dp > 1:
+            for b in self.buckets:
+                if b.deferred or not b.pending:  # deferred, or never completed (unused parameters)
+                    b.pending.append((dist.all_reduce(self.grad_buffer[b.start:b.start + b.size],
+                                                      group=self.dp_group, async_op=True), None, None))
+        self._drain()
+
+    def grad_norm_squared(self, counted) -> torch.Tensor:
+        """Sum of squares of the reduced gradients this rank owns, for parameters `counted(name, param)`
+        accepts, summed over the data-parallel group when the optimizer is sharded."""
+        grads = [pc.shard.grad for pc in self.pieces if counted(pc.name, pc.param)]
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        if grads:
+            total = torch.stack(torch._foreach_norm(grads)).float().square().sum()
+        if self.stage >= 1 and self.dp > 1:
+            dist.all_reduce(total, group=self.dp_group)
+        return total
+
+    # ---- the update ---------------------------------------------------------------------------------------
+    def step(self, lr: float, grad_scale: float = 1.0) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step(grad_scale=grad_scale)
+        if self.stage >= 1 and self.dp > 1:
+            for b in self.buckets:
+                whole = self.param_buffer[b.start:b.start + b.size]
+                own_lo, own_hi = self._owned(b)
+                dist.all_gather_into_tensor(whole, self.param_buffer[own_lo:own_hi].clone(), group=self.dp_group)
+
+    # ---- accounting and checkpoints ------------------------------------------------------------------------
+    def grad_bytes(self) -> int:
+        if not self.sharded_grads:
+            return self.grad_buffer.numel() * 4
+        return 4 * sum(t.numel() for t in list(self.shard_grads.values()) + list(self.deferred_full.values()))
+
+    def optimizer_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for s in self.optimizer.state.values() for t in s.values()
+                   if torch.is_tensor(t) and t.ndim)
+
+    def state_by_name(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{parameter name: {state key: tensor}} for every parameter, with the shards of all data-parallel ranks
+        combined (complete on data-parallel rank 0; every rank must call this)."""
+        if self.stage == 0 or self.dp == 1:  # every piece is a whole parameter
+            return {pc.name: {k: v.detach().clone() for k, v in self.optimizer.state.get(pc.shard, {}).items()
+                              if torch.is_tensor(v)} for pc in self.pieces}
+        keys = sorted({k for s in self.optimizer.state.values() for k, v in s.items() if torch.is_tensor(v) and v.ndim})
+        step = max([float(s["step"]) for s in self.optimizer.state.values() if "step" in s] or [0.0])
+        step_t = torch.tensor(step, dtype=torch.float32, device=self.device)
+        dist.all_reduce(step_t, op=dist.ReduceOp.MAX, group=self.dp_group)
+        out: dict[str, dict[str, torch.Tensor]] = {name: {"step": step_t.cpu().clone()} for name in self.names.values()}
+        for key in keys:
+            flat = torch.zeros(self.param_buffer.numel(), dtype=torch.float32, device=self.device)
+            for pc in self.pieces:
+                value = self.optimizer.state.get(pc.shard, {}).get(key)
+                if value is not None:
+                    _, off = self.where[pc.param]
+                    flat[off + pc.lo:off + pc.hi] = value.reshape(-1)
+            dist.all_reduce(flat, group=self.dp_group)  # every element is owned by exactly one rank
+            for p, (_, off) in self.where.items():
+                out[self.names[p]][key] = flat[off:off + p.numel()].view_as(p).clone()
+        return out
+
+    def load_state_by_name(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        """states[name][key]: the saved state of this rank's slice of parameter `name` (tensors shaped like the
+        parameter, or whole tensors for other state). Fills the optimizer state of every owned piece."""
+        self.optimizer.state.clear()
+        for pc in self.pieces:
+            saved = states.get(pc.name, {})
+            state = {}
+            for key, value in saved.items():
+                if key == "step":
+                    state[key] = value.to("cpu", torch.float32).reshape(())
+                elif value.numel() == pc.param.numel() and value.ndim:  # shaped like the parameter: take our piece
+                    piece = value.reshape(-1)[pc.lo:pc.hi].view(pc.shard.shape)
+                    state[key] = piece.to(self.device, torch.float32).clone()
+                else:
+                    state[key] = value.to(self.device).clone()
+            if state:
+                self.optimizer.state[pc.shard] = state
