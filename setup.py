@@ -7,8 +7,26 @@ from setuptools import find_packages, setup
 
 
 def extensions() -> tuple[list, dict]:
-    """(ext_modules, cmdclass) for csrc/. No compiled kernels yet: the pure-PyTorch paths are used."""
-    return [], {}
+    """(ext_modules, cmdclass) for csrc/: the CPU kernels always, the CUDA kernels when torch has CUDA and the CUDA
+    toolkit (CUDA_HOME) is there. Sources and flags come from engine/ext.py's `build_spec`, which its JIT path uses
+    too; it is loaded by path so that building does not import the package."""
+    try:
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("engine: torch is not installed, so the fused kernels are not built; install torch first and use "
+              "pip install --no-build-isolation")
+        return [], {}
+    import importlib.util
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location("engine_ext_build", os.path.join(here, "engine", "ext.py"))
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    modules = [cpp_extension.CppExtension("engine._fused_cpu", **ext.build_spec("cpu", root="csrc"))]
+    if cpp_extension.CUDA_HOME and ext.torch.version.cuda:
+        modules.append(cpp_extension.CUDAExtension("engine._fused_cuda", **ext.build_spec("cuda", root="csrc")))
+    return modules, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = extensions()

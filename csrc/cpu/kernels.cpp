@@ -71,15 +71,19 @@ std::vector<Chunk> make_chunks(int64_t n, const int64_t* numels) {
   return chunks;
 }
 
-// Calls f(chunk, index) for every chunk, in parallel.
+// Calls f(chunk, index) for every chunk: in parallel, unless all of them hold less than one chunk's worth of
+// elements (then a parallel region would cost more than the work, as with ATen's GRAIN_SIZE).
 template <typename F>
 void for_each_chunk(const std::vector<Chunk>& chunks, const F& f) {
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
+  const auto n = static_cast<int64_t>(chunks.size());
+  int64_t total = 0;
+  for (const auto& c : chunks) total += c.size;
+  at::parallel_for(0, n, total < kChunk ? n : 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) f(chunks[i], i);
   });
 }
 
-// Runs step(ptrs..., 0) over `size` elements in steps of kWidth. The ragged end is copied into zero-padded
+// Runs step(ptrs + i...) over `size` elements, i advancing by kWidth. The ragged end is copied into zero-padded
 // local buffers, stepped once and copied back, so it takes exactly the same arithmetic as the rest.
 template <typename Step, typename... T>
 void run(int64_t size, const Step& step, T*... ptrs) {
@@ -117,7 +121,7 @@ struct AdamConsts {
     neg_step_size = Vec(static_cast<float>(-(a.lr / bc1)));
     decay = Vec(static_cast<float>(1.0 - a.lr * a.weight_decay));
     l2 = Vec(static_cast<float>(a.weight_decay));
-    scale = Vec(a.grad_scale);
+    scale = Vec(a.grad_scale * (a.grad_scale_ptr ? *a.grad_scale_ptr : 1.0f));
     adam_w_mode = a.adam_w_mode;
   }
 
@@ -202,7 +206,7 @@ void adamw(const AdamArgs& a) {
   });
 }
 
-void sumsq(const NormArgs& a) {
+void sumsq(const ListArgs& a, double* sumsq) {
   with_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     const auto chunks = make_chunks(a.n, a.numels);
@@ -212,16 +216,16 @@ void sumsq(const NormArgs& a) {
     });
     int64_t i = 0;  // chunks come in tensor order
     for (int64_t t = 0; t < a.n; ++t) {
-      a.sumsq[t] = 0.0;
-      for (int64_t b = 0; b < a.numels[t]; b += kChunk) a.sumsq[t] += partial[i++];
+      sumsq[t] = 0.0;
+      for (int64_t b = 0; b < a.numels[t]; b += kChunk) sumsq[t] += partial[i++];
     }
   });
 }
 
-void scale(const ScaleArgs& a) {
+void scale(const ListArgs& a, float scale, const float* scale_ptr) {
   with_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const Vec s(a.scale);
+    const Vec s(scale * (scale_ptr ? *scale_ptr : 1.0f));
     auto step = [&](T* p) {
       Vec x0, x1;
       load(p, x0, x1);

@@ -1,14 +1,14 @@
 """Optimizers, clipping, LR schedule and loss scaling."""
 from __future__ import annotations
 
-import torch
-
 from .adafactor import Adafactor
-from .clip import clip_grad_norm_
+from .adamw import FusedAdamW
+from .clip import clip_coefficient, clip_grad_norm_, global_grad_norm
 from .lr_schedule import LRSchedule
 from .scaler import LossScaler
 
-__all__ = ["Adafactor", "LRSchedule", "LossScaler", "build_optimizer", "clip_grad_norm_", "param_groups"]
+__all__ = ["Adafactor", "FusedAdamW", "LRSchedule", "LossScaler", "build_optimizer", "clip_coefficient",
+           "clip_grad_norm_", "global_grad_norm", "param_groups"]
 
 
 def param_groups(named_params, weight_decay: float) -> list[dict]:
@@ -23,7 +23,7 @@ def param_groups(named_params, weight_decay: float) -> list[dict]:
 def build_optimizer(name: str, named_params, lr: float, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
     groups = param_groups(named_params, weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+        return FusedAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if name == "adafactor":
         return Adafactor(groups, lr=lr, beta1=betas[0])
     raise ValueError(f"unknown optimizer {name!r}")

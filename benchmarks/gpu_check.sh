@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# The fused kernels on one GPU (an H100 or H200), from a bare machine that has this repo and a CUDA build of torch:
+# build the extensions, report which kernels are in use, run the kernel tests (CUDA ones included), benchmark the
+# kernels against torch's fused AdamW and clip_grad_norm_ with the bandwidth as a share of the card's measured
+# device-to-device copy, and run a short single-GPU training job. Each stage has its own time limit; a failed
+# stage does not stop the others; a summary closes the run. Meant to finish in under 8 minutes.
+#
+#   bash benchmarks/gpu_check.sh                 # on the GPU machine
+#   bash benchmarks/gpu_check.sh --cpu-dry-run   # anywhere: the same stages, CPU-sized, to check the script itself
+#
+# Everything goes under $OUT (default ./gpu_out), in at most 7 files:
+#   gpu_check.log         every stage's command and full output
+#   summary.txt           stage results and times, the kernel report, the benchmark tables, the training summary
+#   pytest.xml            JUnit report of the kernel tests
+#   bench_kernels_64M.json, bench_kernels_256M.json   kernel benchmark results (see benchmarks/bench_kernels.py)
+#   train_metrics.jsonl   the training job's metrics
+# The exit status is the number of failed stages.
+set -u -o pipefail
+cd "$(dirname "$0")/.." || exit 1
+
+DRY=0
+if [[ "${1:-}" == "--cpu-dry-run" ]]; then DRY=1; fi
+export OUT="${OUT:-./gpu_out}"
+export PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+SUMMARY="$OUT/summary.txt"
+: >"$LOG"
+: >"$SUMMARY"
+FAILED=0
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+# stage NAME SECONDS COMMAND...: runs COMMAND under a time limit, output to the log; records status and time.
+stage() {
+  local name=$1 limit=$2 start=$SECONDS rc status
+  shift 2
+  echo "+ [$(date +%T)] $name (limit ${limit}s): $*" | tee -a "$LOG"
+  timeout --kill-after=15 "$limit" "$@" >>"$LOG" 2>&1
+  rc=$?
+  if [[ $rc -eq 0 ]]; then
+    status=ok
+  else
+    status="FAILED rc=$rc"
+    [[ $rc -eq 124 || $rc -eq 137 ]] && status="$status (time limit)"
+    FAILED=$((FAILED + 1))
+  fi
+  printf '%-10s %-28s %5ss\n' "$name" "$status" "$((SECONDS - start))" | tee -a "$SUMMARY"
+}
+
+if [[ $DRY -eq 1 ]]; then
+  DEVICE=cpu; PRECISION=fp32; BENCH_SIZES=(4194304); TEST_FILTER="cuda or compiled_kernels_in_use"
+  TRAIN_MODEL=(--model tiny --micro-batch-size 2 --global-batch-size 4 --seq-length 64 --steps 2)
+else
+  DEVICE=cuda; PRECISION=bf16; BENCH_SIZES=(67108864 268435456); TEST_FILTER=""
+  TRAIN_MODEL=(--num-layers 8 --hidden-size 1024 --ffn-hidden-size 2816 --num-heads 16 --num-kv-heads 8
+               --seq-length 1024 --micro-batch-size 8 --global-batch-size 32 --steps 20)
+fi
+
+env_info() {
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv || true
+  "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available() and torch.cuda.get_device_name())'
+  nvcc --version | tail -1 || true
+  echo "cpus $(nproc)"
+}
+
+deps() {  # pytest-benchmark only serves `pytest benchmarks/`; the script mode used below needs none of it
+  "$PY" -c 'import pytest' || "$PY" -m pip install -q pytest
+  "$PY" -c 'import pytest_benchmark' || "$PY" -m pip install -q pytest-benchmark || echo "no pytest-benchmark (script mode only)"
+}
+
+build() {
+  if [[ $DRY -eq 0 ]]; then
+    TORCH_CUDA_ARCH_LIST=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
+    export TORCH_CUDA_ARCH_LIST
+  fi
+  MAX_JOBS=$(nproc) "$PY" -m pip install --no-build-isolation --no-deps -e . && ls -l engine/_fused_*.so
+}
+
+ext_report() {  # the CUDA kernels must be compiled (prebuilt or JIT), not the fallback
+  local out
+  out=$("$PY" -m engine.ext 2>&1) || { echo "$out"; return 1; }
+  echo "$out" | tee -a "$SUMMARY"
+  [[ $DRY -eq 1 ]] || grep -q "adamw   cuda: CUDA" <<<"$out"
+}
+
+tests() {
+  local filter=() rc
+  [[ -n "$TEST_FILTER" ]] && filter=(-k "$TEST_FILTER")
+  "$PY" -m pytest tests/test_kernels.py tests/test_fused_adamw.py -q -rs -p no:cacheprovider \
+    --junitxml="$OUT/pytest.xml" ${filter[@]+"${filter[@]}"} >/tmp/gpu_check_pytest.txt 2>&1
+  rc=$?
+  cat /tmp/gpu_check_pytest.txt
+  tail -1 /tmp/gpu_check_pytest.txt >>"$SUMMARY"
+  return "$rc"
+}
+
+bench() {
+  set -o pipefail
+  local rc=0 n
+  for n in "${BENCH_SIZES[@]}"; do
+    "$PY" benchmarks/bench_kernels.py --device "$DEVICE" --params "$n" --out-json "$OUT/bench_kernels_$((n / 1048576))M.json" \
+      | tee -a "$SUMMARY" || rc=1
+  done
+  return "$rc"
+}
+
+train() {
+  "$PY" examples/pretrain_llama.py --device "$DEVICE" --precision "$PRECISION" "${TRAIN_MODEL[@]}" --log-interval 1 \
+    --run-name gpu-check --metrics-file "$OUT/train_metrics.jsonl" --plot /tmp/gpu-check-loss.png \
+    --save /tmp/gpu-check-ckpt || return 1
+  set -o pipefail
+  "$PY" - "$OUT/train_metrics.jsonl" <<'EOF' | tee -a "$SUMMARY"
+import json, statistics, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+steps = [r for r in rows if "event" not in r]
+if not steps:
+    sys.exit("train: no step lines in the metrics")
+late = steps[len(steps) // 2:]
+print(f"train: {len(steps)} steps, loss {steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f}, "
+      f"median tokens/s {statistics.median(r['tokens_per_s'] for r in late):,.0f}, "
+      f"TFLOP/s/device {statistics.median(r['tflops_per_device'] for r in late):.1f}, mfu {late[-1]['mfu']}, "
+      f"peak mem {max(r['peak_mem_bytes'] for r in steps) / 2**30:.2f} GiB")
+EOF
+}
+
+export DRY DEVICE PRECISION TEST_FILTER SUMMARY
+export -f env_info deps build ext_report tests bench train
+note "gpu_check $(date -u +%FT%TZ) dry_run=$DRY out=$OUT"
+stage env 60 bash -c env_info
+stage deps 120 bash -c deps
+stage build 420 bash -c build
+stage ext 300 bash -c ext_report
+stage tests 300 bash -c tests
+# arrays do not cross `bash -c`: pass the sizes and the model flags as words
+export BENCH_SIZES_STR="${BENCH_SIZES[*]}" TRAIN_MODEL_STR="${TRAIN_MODEL[*]}"
+stage bench 240 bash -c 'BENCH_SIZES=($BENCH_SIZES_STR); bench'
+stage train 300 bash -c 'TRAIN_MODEL=($TRAIN_MODEL_STR); train'
+note "failed stages: $FAILED"
+echo "==== summary ($SUMMARY)"
+cat "$SUMMARY"
+exit "$FAILED"
