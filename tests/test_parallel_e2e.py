@@ -58,6 +58,14 @@ def assert_same_losses(workdir, run, steps=range(1, 9)):
     (2, ["--pp", "2", "--vpp", "2"]),
     (4, ["--tp", "2", "--pp", "2", "--sequence-parallel", "--recompute", "full"]),
     (8, ["--tp", "2", "--pp", "2", "--dp", "2"]),
+    (2, ["--dp", "2", "--zero", "0", "--bucket-size", "30000"]),
+    (2, ["--dp", "2", "--zero", "1", "--bucket-size", "30000"]),
+    (2, ["--dp", "2", "--zero", "2", "--bucket-size", "30000"]),
+    (8, ["--tp", "2", "--pp", "2", "--dp", "2", "--zero", "1"]),
+    (8, ["--tp", "2", "--pp", "2", "--dp", "2", "--zero", "2", "--sequence-parallel", "--vpp", "2"]),
+    (2, ["--dp", "2", "--zero", "3"]),
+    (4, ["--dp", "4", "--zero", "3", "--zero3-keep-params", "--recompute", "full"]),
+    (8, ["--tp", "2", "--pp", "2", "--dp", "2", "--zero", "3", "--sequence-parallel"]),
 ], ids=lambda v: "-".join(v).replace("--", "") if isinstance(v, list) else str(v))
 def test_layout_reproduces_single_process(workdir, nproc, layout):
     name = "run" + "".join(layout).replace("--", "_")
@@ -89,3 +97,15 @@ def test_resume_at_the_same_parallel_layout_is_exact(workdir):
            workdir)
     assert step_losses(workdir / "runs" / "halves" / "metrics.jsonl") == \
         step_losses(workdir / "runs" / "straight" / "metrics.jsonl")
+
+
+def test_zero_parameters_match_plain_data_parallelism(workdir):
+    """After the run, ZeRO-1/2 hold the same weights as plain data parallelism (ZeRO-0)."""
+    from engine.training.checkpoint import CheckpointReader
+    final = lambda run: CheckpointReader(str(workdir / "runs" / run / "checkpoints" / "step_00000008"))  # noqa
+    plain = final("run_dp2_zero0_bucket-size30000")
+    for run in ("run_dp2_zero1_bucket-size30000", "run_dp2_zero2_bucket-size30000", "run_dp2_zero3"):
+        sharded = final(run)
+        for key in plain.keys("model/"):
+            a, b = plain.read(key), sharded.read(key)
+            assert (a - b).abs().max() <= 1e-5 * a.abs().max(), (run, key)

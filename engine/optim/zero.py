@@ -11,6 +11,11 @@ rank r owns shard r of every bucket.
   shards; after the step the updated shards are all-gathered into the parameters.
 - stage 2: additionally each rank keeps only its gradient shard: every micro-batch's bucket is reduce-scattered
   as soon as it is complete (asynchronously) and accumulated into the shard, and the full bucket is freed.
+- stage 3: additionally each rank keeps only its parameter shard. Buckets are the model's units (embedding, each
+  layer, norm + head); a unit's parameters are all-gathered just before its forward (the next unit's gather is
+  started at the same time) and again when its output's gradient arrives, and released after each. With
+  keep_params_in_step they stay gathered from first use to the end of the step: one gather per step instead of
+  two per micro-batch, at the cost of holding the stage's full parameters during the step.
 
 The optimizer is any engine optimizer built over "shard parameters": views of the owned ranges of each
 parameter, whose gradients are views of the reduced gradients. Checkpoints see whole tensors: states are
@@ -34,6 +39,10 @@ class Bucket:
     size: int              # padded to a multiple of dp
     deferred: bool = False  # reduced only after the whole schedule (tied embeddings across pipeline stages)
     ready: int = 0
+    full: torch.Tensor | None = None   # stage 3: the gathered parameters (storage released when not in use)
+    shard: torch.Tensor | None = None  # stage 3: this rank's persistent shard of them
+    gather: object = None              # stage 3: the in-flight all-gather
+    gathered: bool = False
     pending: list = field(default_factory=list)  # stage 2: (work, output, input) of in-flight reduce-scatters
 
 
@@ -53,32 +62,54 @@ def _dp_size(group) -> int:
 
 class ZeroOptimizer:
     def __init__(self, named_params, stage: int, make_optimizer, dp_group=None, bucket_numel: int = 4_000_000,
-                 deferred: set = frozenset(), tp_reduced: set = frozenset(), tp_group=None, embedding_group=None):
+                 deferred: set = frozenset(), tp_reduced: set = frozenset(), tp_group=None, embedding_group=None,
+                 units: list | None = None, keep_params_in_step: bool = False):
         """named_params: in forward order. make_optimizer(param_groups) builds the inner optimizer. deferred:
         names whose gradients must first be summed over `embedding_group` after the schedule; tp_reduced:
-        names whose gradients are partial sums over `tp_group` (sequence-parallel norm gains)."""
+        names whose gradients are partial sums over `tp_group` (sequence-parallel norm gains). units (stage 3):
+        [(module entered first, module left last, [parameter names])] in forward order."""
         self.stage, self.dp_group, self.dp = stage, dp_group, _dp_size(dp_group)
         self.dp_rank = 0 if dp_group is None else dist.get_group_rank(dp_group, dist.get_rank())
         self.tp_group, self.embedding_group = tp_group, embedding_group
-        self.tp_reduced = tp_reduced
-        named = list(reversed(list(named_params)))
+        self.tp_reduced, self.keep_params = tp_reduced, keep_params_in_step
+        self.sharded_params = stage >= 3 and self.dp > 1
+        named = list(named_params)
         self.dtype, self.device = named[0][1].dtype, named[0][1].device
-        self.buckets = self._layout(named, bucket_numel, deferred)
-        total = sum(b.size for b in self.buckets)
-        self.param_buffer = torch.zeros(total, dtype=self.dtype, device=self.device)
+        if self.sharded_params:
+            by_name = dict(named)
+            self.buckets = self._layout_units(units, by_name, deferred)
+        else:
+            self.buckets = self._layout(list(reversed(named)), bucket_numel, deferred)
+        self.total = sum(b.size for b in self.buckets)
         self.where, self.names = {}, {}
-        for b in self.buckets:
-            for name, p, off in zip(b.names, b.params, b.offsets):
-                view = self.param_buffer[off:off + p.numel()]
-                view.copy_(p.detach().reshape(-1))
-                p.data = view.view_as(p)
-                self.where[p], self.names[p] = (b, off), name
+        self._place_parameters()
         self.sharded_grads = stage >= 2 and self.dp > 1
-        self._allocate_grads(total)
+        self._allocate_grads(self.total)
         self.pieces = self._pieces()
         self.optimizer = make_optimizer(self._param_groups())
         self.num_microbatches, self.counts = 1, {}
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for b in self.buckets for p in b.params]
+        if self.sharded_params:
+            self._install_unit_hooks(units)
+
+    def _place_parameters(self) -> None:
+        """Makes every parameter a view of a flat buffer: one for the model (stages 0-2), or one per unit whose
+        storage is released after this rank's shard has been copied out (stage 3)."""
+        if not self.sharded_params:
+            self.param_buffer = torch.zeros(self.total, dtype=self.dtype, device=self.device)
+        for b in self.buckets:
+            base = self.param_buffer[b.start:b.start + b.size] if not self.sharded_params else \
+                torch.zeros(b.size, dtype=self.dtype, device=self.device)
+            for name, p, off in zip(b.names, b.params, b.offsets):
+                view = base[off - b.start:off - b.start + p.numel()]
+                view.copy_(p.detach().reshape(-1))
+                p.data = view.view_as(p)
+                self.where[p], self.names[p] = (b, off), name
+            if self.sharded_params:
+                b.full, b.gathered = base, True
+                lo, hi = self._owned(b)
+                b.shard = base[lo - b.start:hi - b.start].clone()
+                self._release(b)
 
     # ---- layout -------------------------------------------------------------------------------------------
     def _layout(self, named, bucket_numel: int, deferred: set) -> list[Bucket]:
@@ -100,6 +131,19 @@ class ZeroOptimizer:
                                           is_deferred))
                     start += size
                     current = []
+        return buckets
+
+    def _layout_units(self, units, by_name: dict, deferred: set) -> list[Bucket]:
+        buckets, start = [], 0
+        for _, _, names in units:
+            off, offsets = start, []
+            for n in names:
+                offsets.append(off)
+                off += by_name[n].numel()
+            size = -(-(off - start) // self.dp) * self.dp
+            buckets.append(Bucket(list(names), [by_name[n] for n in names], offsets, start, size,
+                                  any(n in deferred for n in names)))
+            start += size
         return buckets
 
     def _owned(self, b: Bucket) -> tuple[int, int]:
@@ -139,12 +183,80 @@ class ZeroOptimizer:
                     continue
                 whole = (lo, hi) == (off, off + p.numel())  # whole parameters keep their shape (Adafactor)
                 shape = p.shape if whole else (hi - lo,)
-                shard = nn.Parameter(self.param_buffer[lo:hi].view(shape), requires_grad=False)
+                shard = nn.Parameter(self._param_flat(b, lo, hi).view(shape), requires_grad=False)
                 if shard.dtype != torch.float32:
                     shard.grad_dtype = None  # low-precision parameters take fp32 (main) gradients
                 shard.grad = self._grad_view(lo, hi, b).view(shape)
                 pieces.append(Piece(name, p, lo - off, hi - off, shard))
         return pieces
+
+    def _param_flat(self, b: Bucket, lo: int, hi: int) -> torch.Tensor:
+        if not self.sharded_params:
+            return self.param_buffer[lo:hi]
+        own_lo, _ = self._owned(b)
+        return b.shard[lo - own_lo:hi - own_lo]
+
+    # ---- stage 3: gathering and releasing parameters -------------------------------------------------------
+    def _gather(self, b: Bucket, wait: bool = True) -> None:
+        if not b.gathered:
+            b.full.untyped_storage().resize_(b.size * b.full.element_size())
+            b.gather = dist.all_gather_into_tensor(b.full, b.shard, group=self.dp_group, async_op=True)
+            b.gathered = True
+        if wait and b.gather is not None:
+            b.gather.wait()
+            b.gather = None
+
+    def _release(self, b: Bucket) -> None:
+        if b.gathered:
+            if b.gather is not None:
+                b.gather.wait()
+                b.gather = None
+            b.full.untyped_storage().resize_(0)
+            b.gathered = False
+
+    def _maybe_release(self, b: Bucket) -> None:
+        if not self.keep_params:
+            self._release(b)
+
+    def gather_all(self) -> None:
+        for b in self.buckets if self.sharded_params else []:
+            self._gather(b)
+
+    def release_all(self, refresh_shards: bool = False) -> None:
+        """Releases every gathered unit; refresh_shards first copies this rank's part back into its shard (after
+        the full parameters were overwritten, e.g. by a checkpoint load)."""
+        for b in self.buckets if self.sharded_params else []:
+            if refresh_shards and b.gathered:
+                lo, hi = self._owned(b)
+                b.shard.copy_(b.full[lo - b.start:hi - b.start])
+            self._release(b)
+
+    def _install_unit_hooks(self, units) -> None:
+        bucket_of = {id(names): b for (_, _, names), b in zip(units, self.buckets)}
+        order = [bucket_of[id(names)] for _, _, names in units]
+        for i, (first, last, names) in enumerate(units):
+            b = order[i]
+            nxt = order[i + 1] if i + 1 < len(order) else None
+            prev = order[i - 1] if i > 0 else None
+            first.register_forward_pre_hook(lambda *_, b=b, nxt=nxt: self._before_forward(b, nxt))
+            last.register_forward_hook(lambda m, args, out, b=b, prev=prev: self._after_forward(b, prev, out))
+
+    def _before_forward(self, b: Bucket, nxt: Bucket | None) -> None:
+        self._gather(b)
+        if nxt is not None:
+            self._gather(nxt, wait=False)  # prefetch: overlaps the next unit's gather with this unit's compute
+
+    def _after_forward(self, b: Bucket, prev: Bucket | None, out) -> None:
+        if torch._C._current_graph_task_id() != -1:  # a recomputation inside backward: keep the parameters
+            return
+        if torch.is_tensor(out) and out.requires_grad:
+            out.register_hook(lambda grad, b=b, prev=prev: self._before_backward(b, prev))
+        self._maybe_release(b)
+
+    def _before_backward(self, b: Bucket, prev: Bucket | None) -> None:
+        self._gather(b)
+        if prev is not None:
+            self._gather(prev, wait=False)
 
     def _param_groups(self) -> list[dict]:
         """Weight decay on pieces of matrices, none on pieces of vectors (norm gains)."""
@@ -199,6 +311,8 @@ class ZeroOptimizer:
         b.ready += 1
         if b.ready == len(b.params):
             b.ready = 0
+            if self.sharded_params:
+                self._maybe_release(b)
             self._drain()
             out = torch.empty(b.size // self.dp, dtype=torch.float32, device=self.device)
             work = dist.reduce_scatter_tensor(out, self.temp_full.pop(id(b)), group=self.dp_group, async_op=True)
@@ -230,6 +344,7 @@ class ZeroOptimizer:
                     b.pending.append((dist.all_reduce(self.grad_buffer[b.start:b.start + b.size],
                                                       group=self.dp_group, async_op=True), None, None))
         self._drain()
+        self.release_all()
 
     def grad_norm_squared(self, counted) -> torch.Tensor:
         """Sum of squares of the reduced gradients this rank owns, for parameters `counted(name, param)`
@@ -247,13 +362,18 @@ class ZeroOptimizer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step(grad_scale=grad_scale)
-        if self.stage >= 1 and self.dp > 1:
+        if self.stage in (1, 2) and self.dp > 1:
             for b in self.buckets:
                 whole = self.param_buffer[b.start:b.start + b.size]
                 own_lo, own_hi = self._owned(b)
                 dist.all_gather_into_tensor(whole, self.param_buffer[own_lo:own_hi].clone(), group=self.dp_group)
 
     # ---- accounting and checkpoints ------------------------------------------------------------------------
+    def param_bytes(self) -> int:
+        if self.sharded_params:
+            return sum(b.shard.numel() * b.shard.element_size() for b in self.buckets)
+        return sum(p.numel() * p.element_size() for p in self.where)
+
     def grad_bytes(self) -> int:
         if not self.sharded_grads:
             return self.grad_buffer.numel() * 4
@@ -275,7 +395,7 @@ class ZeroOptimizer:
         dist.all_reduce(step_t, op=dist.ReduceOp.MAX, group=self.dp_group)
         out: dict[str, dict[str, torch.Tensor]] = {name: {"step": step_t.cpu().clone()} for name in self.names.values()}
         for key in keys:
-            flat = torch.zeros(self.param_buffer.numel(), dtype=torch.float32, device=self.device)
+            flat = torch.zeros(self.total, dtype=torch.float32, device=self.device)
             for pc in self.pieces:
                 value = self.optimizer.state.get(pc.shard, {}).get(key)
                 if value is not None:

@@ -35,17 +35,18 @@ def recompute(fn, tracker: RNGTracker | None, *args):
 
 class SavedTensorCounter:
     """Counts the bytes autograd saves for backward inside the block: floating-point tensors of at least one
-    dimension, each storage once, leaving out the storages of `exclude` (parameters, RoPE tables)."""
+    dimension, each storage once, leaving out the storages of `exclude` (parameters, RoPE tables; their
+    storages are looked up when a tensor is saved, as ZeRO-3 gathers parameters into fresh memory)."""
 
     def __init__(self, exclude=()):
-        self.bytes = 0
-        self._seen = {t.untyped_storage().data_ptr() for t in exclude}
+        self.bytes, self._exclude, self._seen = 0, list(exclude), set()
 
     def _pack(self, t: torch.Tensor):
-        storage = t.untyped_storage()
-        if t.is_floating_point() and t.dim() > 0 and storage.data_ptr() not in self._seen:
-            self._seen.add(storage.data_ptr())
-            self.bytes += storage.nbytes()
+        ptr = t.untyped_storage().data_ptr()
+        if t.is_floating_point() and t.dim() > 0 and ptr not in self._seen:
+            if ptr not in {e.untyped_storage().data_ptr() for e in self._exclude}:
+                self.bytes += t.untyped_storage().nbytes()
+                self._seen.add(ptr)  # saved tensors stay alive through the block: an address is never reused
         return t
 
     def __enter__(self):

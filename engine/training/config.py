@@ -42,21 +42,26 @@ class ModelArgs:
 
 @dataclass
 class ParallelArgs:
-    tp: int = _f(1, "tensor-parallel size")
-    pp: int = _f(1, "pipeline-parallel size")
+    tp: int = _f(None, "tensor-parallel size [2 when neither --tp nor --pp is given and the world size is a "
+                       "multiple of 4 (the 3D default), else 1]")
+    pp: int = _f(None, "pipeline-parallel size [2 under the 3D default, else 1]")
     dp: int = _f(None, "data-parallel size [world / (tp * pp)]")
     vpp: int = _f(1, "virtual pipeline stages per pipeline rank")
     schedule: str = _f(None, "pipeline schedule [1f1b; interleaved when --vpp > 1]",
                        choices=["1f1b", "interleaved", "gpipe"])
     sequence_parallel: bool = _f(False, "shard norms and residuals along the sequence across the tp group")
-    zero: int = _f(0, "ZeRO stage: 0 none, 1 optimizer states, 2 + gradients, 3 + parameters",
-                   choices=[0, 1, 2, 3])
+    zero: int = _f(None, "ZeRO stage: 0 none, 1 optimizer states, 2 + gradients, 3 + parameters [1 when dp > 1, "
+                         "else 0]", choices=[0, 1, 2, 3])
+    zero3_keep_params: bool = _f(False, "ZeRO-3: keep a stage's parameters gathered from first use to the end of "
+                                        "the step (one all-gather per step instead of two per micro-batch; holds "
+                                        "the stage's full parameters during the step)")
 
 
 @dataclass
 class PrecisionArgs:
     precision: str = _f(None, "compute precision [fp32 on CPU, bf16 on GPU]", choices=["fp32", "bf16", "fp16"])
     loss_scale: float = _f(None, "static loss scale for fp16 [dynamic]")
+    loss_scale_hysteresis: int = _f(2, "fp16 dynamic scaling: overflows tolerated before the scale is halved")
 
 
 @dataclass
@@ -261,6 +266,10 @@ def validate(cfg: Config, world_size: int) -> None:
     """Fills derived defaults and raises ConfigError listing every problem (one per line)."""
     errors: list[str] = []
     p, b, o, s = cfg.parallel, cfg.batch, cfg.optimizer, cfg.schedule
+    if p.tp is None and p.pp is None and p.dp is None and world_size % 4 == 0:
+        p.tp, p.pp = 2, 2  # the 3D default: tp 2 x pp 2 x dp world/4
+    p.tp = 1 if p.tp is None else p.tp
+    p.pp = 1 if p.pp is None else p.pp
     model = cfg.model_config()
     errors += [f"{flag}: {msg}" for flag, msg in model.validate()]
     for flag, value in [("--tp", p.tp), ("--pp", p.pp), ("--vpp", p.vpp), ("--steps", cfg.run.steps),
@@ -278,6 +287,8 @@ def validate(cfg: Config, world_size: int) -> None:
     elif p.tp * p.pp * p.dp != world_size:
         errors.append(f"--dp: tp * pp * dp = {p.tp}*{p.pp}*{p.dp} = {p.tp * p.pp * p.dp} does not equal the world "
                       f"size {world_size}; launch that many processes or change --tp/--pp/--dp")
+    if p.zero is None:
+        p.zero = 1 if p.dp > 1 else 0
     if model.num_heads % p.tp:
         errors.append(f"--tp: --num-heads {model.num_heads} is not divisible by --tp {p.tp}; "
                       "choose a tp that divides the head count")
@@ -379,7 +390,8 @@ def validate(cfg: Config, world_size: int) -> None:
 def _check_implemented(cfg: Config) -> None:
     """Settings whose machinery has not landed yet fail with a clear message instead of running wrongly."""
     p = cfg.parallel
-    pending = [("--zero 3", p.zero == 3, "ZeRO-3 (sharded parameters)"),
+    pending = [("--zero 3", p.zero == 3 and p.dp > 1 and cfg.model.tie_embeddings and p.pp == 1,
+                "ZeRO-3 with --tie-embeddings in a single pipeline stage (the shared weight spans two units)"),
                ("--optimizer adafactor", cfg.optimizer.optimizer == "adafactor" and p.tp > 1,
                 "Adafactor under tensor parallelism (its factored statistics span whole matrices)"),
                ("--optimizer adafactor", cfg.optimizer.optimizer == "adafactor" and p.zero > 0 and p.dp > 1,

@@ -94,7 +94,9 @@ class Trainer:
         ramp = parse_rampup(b.rampup_batch_size) if b.rampup_batch_size else (None, None, 0)
         self.rampup = BatchSizeRampup(b.global_batch_size, *ramp)
         ls = cfg.precision.loss_scale
-        self.scaler = LossScaler(initial=ls or 2.0 ** 16, dynamic=ls is None) if self.precision == "fp16" else None
+        self.scaler = (LossScaler(initial=ls or 2.0 ** 16, dynamic=ls is None,
+                                  hysteresis=cfg.precision.loss_scale_hysteresis)
+                       if self.precision == "fp16" else None)
         self.state = TrainState()
         self.flops_per_token = model_flops_per_token(self.model_cfg, self.model_cfg.seq_length)
         self.peak_tflops = peak_tflops(self.device, self.precision, run.peak_tflops)
@@ -143,7 +145,22 @@ class Trainer:
                 if self.model_cfg.tie_embeddings and p.pp > 1 and n in dict(self.named_params)}
         return ZeroOptimizer(self.named_params, p.zero, make, self.topo.dp_group, self.cfg.run.bucket_size,
                              deferred=tied, tp_reduced=tp_reduced, tp_group=self.topo.tp_group,
-                             embedding_group=self.topo.embedding_group)
+                             embedding_group=self.topo.embedding_group, units=self._units(),
+                             keep_params_in_step=p.zero3_keep_params)
+
+    def _units(self) -> list:
+        """ZeRO-3's gathering units in forward order: (module entered first, module left last, parameter names)
+        for the embedding, each layer, and the final norm + head."""
+        units = []
+        for chunk in self.chunks:
+            if chunk.embedding is not None:
+                units.append((chunk.embedding, chunk.embedding, ["embedding.weight"]))
+            for index, layer in chunk.layers.items():
+                units.append((layer, layer, [f"layers.{index}.{n}" for n, _ in layer.named_parameters()]))
+            if chunk.norm is not None:
+                names = ["norm.weight"] + (["head.weight"] if chunk.head is not None else [])
+                units.append((chunk.norm, chunk, names))
+        return units
 
     def _tied_copy(self, name: str) -> bool:
         """The last stage's copy of a tied embedding (the first stage's is the counted, saved one)."""
@@ -200,7 +217,7 @@ class Trainer:
         counter = None
         if self.activation_bytes is None:
             exclude = [q for _, q in self.named_params] + [t for c in self.chunks for t in c.buffers()]
-            counter = SavedTensorCounter(exclude)
+            counter = SavedTensorCounter(exclude)  # parameters are not activations (looked up at save time)
         loss = self.executor.run(self.schedule(len(micro_batches)), micro_batches, self._loss_fn(num_tokens),
                                  self.scaler.scale if self.scaler else 1.0,
                                  first_forward_context=(lambda: counter) if counter else contextlib.nullcontext)
@@ -288,7 +305,10 @@ class Trainer:
     def save_checkpoint(self) -> str:
         states = self.zero.state_by_name()  # a collective over dp: every rank takes part
         owns = lambda n, q: self.topo.dp_rank == 0 and self.owns(n, q)  # noqa: E731  one copy of every slice
+        self.zero.gather_all()  # ZeRO-3: whole parameters for the save
         tensors, slices = ckpt.shard_tensors(self.named_params, states, owns)
+        tensors = {k: v.clone() if k.startswith("model/") else v for k, v in tensors.items()}
+        self.zero.release_all()
         tensors[f"rng/rank{self.rank}/cpu"] = torch.get_rng_state()
         for name, state in self.rng.get_states().items():
             tensors[f"rng/rank{self.rank}/{name}"] = state
@@ -312,7 +332,9 @@ class Trainer:
             raise ConfigError(f"--load: {step_dir} was trained with --optimizer {meta['optimizer']}; "
                               "resume with the same optimizer")
         source = lambda name: "embedding.weight" if self._tied_copy(name) else name  # noqa: E731
+        self.zero.gather_all()
         states = ckpt.load_shards(reader, self.named_params, source, with_optimizer=not weights_only)
+        self.zero.release_all(refresh_shards=True)
         if weights_only:
             return
         self.zero.load_state_by_name(states)
@@ -363,7 +385,7 @@ class Trainer:
     def memory_event(self) -> dict:
         def nbytes(tensors):
             return sum(t.numel() * t.element_size() for t in tensors)
-        event = {"event": "memory", "param_bytes": nbytes(p for _, p in self.named_params),
+        event = {"event": "memory", "param_bytes": self.zero.param_bytes(),
                  "grad_bytes": self.zero.grad_bytes(), "optimizer_bytes": self.zero.optimizer_bytes(),
                  "activation_bytes": self.activation_bytes}
         if self.world_size > 1:  # reported by the first rank of the last pipeline stage (it holds the head)
