@@ -19,10 +19,12 @@ Cases, on N parameters in T tensors (default 64M in 128), each with the bytes ev
 
 The copy bandwidth is that of a large `dst.copy_(src)`, bytes read + written over the time. A copy also pays for
 reading the destination's cache lines before writing them (write-allocate), which in-place updates (AdamW's
-p, m, v) do not, so a fused in-place kernel can exceed 100% of it.
+p, m, v) do not, so a fused in-place kernel can exceed 100% of it; the in-place reference, `x.mul_(1.0)`, is the
+closer limit for those. Both references are timed in every repeat, next to the kernels.
 
-Timing is interleaved: each repeat times `--iters` calls of one side, then of the other (the order alternates),
-so machine noise hits both; the speed-up is the median of the per-repeat ratios torch / ours.
+Timing is interleaved: each repeat times `--iters` calls of each side in turn (the order alternates), so machine
+noise hits all of them; the speed-up is the median of the per-repeat ratios torch / ours, and the best times of
+each side give a second view that is less sensitive to other processes on a shared machine.
 
     python benchmarks/bench_kernels.py [--device cpu|cuda] [--params N] [--tensors T] [--repeats R] [--json]
                                        [--out-json FILE]
@@ -138,35 +140,52 @@ def timed(fn, iters: int, sync) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def copy_bandwidth(device, nbytes: int = 2 ** 29, repeats: int = 7) -> float:
-    """Bytes read + written per second by a large tensor copy (the machine's practical memory bandwidth)."""
-    src = torch.randn(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    sync = _sync(device)
-    dst.copy_(src)
-    seconds = statistics.median(timed(lambda: dst.copy_(src), 3, sync) for _ in range(repeats))
-    return 2 * nbytes / seconds
+class Reference:
+    """The bandwidth references, timed in every repeat next to the kernels (so that both see the same machine
+    load): a copy, dst.copy_(src), and an in-place update, x.mul_(1.0), which reads and writes the same lines as
+    AdamW does its p, m and v, and so pays no write-allocate. Both move 2 x nbytes."""
+
+    def __init__(self, device, nbytes: int = 2 ** 29):
+        self.nbytes = nbytes
+        self.src = torch.randn(nbytes // 4, device=device)
+        self.dst = torch.empty_like(self.src)
+
+    def copy(self):
+        self.dst.copy_(self.src)
+
+    def inplace(self):
+        self.src.mul_(1.0)
 
 
-def compare(case: Case, n: int, repeats: int, iters: int, warmup: int, device, copy_bw: float) -> dict:
+def copy_bandwidth(device, repeats: int = 7) -> float:
+    """Bytes read + written per second by a large tensor copy."""
+    ref = Reference(device)
+    ref.copy()
+    return 2 * ref.nbytes / statistics.median(timed(ref.copy, 3, _sync(device)) for _ in range(repeats))
+
+
+def compare(case: Case, n: int, repeats: int, iters: int, warmup: int, device, ref: Reference) -> dict:
     sync = _sync(device)
+    sides = {"ours": case.ours, "torch": case.torch, "copy": ref.copy, "inplace": ref.inplace}
     for _ in range(warmup):
-        case.ours()
-        case.torch()
-    ours, theirs, ratios = [], [], []
+        for fn in sides.values():
+            fn()
+    times = {name: [] for name in sides}
     for r in range(repeats):
-        sides = [("ours", case.ours), ("torch", case.torch)]
-        t = {name: timed(fn, iters, sync) for name, fn in (sides if r % 2 == 0 else sides[::-1])}
-        ours.append(t["ours"])
-        theirs.append(t["torch"])
-        ratios.append(t["torch"] / t["ours"])
-    med_ours, med_torch = statistics.median(ours), statistics.median(theirs)
-    ours_gbs, torch_gbs = case.ours_bytes_per_param * n / med_ours, case.torch_bytes_per_param * n / med_torch
-    return {"case": case.name, "ours_ms": med_ours * 1e3, "torch_ms": med_torch * 1e3,
+        for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+            times[name].append(timed(sides[name], iters, sync))
+    ratios = [t / o for o, t in zip(times["ours"], times["torch"])]
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    gbps = {"ours": case.ours_bytes_per_param * n / med["ours"], "torch": case.torch_bytes_per_param * n / med["torch"],
+            "copy": 2 * ref.nbytes / med["copy"], "inplace": 2 * ref.nbytes / med["inplace"]}
+    return {"case": case.name, "ours_ms": med["ours"] * 1e3, "torch_ms": med["torch"] * 1e3,
             "speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
+            "ours_best_ms": min(times["ours"]) * 1e3, "torch_best_ms": min(times["torch"]) * 1e3,
+            "best_speedup": min(times["torch"]) / min(times["ours"]),
             "ours_bytes_per_param": case.ours_bytes_per_param, "torch_bytes_per_param": case.torch_bytes_per_param,
-            "ours_GBps": ours_gbs / 1e9, "torch_GBps": torch_gbs / 1e9,
-            "ours_pct_copy_bw": 100 * ours_gbs / copy_bw, "torch_pct_copy_bw": 100 * torch_gbs / copy_bw}
+            **{f"{name}_GBps": value / 1e9 for name, value in gbps.items()},
+            "ours_pct_copy_bw": 100 * gbps["ours"] / gbps["copy"], "torch_pct_copy_bw": 100 * gbps["torch"] / gbps["copy"],
+            "ours_pct_inplace_bw": 100 * gbps["ours"] / gbps["inplace"]}
 
 
 def machine(device) -> str:
@@ -177,34 +196,49 @@ def machine(device) -> str:
 
 def run(args) -> dict:
     device = args.device
-    copy_bw = copy_bandwidth(device)
+    ref = Reference(device)
     path = ext.LOADER.path(torch.device(device).type)
     result = {"device": device, "machine": machine(device), "torch": torch.__version__,
               "kernels": f"{path.kind}: {path.why}", "params": args.params, "tensors": args.tensors,
-              "repeats": args.repeats, "iters": args.iters, "copy_GBps": copy_bw / 1e9, "rows": []}
+              "repeats": args.repeats, "iters": args.iters, "loadavg_start": _loadavg(), "rows": []}
     for name in args.cases:
         case = CASES[name](args.params, args.tensors, device)
-        result["rows"].append(compare(case, args.params, args.repeats, args.iters, args.warmup, device, copy_bw))
+        result["rows"].append(compare(case, args.params, args.repeats, args.iters, args.warmup, device, ref))
         del case
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
+    result["loadavg_end"] = _loadavg()
     return result
+
+
+def _fmt_load(load) -> str:
+    return "/".join(f"{x:.1f}" for x in load) if load else "n/a"
+
+
+def _loadavg() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages: on a shared machine, how busy it was with other work."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 def format_table(result: dict) -> str:
     lines = [f"{result['machine']} ({result['device']}), torch {result['torch']}, kernels {result['kernels']}",
-             f"{result['params']:,} params in {result['tensors']} tensors; median of {result['repeats']} "
-             f"interleaved repeats x {result['iters']} calls; copy bandwidth {result['copy_GBps']:.1f} GB/s",
+             f"{result['params']:,} params in {result['tensors']} tensors; medians of {result['repeats']} interleaved "
+             f"repeats x {result['iters']} calls (copy and in-place references timed in each repeat too); "
+             f"1/5/15-min load average {_fmt_load(result['loadavg_start'])} at the start, "
+             f"{_fmt_load(result['loadavg_end'])} at the end",
              "",
-             "| case | ours ms | torch ms | speed-up (median [min, max]) | ours B/param | ours GB/s | "
-             "ours % copy | torch B/param | torch GB/s | torch % copy |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| case | ours ms | torch ms | speed-up: median of ratios [min, max] | best: ours / torch ms (ratio) | "
+             "B/param ours / torch | GB/s ours / torch | copy / in-place GB/s | ours % of copy | torch % of copy | "
+             "ours % of in-place |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {r['case']} | {r['ours_ms']:.2f} | {r['torch_ms']:.2f} | {r['speedup']:.2f}x "
-                     f"[{r['speedup_min']:.2f}, {r['speedup_max']:.2f}] | {r['ours_bytes_per_param']} | "
-                     f"{r['ours_GBps']:.1f} | {r['ours_pct_copy_bw']:.0f}% | {r['torch_bytes_per_param']} | "
-                     f"{r['torch_GBps']:.1f} | {r['torch_pct_copy_bw']:.0f}% |")
+                     f"[{r['speedup_min']:.2f}, {r['speedup_max']:.2f}] | {r['ours_best_ms']:.2f} / "
+                     f"{r['torch_best_ms']:.2f} ({r['best_speedup']:.2f}x) | {r['ours_bytes_per_param']} / "
+                     f"{r['torch_bytes_per_param']} | {r['ours_GBps']:.1f} / {r['torch_GBps']:.1f} | "
+                     f"{r['copy_GBps']:.1f} / {r['inplace_GBps']:.1f} | {r['ours_pct_copy_bw']:.0f}% | "
+                     f"{r['torch_pct_copy_bw']:.0f}% | {r['ours_pct_inplace_bw']:.0f}% |")
     return "\n".join(lines)
 
 

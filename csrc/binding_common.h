@@ -101,9 +101,11 @@ using AdamFn = void (*)(const Tensors&, const Tensors&, const Tensors&, const Te
 using NormFn = std::tuple<at::Tensor, at::Tensor> (*)(const Tensors&);
 using ScaleFn = void (*)(const Tensors&, double, const OptTensor&);
 
+// The ops release the GIL while they run (they touch no Python objects).
 inline void define_ops(pybind11::module& m, AdamFn adamw, NormFn l2norm, ScaleFn scale) {
   namespace py = pybind11;
-  m.def("adamw_", adamw,
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("adamw_", adamw, no_gil,
         "One AdamW (adam_w_mode) or Adam-with-L2 step over lists of tensors, in place. Gradients are multiplied "
         "by grad_scale (times grad_scale_tensor if given); a nonzero found_inf skips the step; with masters the "
         "fp32 masters are updated and the params receive their rounding.",
@@ -111,10 +113,10 @@ inline void define_ops(pybind11::module& m, AdamFn adamw, NormFn l2norm, ScaleFn
         py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
         py::arg("step"), py::arg("adam_w_mode"), py::arg("grad_scale"), py::arg("grad_scale_tensor"),
         py::arg("found_inf"));
-  m.def("l2norm", l2norm,
+  m.def("l2norm", l2norm, no_gil,
         "(total, per_tensor): the L2 norm of all the tensors together (0-dim fp32) and of each ([n] fp32).",
         py::arg("tensors"));
-  m.def("scale_", scale, "tensors *= scale (times scale_tensor if given), in place.", py::arg("tensors"),
+  m.def("scale_", scale, no_gil, "tensors *= scale (times scale_tensor if given), in place.", py::arg("tensors"),
         py::arg("scale"), py::arg("scale_tensor"));
 }
 

@@ -121,9 +121,14 @@ class TorchOps:
         return torch.linalg.vector_norm(per_tensor.double()).float(), per_tensor
 
     def scale_(self, tensors, scale):
-        if tensors:  # an fp32 tensor factor: with a Python number, bf16/fp16 lists would see it rounded
-            factor = torch.as_tensor(scale, dtype=torch.float32, device=tensors[0].device)
+        if not tensors:
+            return
+        factor, tensor = _scalar(scale, tensors[0].device)
+        factor = factor if tensor is None else tensor
+        if all(t.dtype == torch.float32 for t in tensors):
             torch._foreach_mul_(list(tensors), factor)
+        else:  # in fp32, rounded once, as the kernels do: torch's in-place bf16/fp16 foreach rounds the factor too
+            torch._foreach_copy_(list(tensors), torch._foreach_mul([t.float() for t in tensors], factor))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ import os
 import runpy
 import shutil
 import subprocess
-import sys
 import warnings
 
 import pytest
