@@ -84,9 +84,11 @@ def test_tied_embeddings_stay_in_sync_across_stages(workdir):
     tied = MODEL + ["--data", "corpus", "--tie-embeddings"]
     launch(1, tied + ["--run-name", "tied-single"], workdir)
     launch(2, tied + ["--run-name", "tied-pp2", "--pp", "2"], workdir)
+    launch(8, tied + ["--run-name", "tied-3d", "--tp", "2", "--pp", "2", "--dp", "2", "--vpp", "2",
+                      "--sequence-parallel", "--zero", "3"], workdir)
     ref = step_losses(workdir / "runs" / "tied-single" / "metrics.jsonl")
-    got = step_losses(workdir / "runs" / "tied-pp2" / "metrics.jsonl")
-    assert got == pytest.approx(ref, rel=RTOL)
+    for run in ("tied-pp2", "tied-3d"):
+        assert step_losses(workdir / "runs" / run / "metrics.jsonl") == pytest.approx(ref, rel=RTOL), run
 
 
 def test_resume_at_the_same_parallel_layout_is_exact(workdir):

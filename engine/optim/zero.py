@@ -295,19 +295,20 @@ class ZeroOptimizer:
                                                   async_op=True), None, None))
 
     def _accumulate_sharded(self, p, b: Bucket, off: int) -> None:
-        """stage 2: gradients of one micro-batch go into a temporary full bucket, reduce-scattered when full."""
+        """stage 2/3: gradients of one micro-batch go into a temporary full bucket, reduce-scattered when full."""
+        grad = p.grad.reshape(-1)
+        p.grad = None
+        if self.names[p] in self.tp_reduced and self.tp_group is not None:
+            # only this micro-batch's contribution: the bucket may already hold reduced ones (interleaved chunks)
+            grad = grad.to(torch.float32, copy=True)
+            dist.all_reduce(grad, group=self.tp_group)
         if b.deferred:
-            self.deferred_full[id(b)][off - b.start:off - b.start + p.numel()].add_(p.grad.reshape(-1))
-            p.grad = None
+            self.deferred_full[id(b)][off - b.start:off - b.start + p.numel()].add_(grad)
             return
         full = self.temp_full.get(id(b))
         if full is None:
             full = self.temp_full[id(b)] = torch.zeros(b.size, dtype=torch.float32, device=self.device)
-        piece = full[off - b.start:off - b.start + p.numel()]
-        piece.add_(p.grad.reshape(-1))
-        p.grad = None
-        if self.names[p] in self.tp_reduced and self.tp_group is not None:
-            dist.all_reduce(piece, group=self.tp_group)
+        full[off - b.start:off - b.start + p.numel()].add_(grad)
         b.ready += 1
         if b.ready == len(b.params):
             b.ready = 0
