@@ -71,7 +71,7 @@ class ZeroOptimizer:
         self.stage, self.dp_group, self.dp = stage, dp_group, _dp_size(dp_group)
         self.dp_rank = 0 if dp_group is None else dist.get_group_rank(dp_group, dist.get_rank())
         self.tp_group, self.embedding_group = tp_group, embedding_group
-        self.tp_reduced, self.keep_params = tp_reduced, keep_params_in_step
+        self.tp_reduced, self.keep_params, self.deferred_names = tp_reduced, keep_params_in_step, set(deferred)
         self.sharded_params = stage >= 3 and self.dp > 1
         named = list(named_params)
         self.dtype, self.device = named[0][1].dtype, named[0][1].device
@@ -331,9 +331,11 @@ class ZeroOptimizer:
         """After the schedule: reduces the deferred (tied-embedding) buckets and waits for every reduction."""
         deferred = [b for b in self.buckets if b.deferred]
         if deferred and self.embedding_group is not None:
-            for b in deferred:
+            for b in deferred:  # only the tied weight itself: a ZeRO-3 unit may hold more (the final norm)
                 full = self.deferred_full[id(b)] if self.sharded_grads else self.grad_buffer[b.start:b.start + b.size]
-                dist.all_reduce(full, group=self.embedding_group)
+                for name, p, off in zip(b.names, b.params, b.offsets):
+                    if name in self.deferred_names:
+                        dist.all_reduce(full[off - b.start:off - b.start + p.numel()], group=self.embedding_group)
         if self.sharded_grads:
             for b in deferred:
                 out = torch.empty(b.size // self.dp, dtype=torch.float32, device=self.device)
