@@ -8,8 +8,9 @@ timed, so both sides do equal work.
 
 Timing is interleaved: each repeat times ``--steps-per-repeat`` steps of one model and then of the other (the
 order alternates from repeat to repeat), so machine noise hits both equally. The figure to read is the median of
-the per-repeat ratios ours / HF (<= 1.0 means we are at least as fast); the table's "min" row (best step of each
-side, and their ratio) is a second, less noise-prone view on a shared machine.
+the per-repeat ratios ours / HF (<= 1.0 means we are at least as fast). Two secondary views for a shared machine:
+the "min" row (best step of each side, and their ratio) and the process-CPU-time columns (time the process was
+descheduled does not count).
 
 Two entry points:
 
@@ -180,27 +181,38 @@ class Pair:
         return self.micro_batch_size * self.seq_length
 
 
-def time_steps(step, n: int) -> tuple[float, float]:
-    """Mean seconds per step over n steps, and the last loss."""
-    start = time.perf_counter()
+def time_steps(step, n: int) -> tuple[float, float, float]:
+    """Mean wall-clock seconds and mean process CPU seconds (all threads) per step over n steps, and the last
+    loss. CPU time leaves out the time the process was descheduled, so it is less sensitive to other jobs on a
+    shared machine (though thread spin-waits and cache sharing still count)."""
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(n):
         loss = step()
-    return (time.perf_counter() - start) / n, loss
+    return (time.perf_counter() - start) / n, (time.process_time() - cpu_start) / n, loss
+
+
+def load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def run(pair: Pair, repeats: int, steps_per_repeat: int, warmup: int) -> dict:
+    load_before = load_average()
     warm_losses = []
     for _ in range(warmup):
         warm_losses.append((pair.step_ours(), pair.step_hf()))
     rows = []
     for r in range(repeats):
         if r % 2 == 0:
-            t_ours, l_ours = time_steps(pair.step_ours, steps_per_repeat)
-            t_hf, l_hf = time_steps(pair.step_hf, steps_per_repeat)
+            t_ours, c_ours, l_ours = time_steps(pair.step_ours, steps_per_repeat)
+            t_hf, c_hf, l_hf = time_steps(pair.step_hf, steps_per_repeat)
         else:
-            t_hf, l_hf = time_steps(pair.step_hf, steps_per_repeat)
-            t_ours, l_ours = time_steps(pair.step_ours, steps_per_repeat)
+            t_hf, c_hf, l_hf = time_steps(pair.step_hf, steps_per_repeat)
+            t_ours, c_ours, l_ours = time_steps(pair.step_ours, steps_per_repeat)
         rows.append({"repeat": r, "ours_ms": 1e3 * t_ours, "hf_ms": 1e3 * t_hf, "ratio": t_ours / t_hf,
+                     "ours_cpu_ms": 1e3 * c_ours, "hf_cpu_ms": 1e3 * c_hf, "cpu_ratio": c_ours / c_hf,
                      "loss_ours": l_ours, "loss_hf": l_hf})
     med_ours = statistics.median(row["ours_ms"] for row in rows)
     med_hf = statistics.median(row["hf_ms"] for row in rows)
@@ -222,11 +234,15 @@ def run(pair: Pair, repeats: int, steps_per_repeat: int, warmup: int) -> dict:
         "median_ours_ms": med_ours,
         "median_hf_ms": med_hf,
         "median_ratio": statistics.median(row["ratio"] for row in rows),
+        "median_ours_cpu_ms": statistics.median(row["ours_cpu_ms"] for row in rows),
+        "median_hf_cpu_ms": statistics.median(row["hf_cpu_ms"] for row in rows),
+        "median_cpu_ratio": statistics.median(row["cpu_ratio"] for row in rows),
         "min_ours_ms": min(row["ours_ms"] for row in rows),
         "min_hf_ms": min(row["hf_ms"] for row in rows),
         "tokens_per_s_ours": pair.tokens_per_step / (med_ours / 1e3),
         "tokens_per_s_hf": pair.tokens_per_step / (med_hf / 1e3),
         "environment": environment(),
+        "load_average_1min": {"before": load_before, "after": load_average()},
     }
 
 
@@ -236,6 +252,11 @@ def environment() -> dict:
     return {"torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads(),
             "machine": platform.machine(), "cpu_count": os.cpu_count()}
+
+
+def _load(result: dict, when: str) -> str:
+    value = result.get("load_average_1min", {}).get(when)
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def format_table(result: dict) -> str:
@@ -249,17 +270,20 @@ def format_table(result: dict) -> str:
         f"(|diff| {result['initial_loss_abs_diff']:.1e}); max |diff| during the run "
         f"{result['max_loss_abs_diff_during_run']:.1e}",
         f"{result['repeats']} interleaved repeats x {result['steps_per_repeat']} steps, "
-        f"{result['warmup_steps']} warm-up steps each",
+        f"{result['warmup_steps']} warm-up steps each; 1-min load average {_load(result, 'before')} before, "
+        f"{_load(result, 'after')} after (a load well above the core count means the machine was shared)",
         "",
-        "| repeat | ours ms/step | HF ms/step | ratio ours/HF |",
-        "|---:|---:|---:|---:|",
+        "| repeat | ours ms/step | HF ms/step | ratio ours/HF | ours CPU ms | HF CPU ms | CPU ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
-        lines.append(f"| {row['repeat']} | {row['ours_ms']:.1f} | {row['hf_ms']:.1f} | {row['ratio']:.3f} |")
+        lines.append(f"| {row['repeat']} | {row['ours_ms']:.1f} | {row['hf_ms']:.1f} | {row['ratio']:.3f} | "
+                     f"{row['ours_cpu_ms']:.1f} | {row['hf_cpu_ms']:.1f} | {row['cpu_ratio']:.3f} |")
     lines.append(f"| **median** | **{result['median_ours_ms']:.1f}** | **{result['median_hf_ms']:.1f}** | "
-                 f"**{result['median_ratio']:.3f}** |")
+                 f"**{result['median_ratio']:.3f}** | {result['median_ours_cpu_ms']:.1f} | "
+                 f"{result['median_hf_cpu_ms']:.1f} | {result['median_cpu_ratio']:.3f} |")
     lines.append(f"| min | {result['min_ours_ms']:.1f} | {result['min_hf_ms']:.1f} | "
-                 f"{result['min_ours_ms'] / result['min_hf_ms']:.3f} |")
+                 f"{result['min_ours_ms'] / result['min_hf_ms']:.3f} | | | |")
     lines += ["", f"tokens/s (median step): ours {result['tokens_per_s_ours']:,.0f}, "
                   f"HF {result['tokens_per_s_hf']:,.0f}"]
     return "\n".join(lines)
