@@ -10,7 +10,8 @@ Timing is interleaved: each repeat times ``--steps-per-repeat`` steps of one mod
 order alternates from repeat to repeat), so machine noise hits both equally. The figure to read is the median of
 the per-repeat ratios ours / HF (<= 1.0 means we are at least as fast). Two secondary views for a shared machine:
 the "min" row (best step of each side, and their ratio) and the process-CPU-time columns (time the process was
-descheduled does not count).
+descheduled does not count); and the "quiet pairs" row, the median over the pairs in which both steps ran within
+25% of their side's fastest step (pairs visibly slowed by other jobs left out).
 
 Two entry points:
 
@@ -40,6 +41,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from engine.models.llama import Llama, ModelConfig, preset  # noqa: E402
 
 LOSS_TOLERANCE = 1e-4
+QUIET_SLACK = 1.25  # a pair is "quiet" when both of its steps are within 25% of that side's fastest step
 SEED = 1234
 ADAMW_KWARGS = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
@@ -216,6 +218,9 @@ def run(pair: Pair, repeats: int, steps_per_repeat: int, warmup: int) -> dict:
                      "loss_ours": l_ours, "loss_hf": l_hf})
     med_ours = statistics.median(row["ours_ms"] for row in rows)
     med_hf = statistics.median(row["hf_ms"] for row in rows)
+    min_ours, min_hf = min(row["ours_ms"] for row in rows), min(row["hf_ms"] for row in rows)
+    # Pairs in which neither side was visibly slowed by other jobs: both steps within QUIET_SLACK of their best.
+    quiet = [row for row in rows if row["ours_ms"] <= QUIET_SLACK * min_ours and row["hf_ms"] <= QUIET_SLACK * min_hf]
     return {
         "config": dataclasses.asdict(pair.cfg),
         "micro_batch_size": pair.micro_batch_size,
@@ -237,8 +242,12 @@ def run(pair: Pair, repeats: int, steps_per_repeat: int, warmup: int) -> dict:
         "median_ours_cpu_ms": statistics.median(row["ours_cpu_ms"] for row in rows),
         "median_hf_cpu_ms": statistics.median(row["hf_cpu_ms"] for row in rows),
         "median_cpu_ratio": statistics.median(row["cpu_ratio"] for row in rows),
-        "min_ours_ms": min(row["ours_ms"] for row in rows),
-        "min_hf_ms": min(row["hf_ms"] for row in rows),
+        "min_ours_ms": min_ours,
+        "min_hf_ms": min_hf,
+        "quiet_pairs": len(quiet),
+        "quiet_median_ratio": statistics.median(row["ratio"] for row in quiet) if quiet else None,
+        "quiet_median_ours_ms": statistics.median(row["ours_ms"] for row in quiet) if quiet else None,
+        "quiet_median_hf_ms": statistics.median(row["hf_ms"] for row in quiet) if quiet else None,
         "tokens_per_s_ours": pair.tokens_per_step / (med_ours / 1e3),
         "tokens_per_s_hf": pair.tokens_per_step / (med_hf / 1e3),
         "environment": environment(),
@@ -284,6 +293,11 @@ def format_table(result: dict) -> str:
                  f"{result['median_hf_cpu_ms']:.1f} | {result['median_cpu_ratio']:.3f} |")
     lines.append(f"| min | {result['min_ours_ms']:.1f} | {result['min_hf_ms']:.1f} | "
                  f"{result['min_ours_ms'] / result['min_hf_ms']:.3f} | | | |")
+    if result["quiet_pairs"]:
+        lines.append(f"| quiet pairs ({result['quiet_pairs']}) | {result['quiet_median_ours_ms']:.1f} | "
+                     f"{result['quiet_median_hf_ms']:.1f} | {result['quiet_median_ratio']:.3f} | | | |")
+    else:
+        lines.append("| quiet pairs (0) | | | n/a | | | |")
     lines += ["", f"tokens/s (median step): ours {result['tokens_per_s_ours']:,.0f}, "
                   f"HF {result['tokens_per_s_hf']:,.0f}"]
     return "\n".join(lines)
