@@ -213,6 +213,65 @@ def test_params_without_grads_are_left_alone(path):
     assert torch.equal(params[2], before) and params[2] not in opt.state
 
 
+def test_params_dropping_out_of_some_steps_match_torch(path):
+    """The cached plan follows which parameters have gradients: a parameter without one in a step keeps its
+    step counter and moments, as in torch.optim.AdamW."""
+    device, ops = path
+    params = make_params(device)
+    ref = clone(params)
+    ours = FusedAdamW(groups(params), **HYPER, ops=ops)
+    theirs = torch.optim.AdamW(groups(ref), **HYPER, foreach=False)
+    skipped = {1: [2], 2: [2, 5], 4: [0], 5: [0, 1, 2, 3, 4, 5, 6]}  # step -> params without a gradient
+    for step in range(8):
+        for side, opt in ((params, ours), (ref, theirs)):
+            set_grads(side, step)
+            for i in skipped.get(step, []):
+                side[i].grad = None
+            opt.step()
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert [float(ours.state[p]["step"]) for p in params] == [float(theirs.state[q]["step"]) for q in ref]
+    assert_state_close(ours, theirs, rtol=1e-5, atol=1e-7)
+
+
+def test_state_replaced_between_steps_is_used(path):
+    """ZeRO's checkpoint loader replaces optimizer.state[p] wholesale: the next step must use the new tensors."""
+    device, ops = path
+    straight, resumed = make_params(device), make_params(device)
+    opt, other = FusedAdamW(straight, **HYPER, ops=ops), FusedAdamW(resumed, **HYPER, ops=ops)
+    run(opt, straight, 4)
+    run(other, resumed, 1)  # builds and caches a plan over states that are then replaced
+    donor = FusedAdamW(clone(straight), **HYPER, ops=ops)
+    donor.load_state_dict(opt.state_dict())
+    other.state.clear()
+    for p, q, d in zip(resumed, straight, donor.state.values()):
+        p.data.copy_(q.detach())
+        other.state[p] = {k: v.clone() for k, v in d.items()}
+    run(opt, straight, 2, start=4)
+    run(other, resumed, 2, start=4)
+    assert all(torch.equal(p, q) for p, q in zip(straight, resumed))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reads_main_grad_beside_a_low_precision_param(path, dtype):
+    """p.main_grad (fp32) is the gradient when set: ZeRO keeps low-precision shards' gradients there, as torch
+    before 2.10 refuses an fp32 .grad on a bf16 parameter."""
+    device, ops = path
+    params = make_params(device, dtype)
+    ref = [p.detach().float().requires_grad_() for p in params]  # the same arithmetic as the masters get
+    ours = FusedAdamW(params, **HYPER, master_weights=True, ops=ops)
+    theirs = FusedAdamW(ref, **HYPER, ops=ops)
+    for step in range(5):
+        set_grads(ref, step)
+        for p, q in zip(params, ref):
+            p.main_grad = q.grad.clone()
+        ours.step()
+        theirs.step()
+    for p, q in zip(params, ref):
+        assert p.grad is None and torch.equal(ours.state[p]["master_param"], q.detach())
+        assert torch.equal(p.detach(), q.detach().to(dtype))
+
+
 def test_build_optimizer_gives_fused_adamw():
     model = torch.nn.Linear(4, 3)
     opt = build_optimizer("adamw", model.named_parameters(), lr=1e-3, weight_decay=0.05)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from engine.optim.adamw import gradient
+
 
 class Adafactor(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, beta1=0.0, decay_rate=-0.8, eps=1e-30, clip_threshold=1.0,
@@ -27,9 +29,10 @@ class Adafactor(torch.optim.Optimizer):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
+                grad = gradient(p)
+                if grad is None:
                     continue
-                self._update(p, p.grad.float() * grad_scale, self.state[p], group)
+                self._update(p, grad.float() * grad_scale, self.state[p], group)
         return loss
 
     def _update(self, p, grad, state, group):

@@ -1,11 +1,33 @@
 """FusedAdamW: AdamW in one fused multi-tensor pass (csrc/ kernels through engine.ext)."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from engine import ext
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "master_param")  # fp32 tensors shaped like the param; plus "step"
+
+
+def gradient(p: torch.Tensor) -> torch.Tensor | None:
+    """A parameter's gradient as the optimizers read it: `p.main_grad` when set (an fp32 gradient kept beside a
+    low-precision parameter, as Megatron names it; torch before 2.10 refuses a .grad of another dtype), else
+    `p.grad`."""
+    main = getattr(p, "main_grad", None)
+    return p.grad if main is None else main
+
+
+@dataclasses.dataclass
+class _Bucket:
+    """Parameters one kernel call updates together: same device, dtypes, master-weight mode and step. They share
+    one step counter tensor (each one's state["step"] is that object), so a step advances it once."""
+    params: list
+    states: list  # held, so that a plan's signature (ids of these dicts) cannot match a recycled id
+    exp_avgs: list
+    exp_avg_sqs: list
+    masters: list
+    step: torch.Tensor
 
 
 class FusedAdamW(torch.optim.Optimizer):
@@ -15,10 +37,15 @@ class FusedAdamW(torch.optim.Optimizer):
 
     With master_weights=True, bf16/fp16 parameters keep an fp32 copy (state "master_param") that the step
     updates, and the parameter receives its rounding in the same pass. fp32 parameters are their own master.
+    Gradients are read by `gradient(p)`: `p.main_grad` when set, else `p.grad`.
 
     State per parameter, all tensors (checkpoints save and restore them as they are): "step" (0-dim fp32, CPU),
     "exp_avg" and "exp_avg_sq" (fp32, on the parameter's device), and "master_param" with master weights.
+    Parameters stepped together share one "step" tensor: replace it rather than edit it in place.
     `ops` overrides the kernels (an engine.ext.CompiledOps or TorchOps); by default engine.ext picks them.
+
+    The host work per step is small: which parameters go into which kernel call is worked out once and reused
+    while the parameters' gradients, dtypes, devices and state dicts stay the same (a cheap signature checks it).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, master_weights=False,
@@ -30,6 +57,7 @@ class FusedAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.master_weights = master_weights
         self.ops = ops
+        self._plans: dict[int, tuple] = {}  # id(param group) -> (signature, the state it was built on, buckets)
 
     def _state(self, p: torch.Tensor) -> dict:
         """The parameter's state, created on first use and normalised (fp32, on the right devices) after a restore."""
@@ -60,36 +88,59 @@ class FusedAdamW(torch.optim.Optimizer):
             return loss
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for (device, *_, step), items in self._buckets(group).items():
-                params = [p for p, _ in items]
-                masters = [st["master_param"] for p, st in items if "master_param" in st]
-                ops = self.ops or ext.ops_for(device)
-                ops.adamw_(params, [p.grad.contiguous() for p in params], [st["exp_avg"] for _, st in items],
-                           [st["exp_avg_sq"] for _, st in items], masters, lr=float(group["lr"]), beta1=beta1,
-                           beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=step,
-                           adam_w_mode=group["adam_w_mode"], grad_scale=grad_scale)
+            for b in self._plan(group):
+                step = int(b.step.add_(1.0).item())
+                ops = self.ops or ext.ops_for(b.params[0].device)
+                ops.adamw_(b.params, [gradient(p).contiguous() for p in b.params], b.exp_avgs, b.exp_avg_sqs,
+                           b.masters, lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                           weight_decay=group["weight_decay"], step=step, adam_w_mode=group["adam_w_mode"],
+                           grad_scale=grad_scale)
         return loss
 
-    def _buckets(self, group) -> dict:
+    def _signature(self, group) -> list:
+        """What the group's plan depends on, per parameter."""
+        sig = [id(self.state)]
+        for p in group["params"]:
+            g = gradient(p)
+            sig.append(None if g is None else (g.dtype, p.dtype, p.device, id(self.state.get(p))))
+        return sig
+
+    def _plan(self, group) -> list[_Bucket]:
+        signature = self._signature(group)
+        cached = self._plans.get(id(group))
+        if cached is not None and cached[0] == signature:
+            return cached[2]
+        buckets = self._build_plan(group)
+        self._plans[id(group)] = (self._signature(group), self.state, buckets)  # the states exist now
+        return buckets
+
+    def _build_plan(self, group) -> list[_Bucket]:
         """The group's parameters with gradients, by what one kernel call needs to share: device, dtypes, master
-        weights and step. Their step counters are advanced (in one foreach op: this runs every step)."""
-        params = [p for p in group["params"] if p.grad is not None]
-        if any(p.grad.is_sparse for p in params):
+        weights and step."""
+        params = [p for p in group["params"] if gradient(p) is not None]
+        if any(gradient(p).is_sparse for p in params):
             raise RuntimeError("FusedAdamW does not support sparse gradients")
-        states = [self._state(p) for p in params]
-        steps = [st["step"] for st in states]
-        if steps:
-            torch._foreach_add_(steps, 1.0)
-        buckets: dict[tuple, list] = {}
-        for p, st, step in zip(params, states, torch.stack(steps).tolist() if steps else []):
-            key = (p.device, p.dtype, p.grad.dtype, "master_param" in st, int(step))
-            buckets.setdefault(key, []).append((p, st))
+        by_key: dict[tuple, list] = {}
+        for p in params:
+            st = self._state(p)
+            key = (p.device, p.dtype, gradient(p).dtype, "master_param" in st, float(st["step"]))
+            by_key.setdefault(key, []).append((p, st))
+        buckets = []
+        for (*_, step), items in by_key.items():
+            params, states = [p for p, _ in items], [st for _, st in items]
+            shared = torch.tensor(step, dtype=torch.float32)
+            for st in states:
+                st["step"] = shared
+            buckets.append(_Bucket(params, states, [st["exp_avg"] for st in states],
+                                   [st["exp_avg_sq"] for st in states],
+                                   [st["master_param"] for st in states if "master_param" in st], shared))
         return buckets
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's loader casts floating-point state to each parameter's dtype; here the moments and masters stay
         fp32, so they are taken from `state_dict` as saved (copied onto the parameter's device)."""
         super().load_state_dict(state_dict)
+        self._plans.clear()
         params = [p for g in self.param_groups for p in g["params"]]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         for i, p in zip(saved_ids, params):

@@ -29,6 +29,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from engine.optim.adamw import gradient
+from engine.optim.clip import global_grad_norm
+
 
 @dataclass
 class Bucket:
@@ -184,9 +187,11 @@ class ZeroOptimizer:
                 whole = (lo, hi) == (off, off + p.numel())  # whole parameters keep their shape (Adafactor)
                 shape = p.shape if whole else (hi - lo,)
                 shard = nn.Parameter(self._param_flat(b, lo, hi).view(shape), requires_grad=False)
-                if shard.dtype != torch.float32:
-                    shard.grad_dtype = None  # low-precision parameters take fp32 (main) gradients
-                shard.grad = self._grad_view(lo, hi, b).view(shape)
+                grad = self._grad_view(lo, hi, b).view(shape)
+                if shard.dtype == torch.float32:
+                    shard.grad = grad
+                else:  # fp32 gradients of low-precision parameters: the optimizers read them (adamw.gradient)
+                    shard.main_grad = grad
                 pieces.append(Piece(name, p, lo - off, hi - off, shard))
         return pieces
 
@@ -352,10 +357,8 @@ class ZeroOptimizer:
     def grad_norm_squared(self, counted) -> torch.Tensor:
         """Sum of squares of the reduced gradients this rank owns, for parameters `counted(name, param)`
         accepts, summed over the data-parallel group when the optimizer is sharded."""
-        grads = [pc.shard.grad for pc in self.pieces if counted(pc.name, pc.param)]
-        total = torch.zeros((), dtype=torch.float32, device=self.device)
-        if grads:
-            total = torch.stack(torch._foreach_norm(grads)).float().square().sum()
+        grads = [gradient(pc.shard) for pc in self.pieces if counted(pc.name, pc.param)]
+        total = global_grad_norm(grads).to(self.device).square() if grads else torch.zeros((), device=self.device)
         if self.stage >= 1 and self.dp > 1:
             dist.all_reduce(total, group=self.dp_group)
         return total
