@@ -46,7 +46,6 @@ schedule bubble and contention, meaningful only with an otherwise idle core per 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -67,6 +66,7 @@ from engine.parallel.topology import init_distributed  # noqa: E402
 from engine.pipeline import simulate  # noqa: E402
 from engine.training import parse_config, validate  # noqa: E402
 from engine.training.trainer import Trainer  # noqa: E402
+from bench_common import finish  # noqa: E402
 
 LOSS_TOLERANCE = 1e-5
 
@@ -311,7 +311,7 @@ def main(argv=None) -> int:
               "bubble_measured_torch": torch_bubble, "busy_fraction_per_rank_ours": ours_busy,
               "busy_fraction_per_rank_torch": torch_busy,
               "ours_peak_inflight": trainer.executor.peak_inflight, "same_compute_order": same_order}
-    log(f"\n| repeat | ours ms/step (median) | torch ms/step (median) | median per-pair ratio ours/torch |")
+    log("\n| repeat | ours ms/step (median) | torch ms/step (median) | median per-pair ratio ours/torch |")
     log("|---|---|---|---|")
     for r in range(args.repeats):
         sel = [row for row in rows if row[0] == r]
@@ -348,12 +348,7 @@ def main(argv=None) -> int:
             with open(os.path.join(args.profile, f"{side}_rank{rank}.txt"), "w") as fh:
                 fh.write(out.getvalue())
         log(f"profiles written to {args.profile}/")
-    if rank == 0 and args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+    return finish(result, args.json, rank)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -60,6 +59,7 @@ from engine.models.llama import Llama, ModelConfig, Parallelism, RMSNorm, apply_
 from engine.optim import param_groups  # noqa: E402
 from engine.parallel import RNGTracker, TPContext, Topology, vocab_parallel_cross_entropy  # noqa: E402
 from engine.parallel.recompute import SavedTensorCounter  # noqa: E402
+from bench_common import finish  # noqa: E402
 
 SEED = 1234
 LOSS_TOLERANCE = 1e-5
@@ -436,7 +436,7 @@ def main(argv=None) -> int:
               "dtensor_ms_median": statistics.median(ms[..., 1].flatten().tolist()),
               "ours_ms_min": float(ms[..., 0].min()), "dtensor_ms_min": float(ms[..., 1].min()),
               "median_ratio": statistics.median(ratios)}
-    log(f"\n| repeat | ours ms/step (median) | DTensor ms/step (median) | median per-pair ratio ours/DTensor |")
+    log("\n| repeat | ours ms/step (median) | DTensor ms/step (median) | median per-pair ratio ours/DTensor |")
     log("|---|---|---|---|")
     for r in range(args.repeats):
         row = {"repeat": r, "ours_ms": statistics.median(ms[r, :, 0].tolist()),
@@ -460,12 +460,7 @@ def main(argv=None) -> int:
             log(f"| {row['tp']} | {row['sequence_parallel']} | {row['recompute']} | {row['measured']:,} | "
                 f"{row['estimated']:,} | {row['measured'] / row['estimated']:.3f} |")
 
-    if args.json and rank == 0:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+    return finish(result, args.json, rank)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import statistics
@@ -86,6 +85,7 @@ from engine.optim import param_groups  # noqa: E402
 from engine.parallel import Topology  # noqa: E402
 from engine.training.config import ConfigError, parse_config, validate  # noqa: E402
 from engine.training.trainer import Trainer  # noqa: E402
+from bench_common import finish  # noqa: E402
 
 SEED = 1234
 LOSS_TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}  # bf16: ours rounds the weights, autocast rounds per op
@@ -289,6 +289,37 @@ class Theirs:
             logits = module(mb[:, :-1])
         return F.cross_entropy(logits.float().flatten(0, 1), mb[:, 1:].flatten(), reduction="sum") / local_tokens
 
+    # the phases each side times, in order: forward + backward, loss all-reduce, clipping, optimizer step
+    PHASES = ("forward+backward", "loss all-reduce", "clip", "optimizer")
+
+    def forward_backward(self, mbs, local_tokens: int) -> torch.Tensor:
+        """Runs every micro-batch; returns the summed loss."""
+        raise NotImplementedError
+
+    def step(self) -> tuple[float, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        mbs = self.micro_batches()
+        local_tokens = len(mbs) * mbs[0].shape[0] * self.cfg.seq_length
+        t0 = time.perf_counter()
+        total = self.forward_backward(mbs, local_tokens)
+        t1 = time.perf_counter()
+        dist.all_reduce(total)
+        t2 = time.perf_counter()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP, foreach=True)
+        t3 = time.perf_counter()
+        self.optimizer.step()
+        t4 = time.perf_counter()
+        for name, dt in zip(self.PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            self.phases.add(name, dt)
+        self.steps += 1
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2's norm is a DTensor
+        return total.item() / self.world, norm.item()
+
+    def local_memory(self, optimizer) -> dict:
+        params = list(self.model.parameters())
+        return {"param_bytes": nbytes(params), "grad_bytes": nbytes(p.grad for p in params),
+                "optimizer_bytes": nbytes(state_tensors(optimizer))}
+
 
 class TheirsZero1(Theirs):
     def __init__(self, source: Trainer, args, world: int):
@@ -303,34 +334,19 @@ class TheirsZero1(Theirs):
             weight_decay=WEIGHT_DECAY, **({"fused": True} if args.their_adamw == "fused" else
                                           {"foreach": args.their_adamw == "foreach"}))
 
-    def step(self) -> tuple[float, float]:
-        self.optimizer.zero_grad(set_to_none=True)
-        mbs = self.micro_batches()
-        local_tokens = len(mbs) * mbs[0].shape[0] * self.cfg.seq_length
+    PHASES = ("forward+backward", "loss all-reduce", "clip (local norm)", "optimizer (+broadcast)")
+
+    def forward_backward(self, mbs, local_tokens: int) -> torch.Tensor:
         total = torch.zeros(())
-        t0 = time.perf_counter()
         for i, mb in enumerate(mbs):
             with self.ddp.no_sync() if i < len(mbs) - 1 else contextlib.nullcontext():
                 loss = self.loss(self.ddp, mb, local_tokens)
                 loss.backward()  # the last one waits for DDP's bucketed all-reduces
             total += loss.detach()
-        t1 = time.perf_counter()
-        dist.all_reduce(total)
-        t2 = time.perf_counter()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP, foreach=True)
-        t3 = time.perf_counter()
-        self.optimizer.step()
-        t4 = time.perf_counter()
-        for name, dt in (("forward+backward", t1 - t0), ("loss all-reduce", t2 - t1), ("clip (local norm)", t3 - t2),
-                         ("optimizer (+broadcast)", t4 - t3)):
-            self.phases.add(name, dt)
-        self.steps += 1
-        return total.item() / self.world, norm.item()
+        return total
 
     def memory(self) -> dict:
-        params = list(self.model.parameters())
-        return {"local": {"param_bytes": nbytes(params), "grad_bytes": nbytes(p.grad for p in params),
-                          "optimizer_bytes": nbytes(state_tensors(self.optimizer.optim))}}
+        return {"local": self.local_memory(self.optimizer.optim)}
 
 
 class TheirsFSDP(Theirs):
@@ -366,37 +382,21 @@ class TheirsFSDP(Theirs):
     def autocast(self):
         return contextlib.nullcontext()  # the MixedPrecisionPolicy casts the gathered parameters
 
-    def step(self) -> tuple[float, float]:
-        self.optimizer.zero_grad(set_to_none=True)
-        mbs = self.micro_batches()
-        local_tokens = len(mbs) * mbs[0].shape[0] * self.cfg.seq_length
+    PHASES = ("forward+backward (+gathers, reduce-scatters)", "loss all-reduce", "clip (+norm all-reduce)",
+              "optimizer")
+
+    def forward_backward(self, mbs, local_tokens: int) -> torch.Tensor:
         total = torch.zeros(())
-        t0 = time.perf_counter()
         for i, mb in enumerate(mbs):
             if not self.reshard_after_forward:  # ZeRO-2-like: keep the gathered parameters across micro-batches
                 self.model.set_reshard_after_backward(i == len(mbs) - 1)
             loss = self.loss(self.model, mb, local_tokens)
             loss.backward()
             total += loss.detach()
-        t1 = time.perf_counter()
-        dist.all_reduce(total)
-        t2 = time.perf_counter()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP, foreach=True)
-        t3 = time.perf_counter()
-        self.optimizer.step()
-        t4 = time.perf_counter()
-        for name, dt in (("forward+backward (+gathers, reduce-scatters)", t1 - t0), ("loss all-reduce", t2 - t1),
-                         ("clip (+norm all-reduce)", t3 - t2), ("optimizer", t4 - t3)):
-            self.phases.add(name, dt)
-        self.steps += 1
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        return total.item() / self.world, norm.item()
+        return total
 
     def memory(self) -> dict:
-        params = list(self.model.parameters())
-        return {"local": {"param_bytes": nbytes(params), "grad_bytes": nbytes(p.grad for p in params),
-                          "optimizer_bytes": nbytes(state_tensors(self.optimizer))},
-                "peak_unsharded_param_bytes": self.peak_unsharded}
+        return {"local": self.local_memory(self.optimizer), "peak_unsharded_param_bytes": self.peak_unsharded}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -539,7 +539,7 @@ def compare(args, size, world, rank, log) -> dict:
             "memory": {"ours": mo, "theirs": mt}})
         log(f"\n### {ours.name} vs {theirs.name}: step time (world {world}, {tokens} tokens/step, "
             f"{len(ratios)} pairs, ours {row['ours_buckets']} buckets)\n")
-        log(f"| repeat | ours ms/step (median) | theirs ms/step (median) | median per-pair ratio ours/theirs |")
+        log("| repeat | ours ms/step (median) | theirs ms/step (median) | median per-pair ratio ours/theirs |")
         log("|---|---|---|---|")
         for r, pr in enumerate(row["per_repeat"]):
             log(f"| {r} | {pr['ours_ms']:.1f} | {pr['theirs_ms']:.1f} | {pr['ratio']:.3f} |")
@@ -652,12 +652,7 @@ def main(argv=None) -> int:
         result = compare(args, size, world, rank, log)
     result.update({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "world": world,
                    "args": vars(args), "model": size})
-    if args.json and rank == 0:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+    return finish(result, args.json, rank)
 
 
 if __name__ == "__main__":
