@@ -51,15 +51,15 @@ Where the time goes: every side's step is split into phases (rank 0, median over
 ``Trainer.forward_backward``, ``ZeroOptimizer.finish_gradients`` (waiting for the reductions still in flight),
 ``Trainer.grad_norm`` and ``ZeroOptimizer.step`` (optimizer + parameter all-gather); the baselines time their
 forward/backward loop (DDP's reduction and FSDP2's gathers/reduce-scatters happen inside it), clipping and the
-optimizer step (ZeroRedundancyOptimizer's includes its parameter broadcast). ``--prototype-param-gather`` adds
-(overlap mode) or substitutes (zero1 mode) a benchmark-side prototype of overlapping ZeRO-1/2's parameter
-all-gather with the next step's forward (see ``prototype_overlap_param_gather``); the engine itself is unchanged.
+optimizer step (ZeroRedundancyOptimizer's includes its parameter broadcast). ``--overlap-param-gather`` adds
+(overlap mode) or substitutes (zero1 mode) ours with the engine's ``--overlap-param-gather`` (ZeRO-1/2's
+parameter all-gather overlapped with the next step's forward).
 
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 4 benchmarks/bench_zero.py --compare zero1 [--repeats 3]
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 4 benchmarks/bench_zero.py --compare zero3 [--repeats 3]
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 benchmarks/bench_zero.py --compare overlap [--repeats 3]
     [--model-size small|medium] [--precision fp32|bf16] [--steps N] [--bucket-size N] [--json out.json]
-    [--profile DIR] [--prototype-param-gather]
+    [--profile DIR] [--overlap-param-gather]
 """
 from __future__ import annotations
 
@@ -108,7 +108,8 @@ def model_flags(size: dict) -> list[str]:
     return [x for k in keys for x in ("--" + k.replace("_", "-"), str(size[k]))]
 
 
-def build_ours(args, size: dict, dp: int, zero: int, bucket_size: int, world: int, topology=None) -> Trainer:
+def build_ours(args, size: dict, dp: int, zero: int, bucket_size: int, world: int, topology=None,
+               overlap_param_gather: bool = False) -> Trainer:
     """A Trainer for dp ranks at ZeRO stage `zero` (raises ConfigError when the engine rejects the stage)."""
     gb = size["micro_batch_size"] * args.micro_batches * dp
     argv = model_flags(size) + [
@@ -117,7 +118,7 @@ def build_ours(args, size: dict, dp: int, zero: int, bucket_size: int, world: in
         "--lr", str(LR), "--lr-warmup-steps", "0", "--lr-decay-style", "constant", "--steps", "100000",
         "--clip-grad", str(CLIP), "--weight-decay", str(WEIGHT_DECAY), "--beta1", str(BETAS[0]),
         "--beta2", str(BETAS[1]), "--eps", str(EPS), "--seed", str(SEED), "--run-name", "bench_zero",
-        "--device", "cpu"]
+        "--device", "cpu"] + (["--overlap-param-gather"] if overlap_param_gather else [])
     cfg = parse_config(argv)
     validate(cfg, world)
     return Trainer(cfg, topology)
@@ -219,44 +220,6 @@ class Ours:
         if t.zero.sharded_params:
             mem["peak_unsharded_param_bytes"] = self.peak_unsharded
         return mem
-
-
-def prototype_overlap_param_gather(ours: Ours) -> None:
-    """A benchmark-side prototype (the engine is not changed) of overlapping ZeRO-1/2's parameter all-gather
-    with the next step's forward, as Megatron's --overlap-param-gather does: the step launches every bucket's
-    all-gather asynchronously, in forward order, and each unit (embedding, layer, final norm + head) waits in a
-    forward pre-hook only for the buckets holding its parameters. Nothing else reads the parameters between the
-    step and the next forward in this benchmark (no evaluation or checkpoint)."""
-    t, z = ours.trainer, ours.trainer.zero
-    if z.stage not in (1, 2) or z.dp == 1:
-        raise SystemExit("--prototype-param-gather: only for ZeRO-1/2 at dp > 1")
-    pending: dict = {}
-
-    def step(lr: float, grad_scale: float = 1.0) -> None:
-        for group in z.optimizer.param_groups:
-            group["lr"] = lr
-        z.optimizer.step(grad_scale=grad_scale)
-        for b in reversed(z.buckets):  # buckets are in backward order: launch the embedding's first
-            lo, hi = z._owned(b)
-            pending[id(b)] = dist.all_gather_into_tensor(z.param_buffer[b.start:b.start + b.size],
-                                                         z.param_buffer[lo:hi].clone(), group=z.dp_group,
-                                                         async_op=True)
-
-    def wait_for(buckets) -> None:
-        for b in buckets:
-            work = pending.pop(id(b), None)
-            if work is not None:
-                work.wait()
-
-    z.step = ours.phases.wrap(step, "optimizer (+all-gather launch)")
-    for chunk in t.chunks:
-        units = [(m, list(m.parameters())) for m in [chunk.embedding, *chunk.layers.values()] if m is not None]
-        if chunk.norm is not None:  # the head weight is read right after the final norm
-            units.append((chunk.norm, list(chunk.norm.parameters()) + [chunk.head_weight()]))
-        for module, params in units:
-            buckets = list({id(z.where[q][0]): z.where[q][0] for q in params}.values())
-            module.register_forward_pre_hook(lambda *_, buckets=buckets: wait_for(buckets))
-    ours.name += " + overlapped param gather (prototype)"
 
 
 class Theirs:
@@ -474,9 +437,9 @@ def compare(args, size, world, rank, log) -> dict:
     """ours vs theirs pairs: check step-1 agreement, warm up, time interleaved, tabulate."""
     pairs = []
     if args.compare == "zero1":
-        ours = Ours("ours --zero 1", build_ours(args, size, world, 1, args.bucket_size, world))
-        if args.prototype_param_gather:
-            prototype_overlap_param_gather(ours)
+        overlap = args.overlap_param_gather
+        ours = Ours("ours --zero 1" + (" --overlap-param-gather" if overlap else ""),
+                    build_ours(args, size, world, 1, args.bucket_size, world, overlap_param_gather=overlap))
         pairs.append((ours, TheirsZero1(ours.trainer, args, world)))
     else:
         try:
@@ -572,11 +535,10 @@ def overlap(args, size, world, rank, log) -> dict:
     for bucket in [args.bucket_size, *args.small_bucket_size]:
         sides.append(Ours(f"dp {world}, --zero {z}, --bucket-size {bucket:,}",
                           build_ours(args, size, world, z, bucket, world)))
-    if args.prototype_param_gather:  # the last bucket size again, with the all-gather overlapped
+    if args.overlap_param_gather:  # the last bucket size again, with the all-gather overlapped
         bucket = args.small_bucket_size[-1] if args.small_bucket_size else args.bucket_size
-        sides.append(Ours(f"dp {world}, --zero {z}, --bucket-size {bucket:,}",
-                          build_ours(args, size, world, z, bucket, world)))
-        prototype_overlap_param_gather(sides[-1])
+        sides.append(Ours(f"dp {world}, --zero {z}, --bucket-size {bucket:,}, --overlap-param-gather",
+                          build_ours(args, size, world, z, bucket, world, overlap_param_gather=True)))
     for s in sides:
         s.step()
     for _ in range(args.warmup):
@@ -621,9 +583,9 @@ def main(argv=None) -> int:
     ap.add_argument("--their-adamw", choices=["fused", "foreach", "forloop"], default="fused")
     ap.add_argument("--zero-bucket-view", action="store_true",
                     help="ZeroRedundancyOptimizer(parameters_as_bucket_view=True)")
-    ap.add_argument("--prototype-param-gather", action="store_true",
-                    help="zero1/overlap: also run ours with the parameter all-gather overlapped with the next "
-                         "forward (a benchmark-side prototype; zero1: replaces ours)")
+    ap.add_argument("--overlap-param-gather", action="store_true",
+                    help="zero1/overlap: run ours with the engine's --overlap-param-gather (zero1: instead of "
+                         "the default; overlap: as one more side)")
     ap.add_argument("--steps", type=int, default=8, help="timed rounds per repeat")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")

@@ -73,6 +73,8 @@ INVALID = [
     (["--spike-factor", "0.5"], 1, "--spike-factor"),
     (["--lr-warmup-steps", "500", "--steps", "100"], 1, "--lr-warmup-steps"),
     (["--zero", "5"], 1, "--zero"),
+    (["--overlap-param-gather"], 1, "--overlap-param-gather"),                    # nothing sharded at dp 1
+    (["--overlap-param-gather", "--dp", "2", "--zero", "3"], 2, "--overlap-param-gather"),
     (["--precision", "fp8"], 1, "--precision"),
     (["--steps", "ten"], 1, "--steps"),
 ]

@@ -64,6 +64,8 @@ def assert_same_losses(workdir, run, steps=range(1, 9)):
     (2, ["--dp", "2", "--zero", "2", "--bucket-size", "30000"]),
     (8, ["--tp", "2", "--pp", "2", "--dp", "2", "--zero", "1"]),
     (8, ["--tp", "2", "--pp", "2", "--dp", "2", "--zero", "2", "--sequence-parallel", "--vpp", "2"]),
+    (2, ["--dp", "2", "--zero", "1", "--bucket-size", "30000", "--overlap-param-gather"]),
+    (8, ["--tp", "2", "--pp", "2", "--dp", "2", "--zero", "2", "--vpp", "2", "--overlap-param-gather"]),
     (2, ["--dp", "2", "--zero", "3"]),
     (4, ["--dp", "4", "--zero", "3", "--zero3-keep-params", "--recompute", "full"]),
     (8, ["--tp", "2", "--pp", "2", "--dp", "2", "--zero", "3", "--sequence-parallel"]),

@@ -37,8 +37,28 @@ def _memory(rank, world, corpus, workdir):
                                                                              expected[key])
 
 
-def test_memory_per_rank_matches_the_estimator(corpus, tmp_path):
-    distributed.run(functools.partial(_memory, corpus=corpus, workdir=str(tmp_path)), world=8)
+def _overlapped_param_gather(rank, world, corpus, workdir):
+    """--overlap-param-gather leaves the step's all-gathers in flight; the next forward and gather_all() wait.
+    (That the losses equal a single process's is tested end to end in test_parallel_e2e.)"""
+    os.chdir(workdir)
+    cfg = parse_config(MODEL + ["--data", corpus, "--dp", str(world), "--zero", "1", "--overlap-param-gather"])
+    validate(cfg, world)
+    trainer = Trainer(cfg)
+    buckets = trainer.zero.buckets
+    trainer.train_step()
+    assert len(buckets) > 1 and all(b.gather is not None for b in buckets)
+    trainer.train_step()
+    trainer.zero.gather_all()
+    assert all(b.gather is None for b in buckets)
+
+
+def _zero_checks(rank, world, corpus, workdir):
+    _memory(rank, world, corpus, workdir)
+    _overlapped_param_gather(rank, world, corpus, workdir)
+
+
+def test_memory_per_rank_matches_the_estimator_and_gathers_overlap(corpus, tmp_path):
+    distributed.run(functools.partial(_zero_checks, corpus=corpus, workdir=str(tmp_path)), world=8)
 
 
 def test_bf16_tracks_fp32(tmp_path, monkeypatch):

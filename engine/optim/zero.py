@@ -1,4 +1,4 @@
-"""Data-parallel gradients and the ZeRO optimizer (stages 0-2), with fp32 master weights for bf16/fp16.
+"""Data-parallel gradients and the ZeRO optimizer (stages 0-3), with fp32 master weights for bf16/fp16.
 
 Parameters live in one flat buffer (their `.data` are views into it), laid out in reverse order of use so that
 the buckets the backward pass completes first come first. The buffer is cut into buckets of about
@@ -19,6 +19,10 @@ rank r owns shard r of every bucket.
   parameters the persistent shard is the fp32 master itself (the optimizer steps it as an fp32 parameter); each
   gather sends it rounded to the model's dtype, so no low-precision copy of the shard is kept (16 bytes per
   parameter over dp, like FSDP2 with a bf16 parameter policy, instead of 18).
+- overlap_param_gather (stages 1-2): the step launches every bucket's all-gather of the updated shards
+  asynchronously, in forward order, and each unit's next forward (a pre-hook) waits only for the buckets that
+  hold its parameters, so the gathers overlap the optimizer's tail and the forward of earlier units.
+  `gather_all()` waits for all of them (before anything else reads the parameters: checkpoints, rollbacks).
 
 The optimizer is any engine optimizer built over "shard parameters": views of the owned ranges of each
 parameter, whose gradients are views of the reduced gradients. Checkpoints see whole tensors: states are
@@ -70,11 +74,12 @@ def _dp_size(group) -> int:
 class ZeroOptimizer:
     def __init__(self, named_params, stage: int, make_optimizer, dp_group=None, bucket_numel: int = 4_000_000,
                  deferred: set = frozenset(), tp_reduced: set = frozenset(), tp_group=None, embedding_group=None,
-                 units: list | None = None, keep_params_in_step: bool = False):
+                 units: list | None = None, keep_params_in_step: bool = False, overlap_param_gather: bool = False):
         """named_params: in forward order. make_optimizer(param_groups) builds the inner optimizer. deferred:
         names whose gradients must first be summed over `embedding_group` after the schedule; tp_reduced:
         names whose gradients are partial sums over `tp_group` (sequence-parallel norm gains). units (stage 3):
-        [(module entered first, module left last, [parameter names])] in forward order."""
+        [(module entered first, module left last, [parameter names])] in forward order (stage 3, and stages
+        1-2 with overlap_param_gather)."""
         self.stage, self.dp_group, self.dp = stage, dp_group, _dp_size(dp_group)
         self.dp_rank = 0 if dp_group is None else dist.get_group_rank(dp_group, dist.get_rank())
         self.tp_group, self.embedding_group = tp_group, embedding_group
@@ -99,6 +104,9 @@ class ZeroOptimizer:
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for b in self.buckets for p in b.params]
         if self.sharded_params:
             self._install_unit_hooks(units)
+        self.overlap_param_gather = overlap_param_gather and stage in (1, 2) and self.dp > 1
+        if self.overlap_param_gather:
+            self._install_param_wait_hooks(units)
 
     def _place_parameters(self) -> None:
         """Makes every parameter a view of a flat buffer: one for the model (stages 0-2), or one per unit whose
@@ -230,8 +238,13 @@ class ZeroOptimizer:
             self._release(b)
 
     def gather_all(self) -> None:
-        for b in self.buckets if self.sharded_params else []:
-            self._gather(b)
+        """Makes every parameter whole and current on this rank: ZeRO-3 gathers every unit; ZeRO-1/2 with
+        overlap_param_gather waits for the step's in-flight gathers."""
+        for b in self.buckets:
+            if self.sharded_params:
+                self._gather(b)
+            else:
+                self._wait_param_gather(b)
 
     def release_all(self, refresh_shards: bool = False) -> None:
         """Releases every gathered unit; refresh_shards first copies this rank's part back into its shard (after
@@ -268,6 +281,32 @@ class ZeroOptimizer:
         self._gather(b)
         if prev is not None:
             self._gather(prev, wait=False)
+
+    # ---- stages 1-2: overlapping the parameter all-gather with the next forward ----------------------------
+    def _install_param_wait_hooks(self, units) -> None:
+        by_name = {name: p for p, name in self.names.items()}
+        for first, _, names in units:
+            buckets = list({id(b): b for b in (self.where[by_name[n]][0] for n in names)}.values())
+            first.register_forward_pre_hook(lambda *_, buckets=buckets: self._wait_param_gathers(buckets))
+
+    def _gather_params(self, b: Bucket, async_op: bool) -> None:
+        """All-gathers bucket b's updated shards into the parameters."""
+        self._wait_param_gather(b)  # a bucket no unit waited for (parameters unused in forward)
+        own_lo, own_hi = self._owned(b)
+        b.send = self.param_buffer[own_lo:own_hi].clone()  # the input may not alias the output
+        b.gather = dist.all_gather_into_tensor(self.param_buffer[b.start:b.start + b.size], b.send,
+                                               group=self.dp_group, async_op=async_op)
+        if not async_op:
+            b.gather, b.send = None, None
+
+    def _wait_param_gather(self, b: Bucket) -> None:
+        if b.gather is not None:
+            b.gather.wait()
+            b.gather, b.send = None, None
+
+    def _wait_param_gathers(self, buckets) -> None:
+        for b in buckets:
+            self._wait_param_gather(b)
 
     def _param_groups(self) -> list[dict]:
         """Weight decay on pieces of matrices, none on pieces of vectors (norm gains)."""
@@ -375,10 +414,8 @@ class ZeroOptimizer:
             group["lr"] = lr
         self.optimizer.step(grad_scale=grad_scale)
         if self.stage in (1, 2) and self.dp > 1:
-            for b in self.buckets:
-                whole = self.param_buffer[b.start:b.start + b.size]
-                own_lo, own_hi = self._owned(b)
-                dist.all_gather_into_tensor(whole, self.param_buffer[own_lo:own_hi].clone(), group=self.dp_group)
+            for b in reversed(self.buckets):  # buckets are in backward order: the embedding's goes first
+                self._gather_params(b, async_op=self.overlap_param_gather)
 
     # ---- accounting and checkpoints ------------------------------------------------------------------------
     def param_bytes(self) -> int:

@@ -55,6 +55,9 @@ class ParallelArgs:
     zero3_keep_params: bool = _f(False, "ZeRO-3: keep a stage's parameters gathered from first use to the end of "
                                         "the step (one all-gather per step instead of two per micro-batch; holds "
                                         "the stage's full parameters during the step)")
+    overlap_param_gather: bool = _f(False, "ZeRO-1/2: all-gather the updated parameter shards asynchronously "
+                                           "after the step; each unit's next forward waits only for its own "
+                                           "buckets (Megatron's --overlap-param-gather)")
 
 
 @dataclass
@@ -289,6 +292,10 @@ def validate(cfg: Config, world_size: int) -> None:
                       f"size {world_size}; launch that many processes or change --tp/--pp/--dp")
     if p.zero is None:
         p.zero = 1 if p.dp > 1 else 0
+    if p.overlap_param_gather and not (p.zero in (1, 2) and p.dp > 1):
+        errors.append(f"--overlap-param-gather: needs --zero 1 or 2 with --dp > 1 (got --zero {p.zero}, dp {p.dp}): "
+                      "only sharded optimizer states have updated shards to gather; ZeRO-3 already gathers each "
+                      "unit right before its forward")
     if model.num_heads % p.tp:
         errors.append(f"--tp: --num-heads {model.num_heads} is not divisible by --tp {p.tp}; "
                       "choose a tp that divides the head count")

@@ -146,11 +146,12 @@ class Trainer:
         return ZeroOptimizer(self.named_params, p.zero, make, self.topo.dp_group, self.cfg.run.bucket_size,
                              deferred=tied, tp_reduced=tp_reduced, tp_group=self.topo.tp_group,
                              embedding_group=self.topo.embedding_group, units=self._units(),
-                             keep_params_in_step=p.zero3_keep_params)
+                             keep_params_in_step=p.zero3_keep_params, overlap_param_gather=p.overlap_param_gather)
 
     def _units(self) -> list:
-        """ZeRO-3's gathering units in forward order: (module entered first, module left last, parameter names)
-        for the embedding, each layer, and the final norm + head."""
+        """ZeRO-3's gathering units, and --overlap-param-gather's waiting points, in forward order: (module
+        entered first, module left last, parameter names) for the embedding, each layer, and the final norm +
+        head."""
         units = []
         for chunk in self.chunks:
             if chunk.embedding is not None:
