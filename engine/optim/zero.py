@@ -39,6 +39,10 @@ from torch import nn
 from engine.optim.adamw import gradient
 from engine.optim.clip import global_grad_norm
 
+# torch 2.13 renamed the flat-buffer collectives (the old names now warn); older torch has only the old names
+all_gather_flat = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+reduce_scatter_flat = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
 
 @dataclass
 class Bucket:
@@ -219,7 +223,7 @@ class ZeroOptimizer:
         if not b.gathered:
             b.full.untyped_storage().resize_(b.size * b.full.element_size())
             b.send = b.shard.to(b.full.dtype)
-            b.gather = dist.all_gather_into_tensor(b.full, b.send, group=self.dp_group, async_op=True)
+            b.gather = all_gather_flat(b.full, b.send, group=self.dp_group, async_op=True)
             b.gathered = True
         if wait and b.gather is not None:
             b.gather.wait()
@@ -294,8 +298,8 @@ class ZeroOptimizer:
         self._wait_param_gather(b)  # a bucket no unit waited for (parameters unused in forward)
         own_lo, own_hi = self._owned(b)
         b.send = self.param_buffer[own_lo:own_hi].clone()  # the input may not alias the output
-        b.gather = dist.all_gather_into_tensor(self.param_buffer[b.start:b.start + b.size], b.send,
-                                               group=self.dp_group, async_op=async_op)
+        b.gather = all_gather_flat(self.param_buffer[b.start:b.start + b.size], b.send, group=self.dp_group,
+                                   async_op=async_op)
         if not async_op:
             b.gather, b.send = None, None
 
@@ -366,7 +370,7 @@ class ZeroOptimizer:
                 self._maybe_release(b)
             self._drain()
             out = torch.empty(b.size // self.dp, dtype=torch.float32, device=self.device)
-            work = dist.reduce_scatter_tensor(out, self.temp_full.pop(id(b)), group=self.dp_group, async_op=True)
+            work = reduce_scatter_flat(out, self.temp_full.pop(id(b)), group=self.dp_group, async_op=True)
             b.pending.append((work, out, None))
 
     def _drain(self) -> None:
@@ -389,7 +393,7 @@ class ZeroOptimizer:
         if self.sharded_grads:
             for b in deferred:
                 out = torch.empty(b.size // self.dp, dtype=torch.float32, device=self.device)
-                dist.reduce_scatter_tensor(out, self.deferred_full[id(b)], group=self.dp_group)
+                reduce_scatter_flat(out, self.deferred_full[id(b)], group=self.dp_group)
                 self.shard_grads[id(b)].add_(out)
         elif self.dp > 1:
             for b in self.buckets:
