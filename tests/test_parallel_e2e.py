@@ -116,10 +116,9 @@ def test_zero_parameters_match_plain_data_parallelism(workdir):
             assert (a - b).abs().max() <= 1e-5 * a.abs().max(), (run, key)
 
 
-def test_bf16_zero3_keeps_fp32_masters_as_its_shards(workdir):
-    """bf16 ZeRO-3 keeps the fp32 master shards as its only copy of the weights and gathers them rounded: it
-    follows bf16 ZeRO-1 (bf16 weights + fp32 masters in the optimizer), checkpoints the same fp32 masters, and
-    its checkpoint resumes a ZeRO-1 run on the same trajectory."""
+def test_bf16_zero3_checkpoint_resumes_zero1(workdir):
+    """bf16 ZeRO-3 (bf16 parameter shards, fp32 masters in the optimizer) follows bf16 ZeRO-1, checkpoints the
+    same fp32 masters, and its checkpoint resumes a ZeRO-1 run on the same trajectory."""
     from engine.training.checkpoint import CheckpointReader
     bf16 = MODEL + ["--data", "corpus", "--precision", "bf16", "--dp", "2", "--save-interval", "4"]
     launch(2, bf16 + ["--run-name", "bf16-z1", "--zero", "1"], workdir)

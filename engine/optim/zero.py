@@ -15,10 +15,7 @@ rank r owns shard r of every bucket.
   layer, norm + head); a unit's parameters are all-gathered just before its forward (the next unit's gather is
   started at the same time) and again when its output's gradient arrives, and released after each. With
   keep_params_in_step they stay gathered from first use to the end of the step: one gather per step instead of
-  two per micro-batch, at the cost of holding the stage's full parameters during the step. With bf16/fp16
-  parameters the persistent shard is the fp32 master itself (the optimizer steps it as an fp32 parameter); each
-  gather sends it rounded to the model's dtype, so no low-precision copy of the shard is kept (16 bytes per
-  parameter over dp, like FSDP2 with a bf16 parameter policy, instead of 18).
+  two per micro-batch, at the cost of holding the stage's full parameters during the step.
 - overlap_param_gather (stages 1-2): the step launches every bucket's all-gather of the updated shards
   asynchronously, in forward order, and each unit's next forward (a pre-hook) waits only for the buckets that
   hold its parameters, so the gathers overlap the optimizer's tail and the forward of earlier units.
@@ -54,9 +51,9 @@ class Bucket:
     deferred: bool = False  # reduced only after the whole schedule (tied embeddings across pipeline stages)
     ready: int = 0
     full: torch.Tensor | None = None   # stage 3: the gathered parameters (storage released when not in use)
-    shard: torch.Tensor | None = None  # stage 3: this rank's persistent shard of them (fp32: the master)
-    gather: object = None              # stage 3: the in-flight all-gather
-    send: torch.Tensor | None = None   # stage 3: its input, the shard in the model's dtype, until it completes
+    shard: torch.Tensor | None = None  # stage 3: this rank's persistent shard of them
+    gather: object = None              # the in-flight parameter all-gather (stage 3; stages 1-2 with overlap)
+    send: torch.Tensor | None = None   # stages 1-2: its input (a copy of the owned shard), held until it is done
     gathered: bool = False
     pending: list = field(default_factory=list)  # stage 2: (work, output, input) of in-flight reduce-scatters
 
@@ -91,7 +88,6 @@ class ZeroOptimizer:
         self.sharded_params = stage >= 3 and self.dp > 1
         named = list(named_params)
         self.dtype, self.device = named[0][1].dtype, named[0][1].device
-        self.masters_are_shards = self.sharded_params and self.dtype != torch.float32
         if self.sharded_params:
             by_name = dict(named)
             self.buckets = self._layout_units(units, by_name, deferred)
@@ -128,7 +124,7 @@ class ZeroOptimizer:
             if self.sharded_params:
                 b.full, b.gathered = base, True
                 lo, hi = self._owned(b)
-                b.shard = base[lo - b.start:hi - b.start].to(torch.float32, copy=True)
+                b.shard = base[lo - b.start:hi - b.start].clone()
                 self._release(b)
 
     # ---- layout -------------------------------------------------------------------------------------------
@@ -222,18 +218,17 @@ class ZeroOptimizer:
     def _gather(self, b: Bucket, wait: bool = True) -> None:
         if not b.gathered:
             b.full.untyped_storage().resize_(b.size * b.full.element_size())
-            b.send = b.shard.to(b.full.dtype)
-            b.gather = all_gather_flat(b.full, b.send, group=self.dp_group, async_op=True)
+            b.gather = all_gather_flat(b.full, b.shard, group=self.dp_group, async_op=True)
             b.gathered = True
         if wait and b.gather is not None:
             b.gather.wait()
-            b.gather, b.send = None, None
+            b.gather = None
 
     def _release(self, b: Bucket) -> None:
         if b.gathered:
             if b.gather is not None:
                 b.gather.wait()
-                b.gather, b.send = None, None
+                b.gather = None
             b.full.untyped_storage().resize_(0)
             b.gathered = False
 
@@ -442,8 +437,7 @@ class ZeroOptimizer:
         if self.stage == 0 or self.dp == 1:  # every piece is a whole parameter
             return {pc.name: {k: v.detach().clone() for k, v in self.optimizer.state.get(pc.shard, {}).items()
                               if torch.is_tensor(v)} for pc in self.pieces}
-        keys = sorted({k for s in self.optimizer.state.values() for k, v in s.items() if torch.is_tensor(v) and v.ndim}
-                      | ({"master_param"} if self.masters_are_shards else set()))
+        keys = sorted({k for s in self.optimizer.state.values() for k, v in s.items() if torch.is_tensor(v) and v.ndim})
         step = max([float(s["step"]) for s in self.optimizer.state.values() if "step" in s] or [0.0])
         step_t = torch.tensor(step, dtype=torch.float32, device=self.device)
         dist.all_reduce(step_t, op=dist.ReduceOp.MAX, group=self.dp_group)
@@ -452,8 +446,6 @@ class ZeroOptimizer:
             flat = torch.zeros(self.total, dtype=torch.float32, device=self.device)
             for pc in self.pieces:
                 value = self.optimizer.state.get(pc.shard, {}).get(key)
-                if key == "master_param" and self.masters_are_shards:
-                    value = pc.shard
                 if value is not None:
                     _, off = self.where[pc.param]
                     flat[off + pc.lo:off + pc.hi] = value.reshape(-1)
@@ -474,10 +466,7 @@ class ZeroOptimizer:
                     state[key] = value.to("cpu", torch.float32).reshape(())
                 elif value.numel() == pc.param.numel() and value.ndim:  # shaped like the parameter: take our piece
                     piece = value.reshape(-1)[pc.lo:pc.hi].view(pc.shard.shape)
-                    if key == "master_param" and self.masters_are_shards:
-                        pc.shard.copy_(piece)
-                    else:
-                        state[key] = piece.to(self.device, torch.float32).clone()
+                    state[key] = piece.to(self.device, torch.float32).clone()
                 else:
                     state[key] = value.to(self.device).clone()
             if state:
