@@ -79,6 +79,25 @@ def test_bf16_tracks_fp32(tmp_path, monkeypatch):
     assert memory["grad_bytes"] == 4 * params and memory["optimizer_bytes"] == 12 * params
 
 
+def test_fp32_run_resumes_a_bf16_checkpoint_from_its_fp32_masters(tmp_path, monkeypatch, corpus):
+    """The bf16 checkpoint's weights are rounded; its fp32 masters are the real weights, and an fp32 run loading
+    it takes them (and keeps no master copy of its own)."""
+    from engine.training.checkpoint import CheckpointReader
+    monkeypatch.chdir(tmp_path)
+    assert main(SMALL + ["--data", corpus, "--precision", "bf16", "--steps", "3", "--run-name", "bf16"]) == 0
+    step_dir = "runs/bf16/checkpoints/step_00000003"
+    cfg = parse_config(SMALL + ["--data", corpus, "--precision", "fp32", "--steps", "6", "--run-name", "fp32"])
+    validate(cfg, 1)
+    trainer = Trainer(cfg)
+    trainer.load_checkpoint(step_dir)
+    reader = CheckpointReader(step_dir)
+    for name, param in trainer.named_params:
+        master = reader.read(f"optim/{name}/master_param")
+        assert torch.equal(param.detach(), master), name
+        assert not torch.equal(master, reader.read(f"model/{name}").float()), name  # the rounding is real
+    assert all("master_param" not in s for s in trainer.zero.optimizer.state.values())
+
+
 @pytest.mark.parametrize("hysteresis", [1, 2])
 def test_fp16_overflow_skips_the_step_and_backs_off(tmp_path, monkeypatch, corpus, hysteresis):
     monkeypatch.chdir(tmp_path)

@@ -456,7 +456,8 @@ class ZeroOptimizer:
 
     def load_state_by_name(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
         """states[name][key]: the saved state of this rank's slice of parameter `name` (tensors shaped like the
-        parameter, or whole tensors for other state). Fills the optimizer state of every owned piece."""
+        parameter, or whole tensors for other state). Fills the optimizer state of every owned piece; an fp32 run
+        takes a saved fp32 master (of a bf16/fp16 run) as the weight itself."""
         self.optimizer.state.clear()
         for pc in self.pieces:
             saved = states.get(pc.name, {})
@@ -466,8 +467,14 @@ class ZeroOptimizer:
                     state[key] = value.to("cpu", torch.float32).reshape(())
                 elif value.numel() == pc.param.numel() and value.ndim:  # shaped like the parameter: take our piece
                     piece = value.reshape(-1)[pc.lo:pc.hi].view(pc.shard.shape)
+                    if key == "master_param" and pc.shard.dtype == torch.float32:
+                        pc.shard.copy_(piece)  # an fp32 run resuming a bf16/fp16 one: the master is the weight
+                        continue
                     state[key] = piece.to(self.device, torch.float32).clone()
                 else:
                     state[key] = value.to(self.device).clone()
             if state:
                 self.optimizer.state[pc.shard] = state
+        if self.stage in (1, 2) and self.dp > 1:  # every rank wrote only its own pieces of the weights
+            for b in self.buckets:
+                self._gather_params(b, async_op=False)
