@@ -316,7 +316,7 @@ def activation_table(cfg: ModelConfig, mbs: int, topo: Topology | None) -> list[
         tp = TPContext() if tp_size == 1 else TPContext(topo.tp_group, topo.tp, topo.tp_rank, sp)
         for mode in ("none", "selective", "full"):
             measured = measure_layer_activation_bytes(cfg, mbs, tp, mode)
-            estimated = activation_bytes_per_layer(cfg, mbs, cfg.seq_length, tp_size, sp, mode, 4)
+            estimated = activation_bytes_per_layer(cfg, mbs, cfg.seq_length, tp_size, sp, mode, 4, device="cpu")
             rows.append({"tp": tp_size, "sequence_parallel": sp, "recompute": mode, "measured": measured,
                          "estimated": estimated})
     return rows

@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass
 from typing import NoReturn
 
-from engine.models.llama import PRESETS, ModelConfig, preset
+from engine.models.llama import PRESETS, ModelConfig, preset, sdpa_native_gqa
 
 H100_BF16_DENSE_FLOPS = 989e12
 BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -114,7 +114,7 @@ def state_bytes(params: int, precision: str, zero: int, dp: int) -> dict:
 
 
 def saved_activations(cfg: ModelConfig, micro_batch_size: int, seq_length: int, recompute: str,
-                      bytes_per_element: int) -> list[tuple[str, int, int, str]]:
+                      bytes_per_element: int, device: str = "cuda") -> list[tuple[str, int, int, str]]:
     """The tensors one transformer layer saves for backward: (what, elements, bytes per element, region).
 
     Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"), adapted to this
@@ -122,21 +122,23 @@ def saved_activations(cfg: ModelConfig, micro_batch_size: int, seq_length: int, 
     RMSNorm that upcasts its input to fp32 (so it saves the fp32 input, 1/rms, the normalised x and the
     weighted output, the latter shared with the next matmul), no dropout masks when dropout = 0, and attention
     through SDPA (flash / memory-efficient: q, k, v, the output and an fp32 log-sum-exp per head and token are
-    saved, never the s x s scores). attention_core expands k and v to num_heads with repeat_interleave before
-    SDPA, so SDPA saves them at full width (a native-GQA kernel would save kv_dim).
+    saved, never the s x s scores). Where llama.sdpa_native_gqa holds for `device` and the precision (torch >=
+    2.5, but not fp32 on CUDA) attention_core passes the un-expanded k and v with enable_gqa and SDPA saves them
+    kv_dim wide (measured on CPU: the flash kernel saves k, v at kv_dim and the log-sum-exp per query head);
+    otherwise it expands them to num_heads with repeat_interleave first, so SDPA saves them at full width.
 
     region "tp": inside the tensor-parallel region, split over tp. "seq": norm/residual region, split over
     tp only with sequence parallelism (assuming, as Megatron does, that the column-parallel matmuls save their
     sequence-sharded input and all-gather it again in backward).
 
-    recompute "none": all of the above. "selective": the attention core (repeat_interleave + SDPA) is
-    recomputed, so only its inputs are kept: q and the un-expanded k, v (kv_dim wide); its output is still
-    saved as the input of wo; the expanded k, v and the log-sum-exp are dropped. With flash attention there is
-    no s^2 term left to save, so selective saves little (nothing but the log-sum-exp without GQA). "full": only
-    the layer input is kept. Transients (one layer's rematerialised activations during its backward, gradient
-    buffers) are not counted. With dropout > 0 the residual dropout masks are counted as CUDA's native_dropout
-    keeps them (1 byte each); dropout on the attention probabilities is not (flash attention replays it from
-    the RNG state).
+    recompute "none": all of the above. "selective": the attention core (SDPA, plus repeat_interleave on old
+    torch) is recomputed, so only its inputs are kept: q and the un-expanded k, v (kv_dim wide); its output is
+    still saved as the input of wo; the log-sum-exp (and on old torch the expanded k, v) is dropped. With flash
+    attention there is no s^2 term left to save, so selective saves little (nothing but the log-sum-exp with
+    native GQA or without GQA). "full": only the layer input is kept. Transients (one layer's rematerialised
+    activations during its backward, gradient buffers) are not counted. With dropout > 0 the residual dropout
+    masks are counted as CUDA's native_dropout keeps them (1 byte each); dropout on the attention
+    probabilities is not (flash attention replays it from the RNG state).
     """
     e, sb, h, f = bytes_per_element, micro_batch_size * seq_length, cfg.hidden_size, cfg.ffn_hidden_size
     q, kv, heads = cfg.num_heads * cfg.head_dim, cfg.kv_dim, cfg.num_heads
@@ -147,10 +149,12 @@ def saved_activations(cfg: ModelConfig, micro_batch_size: int, seq_length: int, 
         return [(f"{name} input, upcast to fp32", sb * h, 4, "seq"), (f"{name} 1/rms", sb, 4, "seq"),
                 (f"{name} normalised x (for the weight grad)", sb * h, e, "seq"),
                 (f"{name} output = {consumer} input", sb * h, e, "seq")]
+    native = kv == q or sdpa_native_gqa(device, fp32=bytes_per_element == 4)
+    sdpa_kv, expanded = (kv, "") if native else (q, ", expanded to num_heads")
     attention_core = {
         "none": [("q after RoPE (SDPA input)", sb * q, e, "tp"),
-                 ("k after RoPE, expanded to num_heads (SDPA input)", sb * q, e, "tp"),
-                 ("v expanded to num_heads (SDPA input)", sb * q, e, "tp"),
+                 (f"k after RoPE{expanded} (SDPA input)", sb * sdpa_kv, e, "tp"),
+                 (f"v{expanded} (SDPA input)", sb * sdpa_kv, e, "tp"),
                  ("SDPA log-sum-exp", sb * heads, 4, "tp")],
         "selective": [("q after RoPE (checkpoint input)", sb * q, e, "tp"),
                       ("k after RoPE (checkpoint input)", sb * kv, e, "tp"),
@@ -180,20 +184,21 @@ def _rows_bytes(rows: list, tp: int, sequence_parallel: bool) -> int:
 
 
 def activation_bytes_per_layer(cfg: ModelConfig, micro_batch_size: int, seq_length: int, tp: int,
-                               sequence_parallel: bool, recompute: str, bytes_per_element: int) -> int:
+                               sequence_parallel: bool, recompute: str, bytes_per_element: int,
+                               device: str = "cuda") -> int:
     """Bytes one rank saves for backward per transformer layer and micro-batch (see saved_activations)."""
-    rows = saved_activations(cfg, micro_batch_size, seq_length, recompute, bytes_per_element)
+    rows = saved_activations(cfg, micro_batch_size, seq_length, recompute, bytes_per_element, device)
     return _rows_bytes(rows, tp, sequence_parallel)
 
 
 def microbatch_activation_bytes(cfg: ModelConfig, micro_batch_size: int, seq_length: int, tp: int,
                                 sequence_parallel: bool, recompute: str, bytes_per_element: int,
-                                num_layers: int | None = None, last_stage: bool = True) -> int:
+                                num_layers: int | None = None, last_stage: bool = True, device: str = "cuda") -> int:
     """Bytes one rank saves for backward for one micro-batch through `num_layers` layers (default: all),
     plus the final norm and loss when it holds the last stage: what the trainer's memory event measures."""
     layers = cfg.num_layers if num_layers is None else num_layers
     total = layers * activation_bytes_per_layer(cfg, micro_batch_size, seq_length, tp, sequence_parallel,
-                                                recompute, bytes_per_element)
+                                                recompute, bytes_per_element, device)
     if last_stage:
         rows = saved_head_activations(cfg, micro_batch_size, seq_length, tp, bytes_per_element)
         total += _rows_bytes(rows, tp, sequence_parallel)

@@ -17,7 +17,7 @@ MODEL = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
 def predicted(trainer) -> int:
     cfg, p = trainer.model_cfg, trainer.cfg.parallel
     return est.microbatch_activation_bytes(cfg, trainer.cfg.batch.micro_batch_size, cfg.seq_length, p.tp,
-                                           p.sequence_parallel, trainer.cfg.recompute.recompute, 4)
+                                           p.sequence_parallel, trainer.cfg.recompute.recompute, 4, device="cpu")
 
 
 def measure(argv, world=1):

@@ -180,7 +180,22 @@ def test_activation_table_matches_autograd(monkeypatch, dtype, nbytes, kv_heads,
     run = (lambda: checkpoint(layer, x, cos, sin, use_reentrant=True)) if recompute == "full" \
         else (lambda: layer(x, cos, sin))
     measured = _saved_bytes(run, [*model.parameters(), cos, sin])
-    assert measured == est.activation_bytes_per_layer(cfg, 2, 16, 1, False, recompute, nbytes)
+    assert measured == est.activation_bytes_per_layer(cfg, 2, 16, 1, False, recompute, nbytes, device="cpu")
+
+
+def test_gqa_kv_width_follows_the_attention_kernel():
+    """k and v are saved kv_dim wide where SDPA takes GQA natively (CPU; bf16/fp16 on CUDA: flash), and expanded
+    to the query heads for fp32 on CUDA, whose memory-efficient kernel takes no GQA (and on torch < 2.5)."""
+    from engine.models.llama import SDPA_NATIVE_GQA
+    cfg = preset("tiny")
+    assert cfg.kv_dim < cfg.num_heads * cfg.head_dim
+
+    def k_width(e, device):
+        rows = est.saved_activations(cfg, 1, 8, "none", e, device)
+        return next(n for what, n, _, _ in rows if what.startswith("k after RoPE")) // 8
+    native, expanded = cfg.kv_dim, cfg.num_heads * cfg.head_dim
+    assert k_width(4, "cuda") == expanded
+    assert k_width(2, "cuda") == k_width(4, "cpu") == (native if SDPA_NATIVE_GQA else expanded)
 
 
 @pytest.mark.parametrize("dtype,nbytes", [(torch.float32, 4), (torch.bfloat16, 2)], ids=["fp32", "bf16"])

@@ -22,6 +22,15 @@ from engine.parallel.layers import (ColumnParallelLinear, RowParallelLinear, TPC
 from engine.parallel.random import RNGTracker
 from engine.parallel.recompute import recompute
 
+# SDPA takes un-expanded k, v (enable_gqa) from torch 2.5; before that attention_core repeats them to num_heads.
+SDPA_NATIVE_GQA = torch.__version__ >= (2, 5)
+
+
+def sdpa_native_gqa(device_type: str, fp32: bool) -> bool:
+    """Whether attention_core gives SDPA the un-expanded k, v (enable_gqa): from torch 2.5, except fp32 on CUDA,
+    whose fused kernel (memory-efficient attention) takes no GQA, so SDPA would fall back to its s x s math path."""
+    return SDPA_NATIVE_GQA and not (device_type == "cuda" and fp32)
+
 
 @dataclass
 class ModelConfig:
@@ -208,6 +217,8 @@ class Attention(nn.Module):
 
 def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
     """Causal grouped-query attention. q: [b, h, s, d]; k, v: [b, h_kv, s, d]."""
+    if q.shape[1] != k.shape[1] and sdpa_native_gqa(q.device.type, q.dtype == torch.float32):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=True)
     repeat = q.shape[1] // k.shape[1]
     if repeat > 1:
         k = k.repeat_interleave(repeat, dim=1)
