@@ -272,6 +272,39 @@ def test_reads_main_grad_beside_a_low_precision_param(path, dtype):
         assert torch.equal(p.detach(), q.detach().to(dtype))
 
 
+def test_state_dict_steps_are_not_shared_and_loads_into_torch_adamw(path):
+    """Inside FusedAdamW the parameters of one kernel call share a step tensor; its state_dict gives each its own,
+    so torch.optim.AdamW can continue from it (a shared tensor would be advanced once per parameter)."""
+    device, ops = path
+    params = make_params(device)
+    ref = clone(params)
+    ours = FusedAdamW(params, **HYPER, ops=ops)
+    run(ours, params, 3)
+    saved = snapshot(ours)
+    assert len({id(s["step"]) for s in saved["state"].values()}) == len(saved["state"])
+    theirs = torch.optim.AdamW(ref, **HYPER, foreach=False)
+    for p, q in zip(params, ref):
+        q.data.copy_(p.detach())
+    theirs.load_state_dict(saved)
+    run(theirs, ref, 1, start=3)
+    run(ours, params, 1, start=3)
+    assert [float(s["step"]) for s in theirs.state.values()] == [4.0] * len(ref)
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_a_replaced_state_entry_is_used(path):
+    device, ops = path
+    params = make_params(device)
+    opt = FusedAdamW(params, **HYPER, ops=ops)
+    run(opt, params, 3)
+    opt.state[params[1]]["step"] = torch.tensor(0.0)
+    opt.state[params[1]]["exp_avg"] = torch.zeros_like(opt.state[params[1]]["exp_avg"])
+    run(opt, params, 1, start=3)
+    assert float(opt.state[params[1]]["step"]) == 1.0 and float(opt.state[params[0]]["step"]) == 4.0
+    assert params[1].numel() == 0 or opt.state[params[1]]["exp_avg"].abs().sum() > 0
+
+
 def test_build_optimizer_gives_fused_adamw():
     model = torch.nn.Linear(4, 3)
     opt = build_optimizer("adamw", model.named_parameters(), lr=1e-3, weight_decay=0.05)

@@ -27,9 +27,18 @@ SDPA_NATIVE_GQA = torch.__version__ >= (2, 5)
 
 
 def sdpa_native_gqa(device_type: str, fp32: bool) -> bool:
-    """Whether attention_core gives SDPA the un-expanded k, v (enable_gqa): from torch 2.5, except fp32 on CUDA,
-    whose fused kernel (memory-efficient attention) takes no GQA, so SDPA would fall back to its s x s math path."""
+    """Whether attention_core gives SDPA the un-expanded k, v (enable_gqa): from torch 2.5, except fp32 on CUDA.
+    On CUDA only the flash kernel takes GQA (bf16/fp16, sm80+); where SDPA would pick the memory-efficient kernel
+    instead (fp32, older GPUs), GQA would send it to its s x s math path, so k, v are expanded there."""
     return SDPA_NATIVE_GQA and not (device_type == "cuda" and fp32)
+
+
+def _native_gqa_here(q: torch.Tensor) -> bool:
+    """sdpa_native_gqa for this tensor, and on CUDA only where the flash kernel can run."""
+    if not sdpa_native_gqa(q.device.type, q.dtype == torch.float32):
+        return False
+    return q.device.type != "cuda" or (torch.backends.cuda.flash_sdp_enabled() and q.shape[-1] <= 256
+                                       and torch.cuda.get_device_capability(q.device) >= (8, 0))
 
 
 @dataclass
@@ -217,7 +226,7 @@ class Attention(nn.Module):
 
 def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
     """Causal grouped-query attention. q: [b, h, s, d]; k, v: [b, h_kv, s, d]."""
-    if q.shape[1] != k.shape[1] and sdpa_native_gqa(q.device.type, q.dtype == torch.float32):
+    if q.shape[1] != k.shape[1] and _native_gqa_here(q):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=True)
     repeat = q.shape[1] // k.shape[1]
     if repeat > 1:

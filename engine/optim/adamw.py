@@ -41,11 +41,11 @@ class FusedAdamW(torch.optim.Optimizer):
 
     State per parameter, all tensors (checkpoints save and restore them as they are): "step" (0-dim fp32, CPU),
     "exp_avg" and "exp_avg_sq" (fp32, on the parameter's device), and "master_param" with master weights.
-    Parameters stepped together share one "step" tensor: replace it rather than edit it in place.
+    Parameters stepped together share one "step" tensor (state_dict() gives each parameter its own copy).
     `ops` overrides the kernels (an engine.ext.CompiledOps or TorchOps); by default engine.ext picks them.
 
     The host work per step is small: which parameters go into which kernel call is worked out once and reused
-    while the parameters' gradients, dtypes, devices and state dicts stay the same (a cheap signature checks it).
+    while the parameters' gradients, dtypes, devices and state tensors stay the same (a cheap signature checks it).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, master_weights=False,
@@ -102,7 +102,8 @@ class FusedAdamW(torch.optim.Optimizer):
         sig = [id(self.state)]
         for p in group["params"]:
             g = gradient(p)
-            sig.append(None if g is None else (g.dtype, p.dtype, p.device, id(self.state.get(p))))
+            st = self.state.get(p)
+            sig.append(None if g is None else (g.dtype, p.dtype, p.device, st and tuple(map(id, st.values()))))
         return sig
 
     def _plan(self, group) -> list[_Bucket]:
@@ -136,11 +137,23 @@ class FusedAdamW(torch.optim.Optimizer):
                                    [st["master_param"] for st in states if "master_param" in st], shared))
         return buckets
 
+    def forget_plans(self) -> None:
+        """Drops the cached plans (and their references to the state tensors) now rather than at the next step:
+        for code that replaces optimizer.state wholesale and wants the old tensors freed at once."""
+        self._plans.clear()
+
+    def state_dict(self) -> dict:
+        """torch's state_dict, with a step tensor of its own for every parameter (in the optimizer, the parameters
+        of one kernel call share theirs; shared tensors would stay shared through torch.save and load)."""
+        out = super().state_dict()
+        out["state"] = {i: {**s, "step": s["step"].clone()} if "step" in s else s for i, s in out["state"].items()}
+        return out
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's loader casts floating-point state to each parameter's dtype; here the moments and masters stay
         fp32, so they are taken from `state_dict` as saved (copied onto the parameter's device)."""
         super().load_state_dict(state_dict)
-        self._plans.clear()
+        self.forget_plans()
         params = [p for g in self.param_groups for p in g["params"]]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         for i, p in zip(saved_ids, params):

@@ -106,7 +106,11 @@ class ZeroOptimizer:
             self._install_unit_hooks(units)
         self.overlap_param_gather = overlap_param_gather and stage in (1, 2) and self.dp > 1
         if self.overlap_param_gather:
+            if units is None:
+                raise ValueError("overlap_param_gather needs `units`: the modules whose forward waits for the gathers")
             self._install_param_wait_hooks(units)
+        # NCCL gathers in place from the rank's own slice of the output; gloo needs a separate input
+        self._inplace_gather = dp_group is not None and dist.get_backend(dp_group) == "nccl"
 
     def _place_parameters(self) -> None:
         """Makes every parameter a view of a flat buffer: one for the model (stages 0-2), or one per unit whose
@@ -290,9 +294,10 @@ class ZeroOptimizer:
 
     def _gather_params(self, b: Bucket, async_op: bool) -> None:
         """All-gathers bucket b's updated shards into the parameters."""
-        self._wait_param_gather(b)  # a bucket no unit waited for (parameters unused in forward)
         own_lo, own_hi = self._owned(b)
-        b.send = self.param_buffer[own_lo:own_hi].clone()  # the input may not alias the output
+        b.send = self.param_buffer[own_lo:own_hi]
+        if not self._inplace_gather:
+            b.send = b.send.clone()
         b.gather = all_gather_flat(self.param_buffer[b.start:b.start + b.size], b.send, group=self.dp_group,
                                    async_op=async_op)
         if not async_op:
@@ -409,6 +414,7 @@ class ZeroOptimizer:
 
     # ---- the update ---------------------------------------------------------------------------------------
     def step(self, lr: float, grad_scale: float = 1.0) -> None:
+        self._wait_param_gathers(self.buckets)  # the last step's, where no forward waited (unused parameters)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step(grad_scale=grad_scale)
@@ -459,6 +465,8 @@ class ZeroOptimizer:
         parameter, or whole tensors for other state). Fills the optimizer state of every owned piece; an fp32 run
         takes a saved fp32 master (of a bf16/fp16 run) as the weight itself."""
         self.optimizer.state.clear()
+        if hasattr(self.optimizer, "forget_plans"):  # free the old state now: a rollback must not hold it twice
+            self.optimizer.forget_plans()
         for pc in self.pieces:
             saved = states.get(pc.name, {})
             state = {}

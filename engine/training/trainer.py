@@ -257,8 +257,8 @@ class Trainer:
             st.skipped_steps += 1
         if self.scaler is not None:
             self.scaler.update(found_inf=not finite)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":  # the compute stream only: --overlap-param-gather leaves gathers in flight
+            torch.cuda.current_stream(self.device).synchronize()
         elapsed = time.perf_counter() - start
         st.step, st.consumed_samples = step, st.consumed_samples + global_batch
         st.data_position += global_batch
