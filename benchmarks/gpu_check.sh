@@ -12,7 +12,8 @@
 #   gpu_check.log         every stage's command and full output
 #   summary.txt           stage results and times, the kernel report, the benchmark tables, the training summary
 #   pytest.xml            JUnit report of the kernel tests
-#   bench_kernels_64M.json, bench_kernels_256M.json   kernel benchmark results (see benchmarks/bench_kernels.py)
+#   bench_kernels_64M.json, bench_kernels_256M.json, bench_kernels_host.json   kernel benchmark results
+#                                                     (see benchmarks/bench_kernels.py; host: 128K params in 128 tensors)
 #   train_metrics.jsonl   the training job's metrics
 # The exit status is the number of failed stages.
 set -u -o pipefail
@@ -113,6 +114,9 @@ bench() {
     "$PY" benchmarks/bench_kernels.py --device "$DEVICE" --params "$n" --out-json "$OUT/bench_kernels_$((n / 1048576))M.json" \
       | tee -a "$SUMMARY" || rc=1
   done
+  # host-bound: 128 tiny tensors, where the step's Python work (not the kernel) sets the time
+  "$PY" benchmarks/bench_kernels.py --device "$DEVICE" --cases adamw-fp32 adamw-bf16-master --params 131072 \
+    --tensors 128 --iters 50 --out-json "$OUT/bench_kernels_host.json" | tee -a "$SUMMARY" || rc=1
   return "$rc"
 }
 
