@@ -89,8 +89,10 @@ def test_tied_embeddings_stay_in_sync_across_stages(workdir):
     launch(2, tied + ["--run-name", "tied-pp2", "--pp", "2"], workdir)
     launch(8, tied + ["--run-name", "tied-3d", "--tp", "2", "--pp", "2", "--dp", "2", "--vpp", "2",
                       "--sequence-parallel", "--zero", "3"], workdir)
+    # one stage: the head reads the embedding's ZeRO-3 unit
+    launch(2, tied + ["--run-name", "tied-zero3", "--dp", "2", "--zero", "3"], workdir)
     ref = step_losses(workdir / "runs" / "tied-single" / "metrics.jsonl")
-    for run in ("tied-pp2", "tied-3d"):
+    for run in ("tied-pp2", "tied-3d", "tied-zero3"):
         assert step_losses(workdir / "runs" / run / "metrics.jsonl") == pytest.approx(ref, rel=RTOL), run
 
 

@@ -78,9 +78,9 @@ class ZeroOptimizer:
                  units: list | None = None, keep_params_in_step: bool = False, overlap_param_gather: bool = False):
         """named_params: in forward order. make_optimizer(param_groups) builds the inner optimizer. deferred:
         names whose gradients must first be summed over `embedding_group` after the schedule; tp_reduced:
-        names whose gradients are partial sums over `tp_group` (sequence-parallel norm gains). units (stage 3):
-        [(module entered first, module left last, [parameter names])] in forward order (stage 3, and stages
-        1-2 with overlap_param_gather)."""
+        names whose gradients are partial sums over `tp_group` (sequence-parallel norm gains). units:
+        [(module entered first, module left last, [parameter names], [names of other units' parameters it reads,
+        e.g. a tied head's embedding])] in forward order (stage 3, and stages 1-2 with overlap_param_gather)."""
         self.stage, self.dp_group, self.dp = stage, dp_group, _dp_size(dp_group)
         self.dp_rank = 0 if dp_group is None else dist.get_group_rank(dp_group, dist.get_rank())
         self.tp_group, self.embedding_group = tp_group, embedding_group
@@ -155,7 +155,7 @@ class ZeroOptimizer:
 
     def _layout_units(self, units, by_name: dict, deferred: set) -> list[Bucket]:
         buckets, start = [], 0
-        for _, _, names in units:
+        for _, _, names, _ in units:
             off, offsets = start, []
             for n in names:
                 offsets.append(off)
@@ -259,37 +259,43 @@ class ZeroOptimizer:
             self._release(b)
 
     def _install_unit_hooks(self, units) -> None:
-        bucket_of = {id(names): b for (_, _, names), b in zip(units, self.buckets)}
-        order = [bucket_of[id(names)] for _, _, names in units]
-        for i, (first, last, names) in enumerate(units):
-            b = order[i]
+        """Stage 3: each unit gathers its bucket, and those of other units' parameters it reads (`needs`), for
+        its forward and again for its backward, prefetching the neighbouring unit's bucket."""
+        bucket_of = {name: self.where[p][0] for p, name in self.names.items()}
+        order = [bucket_of[names[0]] for _, _, names, _ in units]
+        for i, (first, last, _, borrowed) in enumerate(units):
+            needs = [order[i]] + [bucket_of[n] for n in borrowed]
             nxt = order[i + 1] if i + 1 < len(order) else None
             prev = order[i - 1] if i > 0 else None
-            first.register_forward_pre_hook(lambda *_, b=b, nxt=nxt: self._before_forward(b, nxt))
-            last.register_forward_hook(lambda m, args, out, b=b, prev=prev: self._after_forward(b, prev, out))
+            first.register_forward_pre_hook(lambda *_, needs=needs, nxt=nxt: self._before_forward(needs, nxt))
+            last.register_forward_hook(lambda m, args, out, needs=needs, prev=prev: self._after_forward(needs, prev,
+                                                                                                      out))
 
-    def _before_forward(self, b: Bucket, nxt: Bucket | None) -> None:
-        self._gather(b)
+    def _before_forward(self, needs: list[Bucket], nxt: Bucket | None) -> None:
+        for b in needs:
+            self._gather(b)
         if nxt is not None:
             self._gather(nxt, wait=False)  # prefetch: overlaps the next unit's gather with this unit's compute
 
-    def _after_forward(self, b: Bucket, prev: Bucket | None, out) -> None:
+    def _after_forward(self, needs: list[Bucket], prev: Bucket | None, out) -> None:
         if torch._C._current_graph_task_id() != -1:  # a recomputation inside backward: keep the parameters
             return
         if torch.is_tensor(out) and out.requires_grad:
-            out.register_hook(lambda grad, b=b, prev=prev: self._before_backward(b, prev))
-        self._maybe_release(b)
+            out.register_hook(lambda grad, needs=needs, prev=prev: self._before_backward(needs, prev))
+        for b in needs:
+            self._maybe_release(b)
 
-    def _before_backward(self, b: Bucket, prev: Bucket | None) -> None:
-        self._gather(b)
+    def _before_backward(self, needs: list[Bucket], prev: Bucket | None) -> None:
+        for b in needs:
+            self._gather(b)
         if prev is not None:
             self._gather(prev, wait=False)
 
     # ---- stages 1-2: overlapping the parameter all-gather with the next forward ----------------------------
     def _install_param_wait_hooks(self, units) -> None:
         by_name = {name: p for p, name in self.names.items()}
-        for first, _, names in units:
-            buckets = list({id(b): b for b in (self.where[by_name[n]][0] for n in names)}.values())
+        for first, _, names, borrowed in units:
+            buckets = list({id(b): b for b in (self.where[by_name[n]][0] for n in names + borrowed)}.values())
             first.register_forward_pre_hook(lambda *_, buckets=buckets: self._wait_param_gathers(buckets))
 
     def _gather_params(self, b: Bucket, async_op: bool) -> None:

@@ -397,9 +397,7 @@ def validate(cfg: Config, world_size: int) -> None:
 def _check_implemented(cfg: Config) -> None:
     """Settings whose machinery has not landed yet fail with a clear message instead of running wrongly."""
     p = cfg.parallel
-    pending = [("--zero 3", p.zero == 3 and p.dp > 1 and cfg.model.tie_embeddings and p.pp == 1,
-                "ZeRO-3 with --tie-embeddings in a single pipeline stage (the shared weight spans two units)"),
-               ("--optimizer adafactor", cfg.optimizer.optimizer == "adafactor" and p.tp > 1,
+    pending = [("--optimizer adafactor", cfg.optimizer.optimizer == "adafactor" and p.tp > 1,
                 "Adafactor under tensor parallelism (its factored statistics span whole matrices)"),
                ("--optimizer adafactor", cfg.optimizer.optimizer == "adafactor" and p.zero > 0 and p.dp > 1,
                 "Adafactor with ZeRO sharding (it needs whole matrices; use --zero 0)")]

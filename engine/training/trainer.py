@@ -150,17 +150,18 @@ class Trainer:
 
     def _units(self) -> list:
         """ZeRO-3's gathering units, and --overlap-param-gather's waiting points, in forward order: (module
-        entered first, module left last, parameter names) for the embedding, each layer, and the final norm +
-        head."""
+        entered first, module left last, parameter names, names of other units' parameters it reads) for the
+        embedding, each layer, and the final norm + head (which reads the embedding when tied in one stage)."""
         units = []
         for chunk in self.chunks:
             if chunk.embedding is not None:
-                units.append((chunk.embedding, chunk.embedding, ["embedding.weight"]))
+                units.append((chunk.embedding, chunk.embedding, ["embedding.weight"], []))
             for index, layer in chunk.layers.items():
-                units.append((layer, layer, [f"layers.{index}.{n}" for n, _ in layer.named_parameters()]))
+                units.append((layer, layer, [f"layers.{index}.{n}" for n, _ in layer.named_parameters()], []))
             if chunk.norm is not None:
                 names = ["norm.weight"] + (["head.weight"] if chunk.head is not None else [])
-                units.append((chunk.norm, chunk, names))
+                tied_here = chunk.head is None and chunk.embedding is not None
+                units.append((chunk.norm, chunk, names, ["embedding.weight"] if tied_here else []))
         return units
 
     def _tied_copy(self, name: str) -> bool:
