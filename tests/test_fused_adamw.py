@@ -44,6 +44,11 @@ def run(opt, params, steps, start=0, **step_kwargs):
         opt.step(**step_kwargs)
 
 
+def assert_params_close(params, ref):
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def assert_state_close(ours, ref, keys=("exp_avg", "exp_avg_sq"), **tol):
     for p, q in zip(ours.state, ref.state):
         for key in keys:
@@ -59,8 +64,7 @@ def test_matches_torch_adamw(path, weight_decay):
     theirs = torch.optim.AdamW(groups(ref, weight_decay), **HYPER, foreach=False)
     run(ours, params, 20)
     run(theirs, ref, 20)
-    for p, q in zip(params, ref):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert_params_close(params, ref)
     assert_state_close(ours, theirs, rtol=1e-5, atol=1e-7)
     assert all(float(s["step"]) == 20 for s in ours.state.values())
 
@@ -73,8 +77,7 @@ def test_adam_l2_mode_matches_torch_adam(path):
     theirs = torch.optim.Adam(ref, **HYPER, weight_decay=0.1, foreach=False)
     run(ours, params, 20)
     run(theirs, ref, 20)
-    for p, q in zip(params, ref):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert_params_close(params, ref)
 
 
 def ulp(x: torch.Tensor, dtype) -> torch.Tensor:
@@ -198,8 +201,7 @@ def test_works_with_lambda_lr(path):
         for s in schedules:
             s.step()
     assert ours.param_groups[0]["lr"] == pytest.approx(HYPER["lr"] * 0.8 ** 10)
-    for p, q in zip(params, ref):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert_params_close(params, ref)
 
 
 def test_params_without_grads_are_left_alone(path):
@@ -228,8 +230,7 @@ def test_params_dropping_out_of_some_steps_match_torch(path):
             for i in skipped.get(step, []):
                 side[i].grad = None
             opt.step()
-    for p, q in zip(params, ref):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert_params_close(params, ref)
     assert [float(ours.state[p]["step"]) for p in params] == [float(theirs.state[q]["step"]) for q in ref]
     assert_state_close(ours, theirs, rtol=1e-5, atol=1e-7)
 
@@ -289,8 +290,7 @@ def test_state_dict_steps_are_not_shared_and_loads_into_torch_adamw(path):
     run(theirs, ref, 1, start=3)
     run(ours, params, 1, start=3)
     assert [float(s["step"]) for s in theirs.state.values()] == [4.0] * len(ref)
-    for p, q in zip(params, ref):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert_params_close(params, ref)
 
 
 def test_a_replaced_state_entry_is_used(path):
