@@ -95,3 +95,39 @@ def _measure_peaks(rank, world, corpus, workdir):
 
 def test_executor_peak_matches_the_tool(corpus, tmp_path):
     distributed.run(functools.partial(_measure_peaks, corpus=corpus, workdir=str(tmp_path)), world=4)
+
+
+def test_a_coalesced_batch_is_waited_for_when_it_holds_a_receive(monkeypatch):
+    """NCCL's batch_isend_irecv returns one handle for a whole batch: the receive it carries must still be
+    waited for before its tensor is used, and a batch of sends only is left for the end of the step."""
+    import torch
+    import torch.distributed as dist
+    from engine.pipeline.p2p import P2P
+    from engine.pipeline.schedules import Action
+
+    class Work:
+        def __init__(self):
+            self.waited = False
+
+        def wait(self, timeout=None):
+            self.waited = True
+            return True
+
+    handed_out = []
+
+    def coalesced(ops):
+        handed_out.append(Work())
+        return [handed_out[-1]]
+
+    monkeypatch.setattr(dist, "batch_isend_irecv", coalesced)
+    monkeypatch.setattr(dist, "P2POp", lambda op, tensor, peer, tag=0: type("Op", (), {"tensor": tensor})())
+    topo = type("Topo", (), {"pp": 2, "pp_rank": 0, "dp_rank": 0, "tp_rank": 0, "rank": 0,
+                             "grid": torch.arange(2).view(2, 1, 1)})()
+    p2p = P2P(topo, (1, 2), torch.float32, torch.device("cpu"), vpp=1)
+    send, recv = Action(SEND_F, 0), Action(RECV_B, 0)
+    received = p2p.exchange([send, recv], {send: torch.zeros(1, 2)})
+    assert set(received) == {recv} and handed_out[-1].waited
+    p2p.exchange([Action(SEND_F, 1)], {Action(SEND_F, 1): torch.zeros(1, 2)})
+    assert not handed_out[-1].waited and len(p2p.pending_sends) == 1
+    p2p.finish()
+    assert handed_out[-1].waited and not p2p.pending_sends

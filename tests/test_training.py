@@ -174,6 +174,25 @@ def test_keep_last(run_dir, corpus):
         "step_00000005", "step_00000006"]
 
 
+def test_keep_last_never_deletes_what_a_restarted_run_just_wrote(run_dir, corpus):
+    """A run restarted from an earlier step into the same --save directory: its checkpoints sort before the
+    later ones of the first run, and keep-last must delete only steps older than the one just written."""
+    assert main(SMALL + ["--data", corpus, "--steps", "8", "--save-interval", "4", "--run-name", "k"]) == 0
+    assert main(SMALL + ["--data", corpus, "--steps", "6", "--save-interval", "1", "--keep-last", "1",
+                         "--load", "runs/k/checkpoints/step_00000004", "--run-name", "k"]) == 0
+    steps = sorted(d for d in os.listdir("runs/k/checkpoints") if d.startswith("step_"))
+    assert steps == ["step_00000006", "step_00000008"]
+    assert CheckpointReader(resolve("runs/k/checkpoints")).meta["step"] == 6
+
+
+def test_corrupt_meta_json_is_reported_by_name(run_dir, corpus):
+    assert main(SMALL + ["--data", corpus, "--steps", "2", "--run-name", "m"]) == 0
+    with open("runs/m/checkpoints/step_00000002/meta.json", "w") as fh:
+        fh.write('{"format": ')
+    with pytest.raises(CheckpointError, match="meta.json"):
+        CheckpointReader("runs/m/checkpoints/step_00000002")
+
+
 def test_fp16_loss_scale_and_bf16_autocast_run(run_dir, corpus):
     assert main(SMALL + ["--data", corpus, "--steps", "2", "--precision", "fp16", "--run-name", "h"]) == 0
     steps = [r for r in read_metrics("runs/h/metrics.jsonl") if "event" not in r]

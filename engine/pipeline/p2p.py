@@ -49,20 +49,30 @@ class P2P:
                 received[a] = buf
                 ops.append(dist.P2POp(dist.irecv, buf, self._global_rank(peer_rank), tag=self._tag(a, a.chunk)))
         works = dist.batch_isend_irecv(ops) if ops else []
+        if len(works) != len(ops):  # a coalescing backend (NCCL): one handle for the whole batch
+            receives = [a for a in actions if a.op in (RECV_F, RECV_B)]
+            for work in works:
+                if receives:  # the received tensors are ready once the batch is
+                    self._wait(work, *actions)
+                else:
+                    self.pending_sends.append((actions, work, [op.tensor for op in ops]))
+            return received
         for a, op, work in zip(actions, ops, works):
             if a.op in (SEND_F, SEND_B):
-                self.pending_sends.append((a, work, op.tensor))
+                self.pending_sends.append(([a], work, op.tensor))
             else:
                 self._wait(work, a)
         return received
 
-    def _wait(self, work, action: Action) -> None:
+    def _wait(self, work, *actions: Action) -> None:
+        """Waits for one transfer, or for a coalesced batch of them (named together in errors)."""
+        what = "; ".join(self._describe(a) for a in actions)
         try:
             ok = work.wait(self.timeout)
         except RuntimeError as exc:
-            raise PipelineTimeout(self._describe(action) + f" failed: {exc}") from None
+            raise PipelineTimeout(what + f" failed: {exc}") from None
         if ok is False:
-            raise PipelineTimeout(self._describe(action) + f" timed out after {self.timeout.total_seconds()} s")
+            raise PipelineTimeout(what + f" timed out after {self.timeout.total_seconds()} s")
 
     def _describe(self, action: Action) -> str:
         peer_rank, _ = peer(action, self.topo.pp_rank, self.topo.pp)
@@ -73,6 +83,6 @@ class P2P:
 
     def finish(self) -> None:
         """Waits for every send of the step (their buffers are released afterwards)."""
-        for action, work, _ in self.pending_sends:
-            self._wait(work, action)
+        for actions, work, _ in self.pending_sends:
+            self._wait(work, *actions)
         self.pending_sends = []

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 
 import torch
@@ -42,10 +43,20 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def _write_json_atomic(path: str, obj) -> None:
+def _fsync(path: str) -> None:
+    """Forces a file's (or a directory's entries') data to disk: a checkpoint that `latest` names must survive a
+    power failure, not only a crash of the process."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: str, text: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
+        fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -62,6 +73,7 @@ def write_rank_file(tmp_dir: str, rank: int, tensors: dict[str, torch.Tensor],
     path = os.path.join(tmp_dir, name)
     save_file({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, path,
               metadata={"slices": json.dumps(header)})
+    _fsync(path)
     return name, sha256_file(path)
 
 
@@ -69,16 +81,22 @@ def finalize(save_dir: str, step: int, meta: dict, files: dict[str, str], keep_l
     """Called by one rank once every rank file is written: meta.json, rename into place, update `latest`."""
     final = os.path.join(save_dir, step_dir_name(step))
     tmp = final + ".tmp"
-    _write_json_atomic(os.path.join(tmp, "meta.json"), {**meta, "format": FORMAT_VERSION, "step": step,
-                                                         "files": files})
-    if os.path.exists(final):  # re-saving a step (after a rollback): replace it
-        shutil.rmtree(final)
+    _write_atomic(os.path.join(tmp, "meta.json"), json.dumps({**meta, "format": FORMAT_VERSION, "step": step,
+                                                              "files": files}, indent=1))
+    _fsync(tmp)
+    replaced = None
+    if os.path.exists(final):  # re-saving a step (after a rollback): keep the old one until the new is in place
+        replaced = final + ".old"
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
     os.replace(tmp, final)
-    with open(os.path.join(save_dir, "latest.tmp"), "w") as fh:
-        fh.write(step_dir_name(step) + "\n")
-    os.replace(os.path.join(save_dir, "latest.tmp"), os.path.join(save_dir, "latest"))
-    if keep_last:
-        for old in list_checkpoints(save_dir)[:-keep_last]:
+    _write_atomic(os.path.join(save_dir, "latest"), step_dir_name(step) + "\n")
+    _fsync(save_dir)
+    if replaced:
+        shutil.rmtree(replaced, ignore_errors=True)
+    if keep_last:  # only older steps: a run restarted from an earlier step must not delete what it just wrote
+        older = [d for d in list_checkpoints(save_dir) if d < step_dir_name(step)]
+        for old in older[:max(0, len(older) - (keep_last - 1))]:
             shutil.rmtree(os.path.join(save_dir, old), ignore_errors=True)
     return final
 
@@ -119,8 +137,7 @@ def list_checkpoints(save_dir: str) -> list[str]:
     if not os.path.isdir(save_dir):
         return []
     return sorted(d for d in os.listdir(save_dir)
-                  if d.startswith("step_") and not d.endswith(".tmp")
-                  and os.path.isfile(os.path.join(save_dir, d, "meta.json")))
+                  if re.fullmatch(r"step_\d{8}", d) and os.path.isfile(os.path.join(save_dir, d, "meta.json")))
 
 
 def resolve(path: str) -> str | None:
@@ -145,8 +162,12 @@ class CheckpointReader:
 
     def __init__(self, step_dir: str):
         self.step_dir = step_dir
-        with open(os.path.join(step_dir, "meta.json")) as fh:
-            self.meta = json.load(fh)
+        try:
+            with open(os.path.join(step_dir, "meta.json")) as fh:
+                self.meta = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"checkpoint file {os.path.join(step_dir, 'meta.json')} is corrupt or truncated "
+                                  f"({exc}); load an earlier step directory instead") from None
         if self.meta.get("format") != FORMAT_VERSION:
             raise CheckpointError(f"{step_dir}: checkpoint format {self.meta.get('format')} is not supported "
                                   f"(this engine reads format {FORMAT_VERSION})")
@@ -198,13 +219,13 @@ class CheckpointReader:
         out, covered = None, 0
         for path, info in self.index[key]:
             lo = [max(a, b) for a, b in zip(offset, info["offset"])]
-            self._verify(path)
             with safe_open(path, "pt") as f:
                 src = f.get_slice(key)
                 src_shape = src.get_shape()
                 hi = [min(a + n, b + m) for a, n, b, m in zip(offset, shape, info["offset"], src_shape)]
                 if any(h <= l for h, l in zip(hi, lo)) and len(shape) > 0:
-                    continue
+                    continue  # no overlap: this file is neither read nor hashed
+                self._verify(path)
                 piece = src[tuple(slice(l - b, h - b) for l, h, b in zip(lo, hi, info["offset"]))]
             if out is None:
                 out = torch.empty(shape, dtype=piece.dtype)

@@ -73,6 +73,8 @@ class Trainer:
         self.run_name = run.run_name or f"{cfg.model.model}-tp{p.tp}-pp{p.pp}-dp{p.dp}"
         self.run_dir = os.path.join("runs", self.run_name)
         self.save_dir = cfg.checkpoint.save or os.path.join(self.run_dir, "checkpoints")
+        self.last_checkpoint: str | None = None  # this run's latest saved or resumed step directory (rollbacks)
+        self.last_saved_step: int | None = None
         self.metrics_path = run.metrics_file or os.path.join(self.run_dir, "metrics.jsonl")
         self.plot_path = run.plot or os.path.join(self.run_dir, "loss.png")
         self.is_logger = self.rank == 0
@@ -318,8 +320,10 @@ class Trainer:
                 "model_config": dataclasses.asdict(self.model_cfg), "layout": self._layout(),
                 "optimizer": self.cfg.optimizer.optimizer,
                 "scaler": self.scaler.state_dict() if self.scaler else None}
-        return ckpt.save(self.save_dir, self.state.step, self.rank, tensors, slices, meta,
-                         self.cfg.checkpoint.keep_last)
+        self.last_checkpoint = ckpt.save(self.save_dir, self.state.step, self.rank, tensors, slices, meta,
+                                         self.cfg.checkpoint.keep_last)
+        self.last_saved_step = self.state.step
+        return self.last_checkpoint
 
     def load_checkpoint(self, step_dir: str) -> None:
         reader = ckpt.CheckpointReader(step_dir)
@@ -341,6 +345,9 @@ class Trainer:
             return
         self.zero.load_state_by_name(states)
         self.state = TrainState(**meta["state"])
+        self.last_checkpoint = step_dir
+        if os.path.dirname(os.path.abspath(step_dir)) == os.path.abspath(self.save_dir):
+            self.last_saved_step = self.state.step  # already in --save: the final save need not repeat it
         if self.scaler is not None and meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
         prefix = f"rng/rank{self.rank}/"
@@ -363,7 +370,7 @@ class Trainer:
         return loss > factor * (sum(history) / len(history))
 
     def rollback(self, metrics: MetricsWriter, progress: Progress) -> None:
-        step_dir = ckpt.resolve(self.save_dir) if os.path.isdir(self.save_dir) else None
+        step_dir = self.last_checkpoint  # this run's, not whatever `latest` in --save names
         st = self.state
         if step_dir is None:
             progress.log(f"warning: loss spike at step {st.step} but no checkpoint in {self.save_dir} to roll "
@@ -450,7 +457,7 @@ class Trainer:
                     return self.state
                 if cfg.checkpoint.save_interval and rec["step"] % cfg.checkpoint.save_interval == 0:
                     progress.log(f"saved {self.save_checkpoint()}")
-            if not os.path.isdir(os.path.join(self.save_dir, ckpt.step_dir_name(self.state.step))):
+            if self.last_saved_step != self.state.step:
                 progress.log(f"saved {self.save_checkpoint()}")
         finally:
             signal.signal(signal.SIGTERM, previous)
