@@ -131,3 +131,20 @@ def test_a_coalesced_batch_is_waited_for_when_it_holds_a_receive(monkeypatch):
     assert not handed_out[-1].waited and len(p2p.pending_sends) == 1
     p2p.finish()
     assert handed_out[-1].waited and not p2p.pending_sends
+
+
+@pytest.mark.parametrize("name", ["1f1b", "gpipe"])
+@pytest.mark.parametrize("pp", [2, 3, 4, 8])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 16])
+def test_batches_complete_under_nccl_group_rules(name, pp, m):
+    from engine.pipeline.simulate import nccl_deadlock
+    assert nccl_deadlock(build(name, pp, m), pp) is None
+
+
+def test_the_nccl_check_finds_a_deadlock():
+    """Two ranks that each send in one batch and receive only in the next wait for each other under NCCL."""
+    from engine.pipeline.schedules import Action
+    from engine.pipeline.simulate import nccl_deadlock
+    ranks = [[Action(SEND_F, 0), Action("F", 1), Action(RECV_B, 0)],
+             [Action(SEND_B, 0), Action("B", 1), Action(RECV_F, 0)]]
+    assert "every rank waits" in nccl_deadlock(ranks, 2)

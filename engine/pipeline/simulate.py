@@ -57,6 +57,49 @@ def simulate(lists: list[list[Action]], pp: int, vpp: int, forward_cost: float =
     return Timeline(spans, makespan, 1.0 - busy / (pp * makespan), peak)
 
 
+def _batches(actions: list[Action]) -> list[list[Action]]:
+    """The executor's batches: runs of consecutive communication actions, posted as one batch_isend_irecv."""
+    out: list[list[Action]] = []
+    previous_was_comm = False
+    for a in actions:
+        comm = a.op in (SEND_F, SEND_B, RECV_F, RECV_B)
+        if comm:
+            if not previous_was_comm:
+                out.append([])
+            out[-1].append(a)
+        previous_was_comm = comm
+    return out
+
+
+def nccl_deadlock(lists: list[list[Action]], pp: int) -> str | None:
+    """Whether the schedule's communication batches can complete under NCCL's rules, where a batch is one
+    group: it finishes only when every message in it is matched by the peer's batch in flight, and a rank's
+    batches run one after another. Returns None when every rank gets through, else where they stop. (gloo
+    matches messages one by one, so there any consistent order completes.)"""
+    def message(rank: int, a: Action) -> tuple:
+        peer_rank, peer_chunk = peer(a, rank, pp)
+        kind = "F" if a.op in (SEND_F, RECV_F) else "B"
+        if a.op in (SEND_F, SEND_B):
+            return rank, peer_rank, kind, a.microbatch, peer_chunk
+        return peer_rank, rank, kind, a.microbatch, a.chunk
+
+    batches = [[{message(r, a) for a in b} for b in _batches(actions)] for r, actions in enumerate(lists)]
+    position, matched = [0] * pp, set()
+    while any(position[r] < len(batches[r]) for r in range(pp)):
+        current = [batches[r][position[r]] if position[r] < len(batches[r]) else set() for r in range(pp)]
+        for r in range(pp):
+            for msg in current[r]:
+                if msg in current[msg[1] if msg[0] == r else msg[0]]:
+                    matched.add(msg)
+        done = [r for r in range(pp) if position[r] < len(batches[r]) and current[r] <= matched]
+        if not done:
+            stuck = {r: sorted(current[r] - matched) for r in range(pp) if current[r]}
+            return f"every rank waits: (sender, receiver, kind, micro-batch, chunk) unmatched per rank {stuck}"
+        for r in done:
+            position[r] += 1
+    return None
+
+
 def run(name: str, pp: int, m: int, vpp: int = 1) -> Timeline:
     return simulate(build(name, pp, m, vpp), pp, vpp)
 
