@@ -12,4 +12,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from engine.training import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Leave without the interpreter's teardown: with gloo, worker threads that still hold finished collectives'
+    # tensors can abort the process during it (SIGABRT, "terminate called without an active exception") after
+    # the run has completed and saved. Everything the run writes is closed and synced by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

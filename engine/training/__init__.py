@@ -4,8 +4,6 @@ from __future__ import annotations
 import os
 import sys
 
-import torch.distributed as dist
-
 from engine.training.checkpoint import CheckpointError
 from engine.training.config import Config, ConfigError, exit_on_config_error, parse_config, validate
 
@@ -24,16 +22,12 @@ def main(argv: list[str] | None = None) -> int:
         init_distributed(cfg.run.collective_timeout, cfg.run.device)
         return Trainer(cfg)
 
-    caller_owns_group = dist.is_initialized()
     trainer = exit_on_config_error(setup)
     try:
         exit_on_config_error(trainer.train)
     except (StopTraining, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    finally:  # leave the process groups we made explicitly: their threads must not meet the interpreter's teardown
-        if dist.is_initialized() and not caller_owns_group:
-            dist.destroy_process_group()
     return 0
 
 
