@@ -224,15 +224,12 @@ class ZeroOptimizer:
             b.full.untyped_storage().resize_(b.size * b.full.element_size())
             b.gather = all_gather_flat(b.full, b.shard, group=self.dp_group, async_op=True)
             b.gathered = True
-        if wait and b.gather is not None:
-            b.gather.wait()
-            b.gather = None
+        if wait:
+            self._wait_gather(b)
 
     def _release(self, b: Bucket) -> None:
         if b.gathered:
-            if b.gather is not None:
-                b.gather.wait()
-                b.gather = None
+            self._wait_gather(b)
             b.full.untyped_storage().resize_(0)
             b.gathered = False
 
@@ -247,7 +244,7 @@ class ZeroOptimizer:
             if self.sharded_params:
                 self._gather(b)
             else:
-                self._wait_param_gather(b)
+                self._wait_gather(b)
 
     def release_all(self, refresh_shards: bool = False) -> None:
         """Releases every gathered unit; refresh_shards first copies this rank's part back into its shard (after
@@ -261,10 +258,9 @@ class ZeroOptimizer:
     def _install_unit_hooks(self, units) -> None:
         """Stage 3: each unit gathers its bucket, and those of other units' parameters it reads (`needs`), for
         its forward and again for its backward, prefetching the neighbouring unit's bucket."""
-        bucket_of = {name: self.where[p][0] for p, name in self.names.items()}
-        order = [bucket_of[names[0]] for _, _, names, _ in units]
+        order = [self._buckets_holding(names)[0] for _, _, names, _ in units]
         for i, (first, last, _, borrowed) in enumerate(units):
-            needs = [order[i]] + [bucket_of[n] for n in borrowed]
+            needs = [order[i]] + self._buckets_holding(borrowed)
             nxt = order[i + 1] if i + 1 < len(order) else None
             prev = order[i - 1] if i > 0 else None
             first.register_forward_pre_hook(lambda *_, needs=needs, nxt=nxt: self._before_forward(needs, nxt))
@@ -292,11 +288,15 @@ class ZeroOptimizer:
             self._gather(prev, wait=False)
 
     # ---- stages 1-2: overlapping the parameter all-gather with the next forward ----------------------------
+    def _buckets_holding(self, names: list[str]) -> list[Bucket]:
+        """The buckets that hold these parameters, each once, in the order first met."""
+        bucket_of = {name: self.where[p][0] for p, name in self.names.items()}
+        return list({id(b): b for b in (bucket_of[n] for n in names)}.values())
+
     def _install_param_wait_hooks(self, units) -> None:
-        by_name = {name: p for p, name in self.names.items()}
         for first, _, names, borrowed in units:
-            buckets = list({id(b): b for b in (self.where[by_name[n]][0] for n in names + borrowed)}.values())
-            first.register_forward_pre_hook(lambda *_, buckets=buckets: self._wait_param_gathers(buckets))
+            buckets = self._buckets_holding(names + borrowed)
+            first.register_forward_pre_hook(lambda *_, buckets=buckets: self._wait_gathers(buckets))
 
     def _gather_params(self, b: Bucket, async_op: bool) -> None:
         """All-gathers bucket b's updated shards into the parameters."""
@@ -309,14 +309,19 @@ class ZeroOptimizer:
         if not async_op:
             b.gather, b.send = None, None
 
-    def _wait_param_gather(self, b: Bucket) -> None:
+    def _gather_all_params(self, async_op: bool) -> None:
+        for b in reversed(self.buckets):  # buckets are in backward order: the embedding's goes first
+            self._gather_params(b, async_op)
+
+    def _wait_gather(self, b: Bucket) -> None:
+        """Waits for b's in-flight parameter all-gather, if any (every stage)."""
         if b.gather is not None:
             b.gather.wait()
             b.gather, b.send = None, None
 
-    def _wait_param_gathers(self, buckets) -> None:
+    def _wait_gathers(self, buckets) -> None:
         for b in buckets:
-            self._wait_param_gather(b)
+            self._wait_gather(b)
 
     def _param_groups(self) -> list[dict]:
         """Weight decay on pieces of matrices, none on pieces of vectors (norm gains)."""
@@ -420,13 +425,12 @@ class ZeroOptimizer:
 
     # ---- the update ---------------------------------------------------------------------------------------
     def step(self, lr: float, grad_scale: float = 1.0) -> None:
-        self._wait_param_gathers(self.buckets)  # the last step's, where no forward waited (unused parameters)
+        self._wait_gathers(self.buckets)  # the last step's, where no forward waited (unused parameters)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step(grad_scale=grad_scale)
         if self.stage in (1, 2) and self.dp > 1:
-            for b in reversed(self.buckets):  # buckets are in backward order: the embedding's goes first
-                self._gather_params(b, async_op=self.overlap_param_gather)
+            self._gather_all_params(async_op=self.overlap_param_gather)
 
     # ---- accounting and checkpoints ------------------------------------------------------------------------
     def param_bytes(self) -> int:
@@ -490,5 +494,4 @@ class ZeroOptimizer:
             if state:
                 self.optimizer.state[pc.shard] = state
         if self.stage in (1, 2) and self.dp > 1:  # every rank wrote only its own pieces of the weights
-            for b in self.buckets:
-                self._gather_params(b, async_op=False)
+            self._gather_all_params(async_op=False)

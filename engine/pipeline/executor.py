@@ -11,9 +11,7 @@ import contextlib
 import torch
 
 from .p2p import P2P
-from .schedules import B, F, RECV_B, RECV_F, SEND_B, SEND_F, Action, virtual_stage
-
-COMMUNICATION = (SEND_F, RECV_F, SEND_B, RECV_B)
+from .schedules import COMMUNICATION, RECV_B, RECV_F, SEND_B, SEND_F, Action, F, runs, virtual_stage
 
 
 def _release(t: torch.Tensor) -> None:
@@ -45,13 +43,8 @@ class PipelineExecutor:
         inputs, outputs, grads_in, received = {}, {}, {}, {}
         total = torch.zeros((), device=micro_batches[0].device)
         inflight = set()
-        i = 0
-        while i < len(actions):
-            if actions[i].op in COMMUNICATION:  # post consecutive transfers together
-                j = i
-                while j < len(actions) and actions[j].op in COMMUNICATION:
-                    j += 1
-                batch = actions[i:j]
+        for batch in runs(actions):
+            if batch[0].op in COMMUNICATION:  # consecutive transfers are posted together
                 outgoing = {a: (outputs[(a.microbatch, a.chunk)].detach() if a.op == SEND_F else
                                 grads_in.pop((a.microbatch, a.chunk))) for a in batch if a.op in (SEND_F, SEND_B)}
                 received.update(self.p2p.exchange(batch, outgoing))
@@ -60,9 +53,8 @@ class PipelineExecutor:
                         _release(outputs[(a.microbatch, a.chunk)])
                     elif a.op == SEND_F:
                         del outputs[(a.microbatch, a.chunk)]
-                i = j
                 continue
-            a = actions[i]
+            a = batch[0]
             unit = (a.microbatch, a.chunk)
             if a.op == F:
                 context = first_forward_context() if a.microbatch == 0 else contextlib.nullcontext()
@@ -76,7 +68,6 @@ class PipelineExecutor:
             else:
                 self._backward(a, inputs, outputs, grads_in, received, loss_scale)
                 inflight.discard(unit)
-            i += 1
         if self.p2p is not None:
             self.p2p.finish()
         return total

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 F, B = "F", "B"                       # forward / backward of one micro-batch through one model chunk
 SEND_F, RECV_F = "SEND_F", "RECV_F"   # activations to the next virtual stage / from the previous one
 SEND_B, RECV_B = "SEND_B", "RECV_B"   # input gradients to the previous virtual stage / from the next one
+COMMUNICATION = (SEND_F, RECV_F, SEND_B, RECV_B)
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,18 @@ def with_communication(compute: list[list[Action]], pp: int, vpp: int) -> list[l
 def build(name: str, pp: int, m: int, vpp: int = 1) -> list[list[Action]]:
     """Every rank's full action list (compute and communication) for one step."""
     return with_communication(SCHEDULES[name](pp, m, vpp), pp, vpp)
+
+
+def runs(actions: list[Action]) -> list[list[Action]]:
+    """The list cut as the executor runs it: consecutive communication actions form one run, posted as one
+    batch_isend_irecv; each compute action is a run of its own."""
+    out: list[list[Action]] = []
+    for a in actions:
+        if a.op in COMMUNICATION and out and out[-1][0].op in COMMUNICATION:
+            out[-1].append(a)
+        else:
+            out.append([a])
+    return out
 
 
 def peer(action: Action, rank: int, pp: int) -> tuple[int, int]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .schedules import B, F, RECV_B, RECV_F, SEND_B, SEND_F, Action, ScheduleError, build, peer
+from .schedules import (COMMUNICATION, RECV_B, RECV_F, SEND_B, SEND_F, Action, B, F, ScheduleError, build, peer,
+                        runs)
 
 
 @dataclass
@@ -57,20 +58,6 @@ def simulate(lists: list[list[Action]], pp: int, vpp: int, forward_cost: float =
     return Timeline(spans, makespan, 1.0 - busy / (pp * makespan), peak)
 
 
-def _batches(actions: list[Action]) -> list[list[Action]]:
-    """The executor's batches: runs of consecutive communication actions, posted as one batch_isend_irecv."""
-    out: list[list[Action]] = []
-    previous_was_comm = False
-    for a in actions:
-        comm = a.op in (SEND_F, SEND_B, RECV_F, RECV_B)
-        if comm:
-            if not previous_was_comm:
-                out.append([])
-            out[-1].append(a)
-        previous_was_comm = comm
-    return out
-
-
 def nccl_deadlock(lists: list[list[Action]], pp: int) -> str | None:
     """Whether the schedule's communication batches can complete under NCCL's rules, where a batch is one
     group: it finishes only when every message in it is matched by the peer's batch in flight, and a rank's
@@ -83,7 +70,8 @@ def nccl_deadlock(lists: list[list[Action]], pp: int) -> str | None:
             return rank, peer_rank, kind, a.microbatch, peer_chunk
         return peer_rank, rank, kind, a.microbatch, a.chunk
 
-    batches = [[{message(r, a) for a in b} for b in _batches(actions)] for r, actions in enumerate(lists)]
+    batches = [[{message(r, a) for a in run} for run in runs(actions) if run[0].op in COMMUNICATION]
+               for r, actions in enumerate(lists)]
     position, matched = [0] * pp, set()
     while any(position[r] < len(batches[r]) for r in range(pp)):
         current = [batches[r][position[r]] if position[r] < len(batches[r]) else set() for r in range(pp)]

@@ -76,7 +76,6 @@ class Trainer:
         self.run_dir = os.path.join("runs", self.run_name)
         self.save_dir = cfg.checkpoint.save or os.path.join(self.run_dir, "checkpoints")
         self.last_checkpoint: str | None = None  # this run's latest saved or resumed step directory (rollbacks)
-        self.last_saved_step: int | None = None
         self.metrics_path = run.metrics_file or os.path.join(self.run_dir, "metrics.jsonl")
         self.plot_path = run.plot or os.path.join(self.run_dir, "loss.png")
         self.is_logger = self.rank == 0
@@ -330,8 +329,12 @@ class Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler else None}
         self.last_checkpoint = ckpt.save(self.save_dir, self.state.step, self.rank, tensors, slices, meta,
                                          self.cfg.checkpoint.keep_last)
-        self.last_saved_step = self.state.step
         return self.last_checkpoint
+
+    def _saved_current_step(self) -> bool:
+        """Whether this run saved (or resumed from) the current step in --save already."""
+        current = os.path.join(self.save_dir, ckpt.step_dir_name(self.state.step))
+        return self.last_checkpoint is not None and os.path.abspath(self.last_checkpoint) == os.path.abspath(current)
 
     def load_checkpoint(self, step_dir: str) -> None:
         reader = ckpt.CheckpointReader(step_dir)
@@ -354,8 +357,6 @@ class Trainer:
         self.zero.load_state_by_name(states)
         self.state = TrainState(**meta["state"])
         self.last_checkpoint = step_dir
-        if os.path.dirname(os.path.abspath(step_dir)) == os.path.abspath(self.save_dir):
-            self.last_saved_step = self.state.step  # already in --save: the final save need not repeat it
         if self.scaler is not None and meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
         prefix = f"rng/rank{self.rank}/"
@@ -465,7 +466,7 @@ class Trainer:
                     return self.state
                 if cfg.checkpoint.save_interval and rec["step"] % cfg.checkpoint.save_interval == 0:
                     progress.log(f"saved {self.save_checkpoint()}")
-            if self.last_saved_step != self.state.step:
+            if not self._saved_current_step():
                 progress.log(f"saved {self.save_checkpoint()}")
         finally:
             signal.signal(signal.SIGTERM, previous)
