@@ -32,3 +32,15 @@ def read_metrics(path):
 def step_losses(path):
     """{step: loss} of the step lines (a later line for the same step wins, as after a rollback)."""
     return {r["step"]: r["loss"] for r in read_metrics(path) if "event" not in r}
+
+
+def trajectory(path, keys=("loss", "grad_norm")):
+    """{(step, key): value} of the step lines, and (step, "eval_loss") of the eval events: what two runs that
+    should train identically are compared on (a later line for the same step wins, as after a rollback)."""
+    out = {}
+    for r in read_metrics(path):
+        if r.get("event") == "eval":
+            out[(r["step"], "eval_loss")] = r["eval_loss"]
+        elif "event" not in r:
+            out.update({(r["step"], k): r[k] for k in keys})
+    return out
