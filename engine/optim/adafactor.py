@@ -13,11 +13,19 @@ from engine.optim.adamw import gradient
 
 
 class Adafactor(torch.optim.Optimizer):
+    """State per parameter, all fp32: "step" (0-dim, CPU); "exp_avg_sq_row" (shape[:-1]) and "exp_avg_sq_col"
+    (shape[:-2] + shape[-1:]) for tensors of two or more dimensions, else "exp_avg_sq" (the parameter's shape);
+    "exp_avg" when beta1 > 0; and, with master_weights=True, "master_param" for bf16/fp16 parameters: the fp32
+    weights the step updates, the parameter receiving their rounding (as FusedAdamW does). Without masters a
+    low-precision parameter is updated through a temporary fp32 copy, so an update smaller than half its
+    resolution is lost. Gradients are read by `gradient(p)`: `p.main_grad` when set, else `p.grad`."""
+
     def __init__(self, params, lr=1e-3, beta1=0.0, decay_rate=-0.8, eps=1e-30, clip_threshold=1.0,
-                 weight_decay=0.0):
+                 weight_decay=0.0, master_weights=False):
         defaults = dict(lr=lr, beta1=beta1, decay_rate=decay_rate, eps=eps, clip_threshold=clip_threshold,
                         weight_decay=weight_decay)
         super().__init__(params, defaults)
+        self.master_weights = master_weights
 
     @staticmethod
     def _rms(x: torch.Tensor) -> torch.Tensor:
@@ -32,24 +40,32 @@ class Adafactor(torch.optim.Optimizer):
                 grad = gradient(p)
                 if grad is None:
                     continue
-                self._update(p, grad.float() * grad_scale, self.state[p], group)
+                grad = grad.float() * grad_scale
+                self._update(p, grad, self._state(p, grad, group), group)
         return loss
 
-    def _update(self, p, grad, state, group):
-        factored = grad.ndim >= 2
-        if not state:
+    def _state(self, p, grad, group) -> dict:
+        """The parameter's state, each entry created when missing (first step, or a restore that lacks it)."""
+        state = self.state[p]
+        if "step" not in state:
             state["step"] = torch.tensor(0.0)
-            if factored:
+        if grad.ndim >= 2:
+            if "exp_avg_sq_row" not in state:
                 state["exp_avg_sq_row"] = grad.new_zeros(grad.shape[:-1])
                 state["exp_avg_sq_col"] = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])
-            else:
-                state["exp_avg_sq"] = torch.zeros_like(grad)
-            if group["beta1"] > 0:
-                state["exp_avg"] = torch.zeros_like(grad)
+        elif "exp_avg_sq" not in state:
+            state["exp_avg_sq"] = torch.zeros_like(grad)
+        if group["beta1"] > 0 and "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(grad)
+        if self.master_weights and p.dtype != torch.float32 and "master_param" not in state:
+            state["master_param"] = p.detach().to(torch.float32, copy=True)
+        return state
+
+    def _update(self, p, grad, state, group):
         state["step"] += 1
         beta2 = 1.0 - state["step"].item() ** group["decay_rate"]
         sq = grad * grad + group["eps"]
-        if factored:
+        if grad.ndim >= 2:
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
             row.lerp_(sq.mean(dim=-1), 1.0 - beta2)
             col.lerp_(sq.mean(dim=-2), 1.0 - beta2)
@@ -61,9 +77,23 @@ class Adafactor(torch.optim.Optimizer):
         update.div_((self._rms(update) / group["clip_threshold"]).clamp_(min=1.0))
         if group["beta1"] > 0:
             update = state["exp_avg"].lerp_(update, 1.0 - group["beta1"])
-        master = p.float() if p.dtype != torch.float32 else p
+        weights = state.get("master_param")  # a restored master is used even when master_weights is off
+        if weights is None:
+            weights = p if p.dtype == torch.float32 else p.float()
         if group["weight_decay"]:
-            master.mul_(1.0 - group["lr"] * group["weight_decay"])
-        master.add_(update, alpha=-group["lr"])
-        if master is not p:
-            p.copy_(master)
+            weights.mul_(1.0 - group["lr"] * group["weight_decay"])
+        weights.add_(update, alpha=-group["lr"])
+        if weights is not p:
+            p.copy_(weights)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's loader casts floating-point state to each parameter's dtype; here the statistics and masters
+        stay fp32, so they are taken from `state_dict` as saved (copied onto the parameter's device)."""
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for i, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(i)
+            if saved is not None:
+                self.state[p] = {k: v.detach().to(device="cpu" if k == "step" else p.device, dtype=torch.float32,
+                                                  copy=True) if torch.is_tensor(v) else v for k, v in saved.items()}
