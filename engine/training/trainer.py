@@ -136,7 +136,8 @@ class Trainer:
         optimizer. bf16/fp16 parameters get fp32 master weights inside the optimizer."""
         o, p = self.cfg.optimizer, self.cfg.parallel
         if o.optimizer == "adafactor":
-            make = lambda groups: Adafactor(groups, lr=o.lr, beta1=o.beta1, weight_decay=o.weight_decay)  # noqa: E731
+            make = lambda groups: Adafactor(groups, lr=o.lr, beta1=o.beta1, weight_decay=o.weight_decay,  # noqa: E731
+                                            master_weights=self.param_dtype != torch.float32)
         else:
             make = lambda groups: FusedAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,  # noqa: E731
                                              weight_decay=o.weight_decay,
