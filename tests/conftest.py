@@ -7,9 +7,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# A model small enough that a step takes milliseconds; the shape still has GQA and several layers.
+# A model small enough that a step takes milliseconds; the shape still has GQA and several layers. Pinned to the
+# CPU (and so to fp32): the trainer would pick CUDA and bf16 on a GPU host, which these tests do not expect.
 SMALL = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-heads", "4",
-         "--num-kv-heads", "2", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4"]
+         "--num-kv-heads", "2", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
+         "--device", "cpu"]
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ from engine.training import parse_config, validate
 from engine.training.trainer import Trainer
 
 MODEL = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-heads", "8",
-         "--num-kv-heads", "4", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4"]
+         "--num-kv-heads", "4", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
+         "--device", "cpu"]
 
 
 def predicted(trainer) -> int:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+from conftest import SMALL  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import engine  # noqa: E402
@@ -205,9 +206,7 @@ def test_trainer_checkpoint_to_hf(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)  # runs/ lands here
     (tmp_path / "corpus.txt").write_text("def f(x):\n    return x + 1\n" * 100)
-    rc = main(["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-heads", "4",
-               "--num-kv-heads", "2", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
-               "--steps", "2", "--save", "ckpt", "--run-name", "x", "--data", "corpus.txt"])
+    rc = main(SMALL + ["--steps", "2", "--save", "ckpt", "--run-name", "x", "--data", "corpus.txt"])
     assert rc == 0
     assert convert.main(["engine-to-hf", "ckpt", "hf"]) == 0
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
@@ -236,9 +235,7 @@ def test_training_starts_from_converted_weights(tmp_path, monkeypatch):
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf", safe_serialization=True)
     assert convert.main(["hf-to-engine", "hf", "eng"]) == 0
     (tmp_path / "corpus.txt").write_text("def f(x):\n    return x + 1\n" * 100)
-    argv = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-heads", "4",
-            "--num-kv-heads", "2", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
-            "--steps", "2", "--data", "corpus.txt", "--load", "eng", "--run-name", "ft"]
+    argv = SMALL + ["--steps", "2", "--data", "corpus.txt", "--load", "eng", "--run-name", "ft"]
     run_cfg = parse_config(argv)
     validate(run_cfg, 1)
     trainer = Trainer(run_cfg)
