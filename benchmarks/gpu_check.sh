@@ -4,8 +4,11 @@
 # kernels against torch's fused AdamW and clip_grad_norm_ with the bandwidth as a share of the card's measured
 # device-to-device copy, and run a short single-GPU training job. Each stage has its own time limit; a failed
 # stage does not stop the others; a summary closes the run. Meant to finish in under 8 minutes.
+# With --suite it instead builds and runs the whole test suite on the GPU host (single-process tests on the CPU
+# or, where they ask for it, CUDA; multi-rank tests on gloo), which takes a second device call of up to 9 minutes.
 #
 #   bash benchmarks/gpu_check.sh                 # on the GPU machine
+#   bash benchmarks/gpu_check.sh --suite         # on the GPU machine: the whole suite (README's test command)
 #   bash benchmarks/gpu_check.sh --cpu-dry-run   # anywhere: the same stages, CPU-sized, to check the script itself
 #
 # Everything goes under $OUT (default ./gpu_out), in at most 7 files:
@@ -15,12 +18,19 @@
 #   bench_kernels_64M.json, bench_kernels_256M.json, bench_kernels_host.json   kernel benchmark results
 #                                                     (see benchmarks/bench_kernels.py; host: 128K params in 128 tensors)
 #   train_metrics.jsonl   the training job's metrics
+#   suite.xml, suite.txt  with --suite: JUnit report and output of the whole suite
 # The exit status is the number of failed stages.
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 
-DRY=0
-if [[ "${1:-}" == "--cpu-dry-run" ]]; then DRY=1; fi
+DRY=0 SUITE=0
+for arg in "$@"; do
+  case $arg in
+    --cpu-dry-run) DRY=1 ;;
+    --suite) SUITE=1 ;;
+    *) echo "usage: $0 [--suite] [--cpu-dry-run]" >&2; exit 2 ;;
+  esac
+done
 export OUT="${OUT:-./gpu_out}"
 export PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
@@ -52,9 +62,10 @@ stage() {
 
 if [[ $DRY -eq 1 ]]; then
   DEVICE=cpu; PRECISION=fp32; BENCH_SIZES=(4194304); TEST_FILTER="cuda or compiled_kernels_in_use"
+  SUITE_TESTS=(tests/test_config.py tests/test_distributed_helper.py)  # the script, not the suite, is checked
   TRAIN_MODEL=(--model tiny --micro-batch-size 2 --global-batch-size 4 --seq-length 64 --steps 2)
 else
-  DEVICE=cuda; PRECISION=bf16; BENCH_SIZES=(67108864 268435456); TEST_FILTER=""
+  DEVICE=cuda; PRECISION=bf16; BENCH_SIZES=(67108864 268435456); TEST_FILTER=""; SUITE_TESTS=(tests/)
   TRAIN_MODEL=(--num-layers 8 --hidden-size 1024 --ffn-hidden-size 2816 --num-heads 16 --num-kv-heads 8
                --seq-length 1024 --micro-batch-size 8 --global-batch-size 32 --steps 20)
 fi
@@ -69,6 +80,11 @@ env_info() {
 deps() {  # pytest-benchmark only serves `pytest benchmarks/`; the script mode used below needs none of it
   "$PY" -c 'import pytest' || "$PY" -m pip install -q --retries 0 --timeout 10 pytest
   "$PY" -c 'import pytest_benchmark' || "$PY" -m pip install -q --retries 0 --timeout 10 pytest-benchmark || echo "no pytest-benchmark (script mode only)"
+  if [[ $SUITE -eq 1 ]]; then  # the suite's optional references; tests that need a missing one are skipped
+    for mod in safetensors transformers tokenizers matplotlib; do
+      "$PY" -c "import $mod" 2>/dev/null || "$PY" -m pip install -q --retries 0 --timeout 10 "$mod" || echo "no $mod"
+    done
+  fi
 }
 
 build() {
@@ -107,6 +123,15 @@ tests() {
   return "$rc"
 }
 
+suite() {  # the README's test command, on this host
+  local rc
+  "$PY" -m pytest "${SUITE_TESTS[@]}" -q -rs -p no:cacheprovider --junitxml="$OUT/suite.xml" >"$OUT/suite.txt" 2>&1
+  rc=$?
+  tail -30 "$OUT/suite.txt"
+  tail -1 "$OUT/suite.txt" >>"$SUMMARY"
+  return "$rc"
+}
+
 bench() {
   set -o pipefail
   local rc=0 n
@@ -139,12 +164,19 @@ print(f"train: {len(steps)} steps, loss {steps[0]['loss']:.3f} -> {steps[-1]['lo
 EOF
 }
 
-export DRY DEVICE PRECISION TEST_FILTER SUMMARY
-export -f env_info deps build ext_report tests bench train
-note "gpu_check $(date -u +%FT%TZ) dry_run=$DRY out=$OUT"
+export DRY SUITE DEVICE PRECISION TEST_FILTER SUMMARY
+export -f env_info deps build ext_report tests suite bench train
+note "gpu_check $(date -u +%FT%TZ) dry_run=$DRY suite=$SUITE out=$OUT"
 stage env 60 bash -c env_info
 stage deps 120 bash -c deps
 stage build 420 bash -c build
+if [[ $SUITE -eq 1 ]]; then
+  export SUITE_TESTS_STR="${SUITE_TESTS[*]}"
+  stage suite 480 bash -c 'SUITE_TESTS=($SUITE_TESTS_STR); suite'
+  note "failed stages: $FAILED"
+  cat "$SUMMARY"
+  exit "$FAILED"
+fi
 stage ext 300 bash -c ext_report
 stage tests 300 bash -c tests
 # arrays do not cross `bash -c`: pass the sizes and the model flags as words
