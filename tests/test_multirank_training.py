@@ -1,7 +1,8 @@
 """The trainer's recovery paths with more than one rank, each against the same scenario in one process: fp16 loss
 scaling (an overflow on one rank only, scale growth, the scaler resumed from a checkpoint) at dp2 ZeRO-2 and at
 tp2 x pp2; loss-spike rollback at dp2 ZeRO-3 and at dp2 ZeRO-1 with --overlap-param-gather; SIGTERM reaching one
-rank of a dp2 ZeRO-3 run. All multi-rank scenarios of one world size run in one spawned process group."""
+rank of a dp2 ZeRO-3 run and of a dp2 ZeRO-1 run with --overlap-param-gather. All multi-rank scenarios of one
+world size run in one spawned process group."""
 import functools
 import os
 import signal
@@ -133,11 +134,13 @@ def _world2(rank, world, corpus, workdir):
     spiky_trainer(MODEL + data + ["--zero", "3", "--run-name", "spike-dp2-zero3"], world).train()
     spiky_trainer(MODEL + data + ["--zero", "1", "--overlap-param-gather", "--run-name", "spike-dp2-overlap"],
                   world).train()
-    term = MODEL + data + ["--zero", "3", "--steps", "6", "--lr-decay-steps", "6", "--run-name", "term-dp2-zero3"]
-    stopped = sigterm_trainer(term, world, at_step=3, on_rank=1)
-    stopped.train()
-    assert stopped.state.step == 3  # both ranks stopped after the step in which rank 1 got the signal
-    make_trainer(term + ["--load", "runs/term-dp2-zero3/checkpoints"], world).train()
+    for name, zero in (("term-dp2-zero3", ["--zero", "3"]),
+                       ("term-dp2-overlap", ["--zero", "1", "--overlap-param-gather"])):
+        term = MODEL + data + zero + ["--steps", "6", "--lr-decay-steps", "6", "--run-name", name]
+        stopped = sigterm_trainer(term, world, at_step=3, on_rank=1)
+        stopped.train()
+        assert stopped.state.step == 3  # both ranks stopped after the step in which rank 1 got the signal
+        make_trainer(term + ["--load", f"runs/{name}/checkpoints"], world).train()
 
 
 def _world4(rank, world, corpus, workdir):
@@ -186,10 +189,11 @@ def test_recovery_paths_with_several_ranks(references, corpus_dir):
 
     # SIGTERM on one rank: both saved step 3, and the resumed run matches one process's straight run
     from engine.training.checkpoint import resolve
-    assert resolve(str(runs / "term-dp2-zero3" / "checkpoints")).endswith("step_00000006")
-    assert os.path.isdir(runs / "term-dp2-zero3" / "checkpoints" / "step_00000003")
     expected = trajectory(runs / "term-single" / "metrics.jsonl")
-    got = trajectory(runs / "term-dp2-zero3" / "metrics.jsonl")
-    assert sorted(got) == sorted(expected)
-    for key, value in expected.items():
-        assert got[key] == pytest.approx(value, rel=1e-5 if key[1] == "loss" else 1e-4), key
+    for run in ("term-dp2-zero3", "term-dp2-overlap"):
+        assert resolve(str(runs / run / "checkpoints")).endswith("step_00000006")
+        assert os.path.isdir(runs / run / "checkpoints" / "step_00000003")
+        got = trajectory(runs / run / "metrics.jsonl")
+        assert sorted(got) == sorted(expected), run
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, rel=1e-5 if key[1] == "loss" else 1e-4), (run, key)
