@@ -14,6 +14,11 @@ SMALL = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
          "--device", "cpu"]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: slow multi-process training runs (torchrun launches or spawned trainer "
+                                       "pools); `-m 'not e2e'` leaves them out for a quick pass")
+
+
 @pytest.fixture
 def corpus(tmp_path):
     """A small directory of real text (a slice of the standard library's sources)."""

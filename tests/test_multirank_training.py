@@ -19,6 +19,7 @@ from engine.training.trainer import Trainer
 MODEL = ["--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-heads", "4",
          "--num-kv-heads", "2", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
          "--lr-warmup-steps", "0", "--device", "cpu", "--bucket-size", "20000"]
+pytestmark = pytest.mark.e2e
 FP16 = ["--precision", "fp16", "--steps", "8", "--lr-decay-steps", "8"]
 OVERFLOW_STEPS = (3, 6, 7)  # with growth every 2 clean steps: grow, absorb, resume mid-count, absorb, back off
 SPIKE = ["--steps", "12", "--lr-decay-steps", "12", "--save-interval", "6", "--spike-factor", "3",

@@ -14,6 +14,7 @@ MODEL = ["--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128",
          "--num-kv-heads", "4", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
          "--steps", "8", "--lr-decay-steps", "8", "--lr-warmup-steps", "2", "--eval-interval", "4",
          "--eval-iters", "2", "--device", "cpu", "--precision", "fp32"]
+pytestmark = pytest.mark.e2e
 RTOL = 1e-5
 # The gradient is a sum over the global batch's tokens whose terms are ~10x larger than the sum by step 6, so
 # reduction order moves its norm more than the loss: up to 3.6e-5 measured (tied, tp2 SP pp2 vpp2 dp2 ZeRO-3).
