@@ -209,6 +209,40 @@ def test_adafactor_state_dict_keeps_fp32_state():
     assert all(torch.equal(p, q) for p, q in zip(a, b))
 
 
+def test_adafactor_state_of_single_row_and_column_matrices_survives_a_resume():
+    """Name-keyed optimizer state (what checkpoints hold) round-trips through ZeroOptimizer even where a factored
+    statistic has as many elements as its matrix: the row statistics of an (n, 1) matrix, the column ones of a
+    (1, n) matrix. The resumed optimizer continues exactly like the original."""
+    from engine.optim.zero import ZeroOptimizer
+    shapes = [(5, 1), (1, 5), (3, 4)]
+
+    def build():
+        params = [(f"p{i}", torch.nn.Parameter(torch.ones(s))) for i, s in enumerate(shapes)]
+        return params, ZeroOptimizer(params, 0, lambda groups: Adafactor(groups, lr=1e-2))
+
+    def step(params, zero, seed):
+        zero.start_step(1)
+        g = torch.Generator().manual_seed(seed)
+        sum((p * torch.randn(p.shape, generator=g)).sum() for _, p in params).backward()
+        zero.finish_gradients()
+        zero.step(1e-2)
+
+    params, zero = build()
+    for seed in range(3):
+        step(params, zero, seed)
+    saved = zero.state_by_name()
+    resumed_params, resumed = build()
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(params, resumed_params):
+            q.copy_(p)
+    resumed.load_state_by_name(saved)
+    for seed in range(3, 6):
+        step(params, zero, seed)
+        step(resumed_params, resumed, seed)
+    for (name, p), (_, q) in zip(params, resumed_params):
+        assert torch.equal(p, q), name
+
+
 def test_adafactor_first_step_matches_the_paper():
     # Step 1: beta2 = 1 - 1^-0.8 = 0, so R and C are the plain row/column means of g^2 and the update is
     # g / sqrt(R C / mean(R)), clipped to RMS 1.

@@ -483,7 +483,8 @@ class ZeroOptimizer:
             for key, value in saved.items():
                 if key == "step":
                     state[key] = value.to("cpu", torch.float32).reshape(())
-                elif value.numel() == pc.param.numel() and value.ndim:  # shaped like the parameter: take our piece
+                elif value.shape == pc.param.shape and value.ndim:  # shaped like the parameter: take our piece
+                    # (by shape, not size: Adafactor's row statistics of an (n, 1) matrix have its size too)
                     piece = value.reshape(-1)[pc.lo:pc.hi].view(pc.shard.shape)
                     if key == "master_param" and pc.shard.dtype == torch.float32:
                         pc.shard.copy_(piece)  # an fp32 run resuming a bf16/fp16 one: the master is the weight
