@@ -24,8 +24,10 @@ def _close(actual, expected, what):
     torch.testing.assert_close(actual, expected, rtol=RTOL, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
-def _device(world):
-    return torch.device("cuda", dist.get_rank()) if distributed.use_nccl(world) else torch.device("cpu")
+def _device():
+    """The device the backend actually in use works on (run(..., backend="auto") picks NCCL only with a GPU per
+    rank)."""
+    return torch.device("cuda", dist.get_rank()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def check_mappings(tp: TPContext, dev):
@@ -168,7 +170,7 @@ def check_llama(topo: Topology, sequence_parallel: bool, dev):
 
 
 def _worker(rank, world):
-    dev = _device(world)
+    dev = _device()
     for tp_size in (2, 4):
         topo = Topology(tp=tp_size, dp=world // tp_size)
         for sp in (False, True):
@@ -180,4 +182,4 @@ def _worker(rank, world):
 
 
 def test_tensor_parallel_pieces_match_dense():
-    distributed.run(_worker, world=4)
+    distributed.run(_worker, world=4, backend="auto")
