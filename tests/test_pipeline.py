@@ -1,12 +1,15 @@
 """Pipeline schedules as data: the timeline tool's figures over a grid, message order, invalid settings, and
-the executor's measured activation peak against the tool's."""
+the activation memory a real step holds at its peak against the tool's in-flight count."""
 import functools
 import json
 import os
 import subprocess
 import sys
+import weakref
+from fractions import Fraction
 
 import pytest
+import torch
 
 import distributed
 from conftest import ROOT
@@ -73,6 +76,70 @@ def test_cli_json_and_timeline():
     assert bad.returncode == 2 and "multiple of --pp" in bad.stderr
 
 
+class _Saved:
+    """What the pack hook hands autograd: its death (the graph node freed after its backward, or the whole graph
+    dropped) is when the saved tensor stops counting."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+class LiveActivations:
+    """saved_tensors_hooks that follow the bytes autograd holds for backward, by the (micro-batch, chunk) whose
+    forward saved them: floating-point tensors of at least one dimension, each storage once while any saved
+    reference to it lives, leaving out parameters and buffers (as engine.parallel.recompute.SavedTensorCounter
+    does; integer token ids are the batch, held all step whatever the schedule)."""
+
+    def __init__(self, exclude):
+        self.exclude, self.unit = list(exclude), None
+        self.storages: dict[int, list] = {}  # data_ptr -> [references alive, bytes, unit]
+        self.events: list[tuple] = []        # (unit, +/- bytes) in order; ("end", unit) after each forward
+        self.outside = 0                     # saves outside any forward (there should be none)
+
+    def _pack(self, t):
+        ptr = t.untyped_storage().data_ptr()
+        if not t.is_floating_point() or t.dim() == 0 or ptr in {e.untyped_storage().data_ptr() for e in self.exclude}:
+            return t
+        if self.unit is None:
+            self.outside += 1
+        entry = self.storages.get(ptr)
+        if entry is None:
+            entry = self.storages[ptr] = [0, t.untyped_storage().nbytes(), self.unit]
+            self.events.append((self.unit, entry[1]))
+        entry[0] += 1
+        saved = _Saved(t)
+        weakref.finalize(saved, self._drop, ptr)
+        return saved
+
+    def _drop(self, ptr):
+        entry = self.storages[ptr]
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self.storages[ptr]
+            self.events.append((entry[2], -entry[1]))
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda s: s.tensor if isinstance(s, _Saved) else s)
+
+    def peak_in_microbatches(self) -> tuple[Fraction, dict]:
+        """The peak over the step of the live bytes, each unit's counted in units of what micro-batch 0 of the
+        same chunk saves (chunks differ: the first holds the embedding, the last the head and loss), and those
+        per-chunk bytes."""
+        per_chunk, live = {}, {}
+        for unit, value in self.events:
+            if unit == "end":
+                if value[0] == 0:
+                    per_chunk[value[1]] = live.get(value, 0)
+            else:
+                live[unit] = live.get(unit, 0) + value
+        level = peak = Fraction(0)
+        for unit, value in self.events:
+            if unit != "end":
+                level += Fraction(value, per_chunk[unit[1]])
+                peak = max(peak, level)
+        return peak, per_chunk
+
+
 def _measure_peaks(rank, world, corpus, workdir):
     os.chdir(workdir)
     from engine.parallel.topology import Topology
@@ -87,13 +154,38 @@ def _measure_peaks(rank, world, corpus, workdir):
         validate(cfg, world)
         p = cfg.parallel
         trainer = Trainer(cfg, Topology(p.tp, p.pp, p.dp, p.vpp))
+        # step 1's micro-batch 0 is counted by the trainer's own saved-tensor hooks (nested hooks: the innermost
+        # wins); step 2 is measured here
         trainer.train_step()
+        exclude = [q for _, q in trainer.named_params] + [t for c in trainer.chunks for t in c.buffers()]
+        live = LiveActivations(exclude)
+        forward = trainer.executor._forward
+
+        def tracked_forward(a, *args, forward=forward, live=live):
+            live.unit = (a.microbatch, a.chunk)
+            try:
+                return forward(a, *args)
+            finally:
+                live.events.append(("end", live.unit))
+                live.unit = None
+
+        trainer.executor._forward = tracked_forward
+        with live.hooks():
+            trainer.train_step()
+        del trainer.executor._forward
         m = cfg.batch.global_batch_size // (cfg.batch.micro_batch_size * p.dp)
         expected = run(p.schedule, p.pp, m, p.vpp).peak_inflight[trainer.topo.pp_rank]
-        assert trainer.executor.peak_inflight == expected, (layout, trainer.executor.peak_inflight, expected)
+        peak, per_chunk = live.peak_in_microbatches()
+        case = (layout, rank, peak, expected, per_chunk)
+        assert live.outside == 0 and not live.storages, case  # all saved in forwards, all freed by the backwards
+        assert sum(per_chunk.values()) == trainer.activation_bytes, case
+        assert trainer.executor.peak_inflight == expected, case
+        # exact: every micro-batch of a chunk saves the same tensors, and a unit's graph is held whole from its
+        # forward until its backward frees it (the peak falls at the end of a forward)
+        assert peak == expected, case
 
 
-def test_executor_peak_matches_the_tool(corpus, tmp_path):
+def test_measured_activation_peak_matches_the_tool(corpus, tmp_path):
     distributed.run(functools.partial(_measure_peaks, corpus=corpus, workdir=str(tmp_path)), world=4)
 
 
