@@ -147,7 +147,7 @@ def _measure_peaks(rank, world, corpus, workdir):
     from engine.training.trainer import Trainer
     base = ["--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64", "--num-heads", "4",
             "--num-kv-heads", "2", "--seq-length", "16", "--micro-batch-size", "1", "--global-batch-size", "8",
-            "--data", corpus]
+            "--data", corpus, "--device", "cpu"]
     for layout in (["--pp", "4"], ["--pp", "4", "--schedule", "gpipe"], ["--pp", "2", "--dp", "2"],
                    ["--pp", "2", "--dp", "2", "--vpp", "2"]):
         cfg = parse_config(base + layout)

@@ -17,7 +17,7 @@ from engine.training.trainer import Trainer
 
 MODEL = ["--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-heads", "4",
          "--num-kv-heads", "2", "--seq-length", "32", "--micro-batch-size", "1", "--global-batch-size", "8",
-         "--bucket-size", "20000"]
+         "--bucket-size", "20000", "--device", "cpu"]
 
 
 def _storage_bytes(tensors) -> int:
@@ -160,7 +160,8 @@ def test_bf16_tracks_fp32(tmp_path, monkeypatch):
     20 steps, so one batch's rounding does not decide it."""
     monkeypatch.chdir(tmp_path)
     # the tiny preset at a reduced sequence length so that both runs take about a minute on two CPU cores
-    argv = ["--steps", "100", "--global-batch-size", "8", "--micro-batch-size", "4", "--seq-length", "128"]
+    argv = ["--steps", "100", "--global-batch-size", "8", "--micro-batch-size", "4", "--seq-length", "128",
+            "--device", "cpu"]
     assert main(argv + ["--precision", "fp32", "--run-name", "fp32"]) == 0
     assert main(argv + ["--precision", "bf16", "--run-name", "bf16"]) == 0
     fp32, bf16 = step_losses("runs/fp32/metrics.jsonl"), step_losses("runs/bf16/metrics.jsonl")
