@@ -191,7 +191,7 @@ def test_works_with_lambda_lr(path):
     params = make_params(device)
     ref = clone(params)
     ours = FusedAdamW(params, **HYPER, ops=ops)
-    theirs = torch.optim.AdamW(ref, **HYPER, weight_decay=0.1, foreach=False)
+    theirs = torch.optim.AdamW(ref, **HYPER, foreach=False)
     schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: 0.8 ** step) for o in (ours, theirs)]
     for step in range(10):
         set_grads(params, step)
@@ -315,3 +315,30 @@ def test_build_optimizer_gives_fused_adamw():
 def test_rejects_bad_hyper_parameters():
     with pytest.raises(ValueError, match="betas"):
         FusedAdamW([torch.zeros(1, requires_grad=True)], betas=(0.9, 1.0))
+
+
+def test_signature_and_defaults_are_torch_adamws():
+    """A drop-in: every argument of torch.optim.AdamW, with the same default and kind; our additions are
+    keyword-only."""
+    import inspect
+    theirs = inspect.signature(torch.optim.AdamW.__init__).parameters
+    ours = inspect.signature(FusedAdamW.__init__).parameters
+    for name, param in theirs.items():
+        assert name in ours and ours[name].default == param.default and ours[name].kind == param.kind, name
+    assert all(ours[n].kind == inspect.Parameter.KEYWORD_ONLY for n in ours if n not in theirs)
+
+
+def test_defaults_train_like_torch_adamw():
+    params = make_params("cpu")
+    ref = clone(params)
+    ours, theirs = FusedAdamW(params), torch.optim.AdamW(ref, foreach=False)
+    run(ours, params, 10)
+    run(theirs, ref, 10)
+    assert_params_close(params, ref)
+
+
+@pytest.mark.parametrize("option", ["amsgrad", "maximize", "capturable", "differentiable"])
+def test_refuses_options_it_does_not_implement(option):
+    with pytest.raises(ValueError, match=f"{option}=True"):
+        FusedAdamW([torch.zeros(1, requires_grad=True)], **{option: True})
+    FusedAdamW([torch.zeros(1, requires_grad=True)], foreach=True, fused=False)  # implementation choices: accepted

@@ -46,10 +46,20 @@ class FusedAdamW(torch.optim.Optimizer):
 
     The host work per step is small: which parameters go into which kernel call is worked out once and reused
     while the parameters' gradients, dtypes, devices and state tensors stay the same (a cheap signature checks it).
+
+    The signature and defaults are torch.optim.AdamW's, so it drops into code written for it. `foreach` and
+    `fused` choose an implementation there and are accepted and ignored here (the step is always fused);
+    `amsgrad`, `maximize`, `capturable` and `differentiable` change what is computed and are refused.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, master_weights=False,
-                 adam_w_mode=True, *, ops=None):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
+                 master_weights=False, adam_w_mode=True, ops=None):
+        refused = [f"{name}=True" for name, on in (("amsgrad", amsgrad), ("maximize", maximize),
+                                                   ("capturable", capturable), ("differentiable", differentiable))
+                   if on]
+        if refused:
+            raise ValueError(f"FusedAdamW does not implement {', '.join(refused)}; use torch.optim.AdamW for that")
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"FusedAdamW: invalid hyper-parameters lr={lr} betas={betas} eps={eps} "
                              f"weight_decay={weight_decay}")
