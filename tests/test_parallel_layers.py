@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import distributed
 from engine.models.llama import Llama, ModelConfig, Parallelism
+from engine.optim import clip_grad_norm_
 from engine.parallel import mappings
 from engine.parallel.cross_entropy import vocab_parallel_cross_entropy
 from engine.parallel.layers import ColumnParallelLinear, RowParallelLinear, TPContext, VocabParallelEmbedding
@@ -167,6 +168,12 @@ def check_llama(topo: Topology, sequence_parallel: bool, dev):
         if getattr(p, "sequence_parallel", False):
             dist.all_reduce(grad, group=tp.group)
         _close(grad[local], full.grad[block], f"gradient of {name}")
+    # the global norm over the tp group counts each replicated parameter once (once SP partial sums are summed)
+    for p in model.parameters():
+        if getattr(p, "sequence_parallel", False):
+            dist.all_reduce(p.grad, group=tp.group)
+    norm = clip_grad_norm_(list(model.parameters()), 0.0, group=tp.group)
+    _close(norm, torch.nn.utils.get_total_norm([p.grad for p in dense.parameters()]), "global grad norm")
 
 
 def _worker(rank, world):

@@ -271,6 +271,22 @@ def test_clip_matches_torch():
         torch.testing.assert_close(p.grad, r.grad)
 
 
+def test_clip_reads_main_grad():
+    """Where a parameter keeps its gradient in main_grad (fp32 beside a bf16 parameter, as ZeRO leaves it), the
+    norm and the clipping use it, as FusedAdamW does."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s).bfloat16()) for s in [(3, 4), (7,)]]
+    ref = [torch.nn.Parameter(torch.zeros(s)) for s in [(3, 4), (7,)]]
+    for p, r in zip(params, ref):
+        p.main_grad = torch.randn(p.shape) * 3
+        r.grad = p.main_grad.clone()
+    norm = clip_grad_norm_(params, 1.0)
+    torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(ref, 1.0))
+    for p, r in zip(params, ref):
+        assert p.grad is None
+        torch.testing.assert_close(p.main_grad, r.grad)
+
+
 def test_clip_leaves_small_and_nonfinite_gradients_alone():
     p = torch.nn.Parameter(torch.ones(4))
     p.grad = torch.full((4,), 0.1)

@@ -302,6 +302,7 @@ class Llama(nn.Module):
         cos, sin = rope_tables(cfg.seq_length, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        par.tp.mark_replicas(self)
 
     def head_weight(self) -> torch.Tensor:
         return self.head.weight if self.head is not None else self.embedding.weight

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from engine import ext
+from engine.optim.adamw import gradient
 
 
 def _grads(parameters_or_grads) -> list[torch.Tensor]:
@@ -57,13 +58,16 @@ def clip_coefficient(total_norm: torch.Tensor | float, max_norm: float) -> float
 @torch.no_grad()
 def clip_grad_norm_(parameters, max_norm: float, group=None, *, ops=None) -> torch.Tensor:
     """Scales gradients in place so that their global L2 norm is at most `max_norm`; returns the norm
-    before clipping (fp32). With a process group the norm is taken over the gradients of all its ranks (each
-    rank passes the gradients it owns). Non-finite norms are returned and leave the gradients untouched;
-    max_norm <= 0 only measures; gradients already within max_norm are not touched."""
+    before clipping (fp32). A parameter's gradient is its `main_grad` when set, else `.grad` (what FusedAdamW
+    reads). With a process group the norm is taken over the gradients of all its ranks, a tensor-parallel
+    replica counted once (parameters tagged `tp_duplicate` by TPContext.mark_replicas add nothing to the norm,
+    and are still scaled). Non-finite norms are returned and leave the gradients untouched; max_norm <= 0 only
+    measures; gradients already within max_norm are not touched."""
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
-    grads = [p.grad for p in parameters if p.grad is not None]
-    total = global_grad_norm(grads, group, ops=ops)
+    with_grads = [(p, gradient(p)) for p in parameters if gradient(p) is not None]
+    grads = [g for _, g in with_grads]
+    total = global_grad_norm([g for p, g in with_grads if not getattr(p, "tp_duplicate", False)], group, ops=ops)
     coef = clip_coefficient(total, max_norm) if grads else 1.0
     if coef < 1.0:
         for (dev, _), ts in _by_device_and_dtype(grads).items():

@@ -46,6 +46,13 @@ class TPContext:
             return mappings.reduce_scatter_seq(x, self.group)
         return mappings.reduce_from_tp(x, self.group)
 
+    def mark_replicas(self, module: torch.nn.Module) -> None:
+        """Tags the parameters `module` holds whole on every tp rank (no `shard`) with `tp_duplicate`: True on all
+        but tp rank 0, so that a global gradient norm counts each replica once (Megatron's rule)."""
+        for p in module.parameters():
+            if not hasattr(p, "shard"):
+                p.tp_duplicate = self.rank != 0
+
     def shard_size(self, full: int, what: str) -> int:
         if full % self.size:
             raise ValueError(f"{what} {full} is not divisible by the tensor-parallel size {self.size}")

@@ -174,7 +174,7 @@ class Trainer:
 
     def owns(self, name: str, param) -> bool:
         """Whether this rank holds the one counted copy of `param` across the tensor and pipeline groups."""
-        return not self._tied_copy(name) and (hasattr(param, "shard") or self.topo.tp_rank == 0)
+        return not self._tied_copy(name) and not getattr(param, "tp_duplicate", False)
 
     def schedule(self, num_microbatches: int) -> list:
         if num_microbatches not in self._schedules:
