@@ -49,6 +49,30 @@ def max_diff(a: torch.nn.Module, b: torch.nn.Module, vocab: int) -> float:
     return (la - lb).abs().max().item()
 
 
+@torch.no_grad()
+def test_forward_takes_huggingface_keywords(tmp_path):
+    """Llama.forward(input_ids=, labels=, attention_mask=) as LlamaForCausalLM: logits of the unpadded positions
+    under padding on either side, and the loss with labels (ignored -100 positions included)."""
+    hf = hf_model(False)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    convert.hf_to_engine(str(tmp_path / "hf"), str(tmp_path / "engine"))
+    ours = engine.load_model(str(tmp_path / "engine"))
+    ids = input_ids(300)
+    mask = torch.ones_like(ids)
+    mask[0, 25:] = 0  # right padding
+    mask[1, :6] = 0   # left padding
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, 1:][mask[:, :-1] == 0] = -100  # nor a token predicted from a padding position (junk on both sides)
+    theirs = hf(input_ids=ids, attention_mask=mask, labels=labels)
+    logits = ours(input_ids=ids, attention_mask=mask)
+    real = mask.bool()
+    assert (logits[real] - theirs.logits[real]).abs().max().item() <= ATOL
+    assert (logits - ours(ids)).abs().max().item() > 1e-2  # the mask changed something
+    loss = ours(input_ids=ids, labels=labels, attention_mask=mask)
+    torch.testing.assert_close(loss, theirs.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours(ids, labels=ids), hf(input_ids=ids, labels=ids).loss, rtol=1e-5, atol=1e-6)
+
+
 def run_cli(*args, cwd=None):
     env = {**os.environ, "PYTHONPATH": REPO}
     return subprocess.run([sys.executable, "-m", "engine.convert", *args], capture_output=True, text=True,

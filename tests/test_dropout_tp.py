@@ -53,8 +53,8 @@ class MaskedDropout(nn.Module):
 
 def masked_attention(masks: Masks):
     """Causal GQA attention with the dropout of the probabilities made explicit (engine's attention_core)."""
-    def core(q, k, v, dropout_p):
-        assert dropout_p == P
+    def core(q, k, v, dropout_p, mask=None):
+        assert dropout_p == P and mask is None
         repeat = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         s = q.shape[2]

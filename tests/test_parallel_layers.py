@@ -168,6 +168,8 @@ def check_llama(topo: Topology, sequence_parallel: bool, dev):
         if getattr(p, "sequence_parallel", False):
             dist.all_reduce(grad, group=tp.group)
         _close(grad[local], full.grad[block], f"gradient of {name}")
+    with torch.no_grad():  # forward(labels=): the mean shifted loss, vocabulary-parallel
+        _close(model(ids, labels=ids), dense(ids, labels=ids), "loss with labels")
     # the global norm over the tp group counts each replicated parameter once (once SP partial sums are summed)
     for p in model.parameters():
         if getattr(p, "sequence_parallel", False):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.parallel.cross_entropy import vocab_parallel_cross_entropy
 from engine.parallel.layers import (ColumnParallelLinear, RowParallelLinear, TPContext, VocabParallelEmbedding,
                                     padded_vocab_size, valid_slice)
 from engine.parallel.random import RNGTracker
@@ -208,31 +209,46 @@ class Attention(nn.Module):
         self.wv = ColumnParallelLinear(cfg.hidden_size, cfg.kv_dim, tp)
         self.wo = RowParallelLinear(q_dim, cfg.hidden_size, tp)
 
-    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
         with self.par.fork_tp():  # different heads on each tp rank: per-rank dropout stream
-            return attention_core(q, k, v, self.dropout if self.training else 0.0)
+            return attention_core(q, k, v, self.dropout if self.training else 0.0, mask)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None):
         q, k, v = self.par.tp.enter_linears(x, [self.wq.weight, self.wk.weight, self.wv.weight])
         b, s, _ = q.shape
         q, k, v = (t.view(b, s, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
         q, k = apply_rope(q, cos[:s], sin[:s]), apply_rope(k, cos[:s], sin[:s])
         if self.par.recompute == "selective":
-            out = recompute(self.core, self.par.rng, q, k, v)
+            out = recompute(self.core, self.par.rng, q, k, v, mask)
         else:
-            out = self.core(q, k, v)
+            out = self.core(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
-def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
-    """Causal grouped-query attention. q: [b, h, s, d]; k, v: [b, h_kv, s, d]."""
+def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal grouped-query attention. q: [b, h, s, d]; k, v: [b, h_kv, s, d]; mask: None (causal) or a boolean
+    [b, 1, s, s] of the pairs that may attend (see attention_mask_from_padding)."""
+    causal = dict(is_causal=True) if mask is None else dict(attn_mask=mask)
     if q.shape[1] != k.shape[1] and _native_gqa_here(q):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=True, **causal)
     repeat = q.shape[1] // k.shape[1]
     if repeat > 1:
         k = k.repeat_interleave(repeat, dim=1)
         v = v.repeat_interleave(repeat, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **causal)
+
+
+def attention_mask_from_padding(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """Hugging Face's [b, s] attention_mask (1 = token, 0 = padding) as attention_core's boolean [b, 1, s, s]:
+    causal, and no query attends to a padding key. Every query keeps itself, so a padding query's row is not
+    empty (its output is junk, as in transformers, and is not meant to be used). None when nothing is padded."""
+    keep = attention_mask.bool()
+    if bool(keep.all()):
+        return None
+    s = keep.shape[-1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=keep.device).tril()
+    return (causal & keep[:, None, None, :]) | torch.eye(s, dtype=torch.bool, device=keep.device)
 
 
 class MLP(nn.Module):
@@ -268,8 +284,8 @@ class TransformerLayer(nn.Module):
         with self.par.fork_for_residual():
             return self.dropout(x)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self._residual_dropout(self.attn(self.attn_norm(x), cos, sin))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None):
+        x = x + self._residual_dropout(self.attn(self.attn_norm(x), cos, sin, mask))
         return x + self._residual_dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -307,26 +323,40 @@ class Llama(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.head.weight if self.head is not None else self.embedding.weight
 
-    def _run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None):
         full = self.par.recompute == "full"
         limit = len(self.layers) if self.par.recompute_layers is None else self.par.recompute_layers
         for i, layer in enumerate(self.layers.values()):
             if full and i < limit:
-                x = recompute(layer, self.par.rng, x, cos, sin)
+                x = recompute(layer, self.par.rng, x, cos, sin, mask)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, mask)
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [b, s] (hidden states on a stage without the embedding) -> logits [b, s, vocab] (this tp
+        rank's vocabulary slice), or hidden states on a stage without the head. With `labels` [b, s]: the mean
+        cross-entropy of predicting labels[:, 1:] from positions [:, :-1] over the labels that are not -100
+        (Hugging Face's convention). attention_mask [b, s]: 1 for tokens, 0 for padding keys not to attend to."""
+        x = input_ids
         if self.embedding is not None:
             if x.shape[1] > self.cfg.seq_length:
                 raise ValueError(f"sequence length {x.shape[1]} exceeds the model's --seq-length "
                                  f"{self.cfg.seq_length}")
             x = self.embedding(x)
-        x = self._run_layers(x, self.rope_cos.to(x.dtype), self.rope_sin.to(x.dtype))
+        mask = None if attention_mask is None else attention_mask_from_padding(attention_mask)
+        x = self._run_layers(x, self.rope_cos.to(x.dtype), self.rope_sin.to(x.dtype), mask)
         if self.norm is None:
+            if labels is not None:
+                raise ValueError("labels: this model slice has no head, so it cannot compute the loss")
             return x
-        return self.par.tp.enter_linears(self.norm(x), [self.head_weight()])[0]
+        logits = self.par.tp.enter_linears(self.norm(x), [self.head_weight()])[0]
+        if labels is None:
+            return logits
+        losses = vocab_parallel_cross_entropy(logits[:, :-1], labels[:, 1:], self.vocab_start, self.cfg.vocab_size,
+                                              self.par.tp.group)
+        return losses.sum() / (labels[:, 1:] != -100).sum().clamp(min=1)
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
