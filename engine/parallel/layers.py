@@ -88,13 +88,13 @@ def _mark(param: nn.Parameter, global_shape, offset) -> nn.Parameter:
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x W^T with W [out, in] split along out: rank r holds rows [r*out/tp, (r+1)*out/tp).
+    """y = x W^T + b with W [out, in] (and b [out]) split along out: rank r holds rows [r*out/tp, (r+1)*out/tp).
     forward() enters the TP region and optionally gathers the output; forward_local() is the matmul alone,
     for inputs already in the region. real_out_features < out_features marks the last rows as padding (the
     vocabulary-parallel LM head)."""
 
     def __init__(self, in_features: int, out_features: int, tp: TPContext = TPContext(), gather_output=False,
-                 real_out_features: int | None = None):
+                 real_out_features: int | None = None, bias: bool = False):
         super().__init__()
         self.tp, self.gather_output = tp, gather_output
         local = tp.shard_size(out_features, "output features")
@@ -102,33 +102,42 @@ class ColumnParallelLinear(nn.Module):
         self.weight = _mark(nn.Parameter(torch.empty(local, in_features)), (real, in_features),
                             (tp.rank * local, 0))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.bias = _mark(nn.Parameter(torch.zeros(local)), (real,), (tp.rank * local,)) if bias else None
 
     def forward_local(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.tp.enter_linears(x, [self.weight])[0]
+        if self.bias is not None:
+            y = y + self.bias
         return mappings.gather_from_tp(y, self.tp.group) if self.gather_output else y
 
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T with W [out, in] split along in: rank r holds columns [r*in/tp, (r+1)*in/tp) and takes the
+    """y = x W^T + b with W [out, in] split along in: rank r holds columns [r*in/tp, (r+1)*in/tp) and takes the
     matching slice of x (already split, the output of a column-parallel layer). forward() sums the partial
-    products across the group (reduce-scatter along the sequence under sequence parallelism)."""
+    products across the group (reduce-scatter along the sequence under sequence parallelism), then adds the
+    bias, which every rank holds whole (under sequence parallelism its gradient is a partial sum over the
+    sequence shards, marked `sequence_parallel` like the norms')."""
 
-    def __init__(self, in_features: int, out_features: int, tp: TPContext = TPContext()):
+    def __init__(self, in_features: int, out_features: int, tp: TPContext = TPContext(), bias: bool = False):
         super().__init__()
         self.tp = tp
         local = tp.shard_size(in_features, "input features")
         self.weight = _mark(nn.Parameter(torch.empty(out_features, local)), (out_features, in_features),
                             (0, tp.rank * local))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        if self.bias is not None:
+            self.bias.sequence_parallel = tp.sequence_parallel
 
     def forward_local(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.exit(self.forward_local(x))
+        y = self.tp.exit(self.forward_local(x))
+        return y if self.bias is None else y + self.bias
 
 
 def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
