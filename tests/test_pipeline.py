@@ -213,11 +213,9 @@ def test_a_coalesced_batch_is_waited_for_when_it_holds_a_receive(monkeypatch):
 
     monkeypatch.setattr(dist, "batch_isend_irecv", coalesced)
     monkeypatch.setattr(dist, "P2POp", lambda op, tensor, peer, tag=0: type("Op", (), {"tensor": tensor})())
-    topo = type("Topo", (), {"pp": 2, "pp_rank": 0, "dp_rank": 0, "tp_rank": 0, "rank": 0,
-                             "grid": torch.arange(2).view(2, 1, 1)})()
-    p2p = P2P(topo, (1, 2), torch.float32, torch.device("cpu"), vpp=1)
+    p2p = P2P([0, 1], 0, torch.device("cpu"), vpp=1, declared=[((1, 2), torch.float32)])
     send, recv = Action(SEND_F, 0), Action(RECV_B, 0)
-    received = p2p.exchange([send, recv], {send: torch.zeros(1, 2)})
+    received = p2p.exchange([send, recv], {send: torch.zeros(1, 2)}, {recv: [((1, 2), torch.float32)]})
     assert set(received) == {recv} and handed_out[-1].waited
     p2p.exchange([Action(SEND_F, 1)], {Action(SEND_F, 1): torch.zeros(1, 2)})
     assert not handed_out[-1].waited and len(p2p.pending_sends) == 1

@@ -44,6 +44,11 @@ class Topology:
         return mine
 
     @property
+    def pipeline_ranks(self) -> list[int]:
+        """The global ranks of this rank's pipeline, by stage (same dp and tp coordinates)."""
+        return [int(r) for r in self.grid[:, self.dp_rank, self.tp_rank]]
+
+    @property
     def is_first_stage(self) -> bool:
         return self.pp_rank == 0
 

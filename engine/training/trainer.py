@@ -56,6 +56,11 @@ def _device(requested: str | None) -> torch.device:
     return torch.device("cpu")
 
 
+def _shifted(micro_batches) -> tuple[list, list]:
+    """(inputs, targets) of language modelling: each sample's tokens predict the next ones."""
+    return [mb[:, :-1] for mb in micro_batches], [mb[:, 1:] for mb in micro_batches]
+
+
 def _dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
@@ -107,8 +112,9 @@ class Trainer:
         self._stop_requested = False
         shape = (b.micro_batch_size, self.model_cfg.seq_length // (p.tp if p.sequence_parallel else 1),
                  self.model_cfg.hidden_size)
-        pipe = P2P(self.topo, shape, self.param_dtype, self.device, p.vpp, run.collective_timeout) if p.pp > 1 else None
-        self.executor = PipelineExecutor(self.chunks, self.topo, pipe)
+        pipe = P2P(self.topo.pipeline_ranks, self.topo.pp_rank, self.device, p.vpp, [(shape, self.param_dtype)],
+                   run.collective_timeout) if p.pp > 1 else None
+        self.executor = PipelineExecutor(self.chunks, self.topo.pp_rank, self.topo.pp, pipe)
         self._schedules: dict[int, list] = {}
 
     def _build_chunks(self, par: Parallelism) -> list[Llama]:
@@ -230,8 +236,8 @@ class Trainer:
         if self.activation_bytes is None:
             exclude = [q for _, q in self.named_params] + [t for c in self.chunks for t in c.buffers()]
             counter = SavedTensorCounter(exclude)  # parameters are not activations (looked up at save time)
-        loss = self.executor.run(self.schedule(len(micro_batches)), micro_batches, self._loss_fn(num_tokens),
-                                 self.scaler.scale if self.scaler else 1.0,
+        loss = self.executor.run(self.schedule(len(micro_batches)), *_shifted(micro_batches),
+                                 self._loss_fn(num_tokens), self.scaler.scale if self.scaler else 1.0,
                                  first_forward_context=(lambda: counter) if counter else contextlib.nullcontext)
         if counter is not None:
             self.activation_bytes = counter.bytes
@@ -308,7 +314,7 @@ class Trainer:
         for it in range(self.cfg.data.eval_iters):
             first = it * gbs + self.topo.dp_rank * per_rank
             samples = torch.stack([self.valid_data[i % len(self.valid_data)] for i in range(first, first + per_rank)])
-            total += self.executor.run(actions, list(samples.to(self.device).split(mbs)), self._loss_fn(1),
+            total += self.executor.run(actions, *_shifted(samples.to(self.device).split(mbs)), self._loss_fn(1),
                                        forward_only=True)
         self._share_loss(total)
         return total.item() / (self.cfg.data.eval_iters * gbs * seq)
