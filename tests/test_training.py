@@ -303,3 +303,31 @@ def test_adafactor_bf16_keeps_fp32_masters_and_resumes_bit_exactly(run_dir, corp
     assert all("master_param" not in s for s in trainer.zero.optimizer.state.values())
     memory = [r for r in read_metrics("runs/a/metrics.jsonl") if r.get("event") == "memory"][0]
     assert memory["optimizer_bytes"] == expected_bytes
+
+
+def test_trainer_leaves_the_callers_random_generator_alone(run_dir, corpus):
+    """Embedded in another program, the trainer neither reseeds nor advances torch's global generator (dropout
+    included), and its own results do not depend on that generator's state."""
+    argv = SMALL + ["--data", corpus, "--steps", "3", "--dropout", "0.1", "--run-name", "g"]
+    losses = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        before = torch.get_rng_state()
+        trainer = make_trainer(argv)
+        losses.append([trainer.train_step()["loss"] for _ in range(3)])
+        assert torch.equal(torch.get_rng_state(), before)
+    assert losses[0] == losses[1]
+
+
+def test_trainer_takes_the_callers_dataset(run_dir, corpus):
+    """Trainer(cfg, train_data=...): the caller's own samples, in the engine's seeded order; the same samples as
+    the engine's own --data pipeline give the same losses."""
+    own = make_trainer(SMALL + ["--data", corpus, "--steps", "3", "--run-name", "own"])
+    samples = [own.train_data[i].tolist() for i in range(len(own.train_data))]  # plain lists of token ids
+    cfg = parse_config(SMALL + ["--data", corpus, "--steps", "3", "--run-name", "given"])
+    validate(cfg, 1)
+    given = Trainer(cfg, train_data=samples)
+    assert [given.train_step()["loss"] for _ in range(3)] == [own.train_step()["loss"] for _ in range(3)]
+    from engine.training.config import ConfigError
+    with pytest.raises(ConfigError, match="token ids"):
+        Trainer(cfg, train_data=[[1, 2, 3]])

@@ -1,9 +1,11 @@
 """Named random streams (Megatron's RNG tracker).
 
-"default" is the process's own generator: seeded identically on every tensor-parallel rank, it drives
-randomness in replicated regions (where every tp rank must draw the same mask). "tp" differs per tp rank and
-drives randomness inside tensor-parallel regions (different heads, or sequence shards, on each rank).
-`fork(name)` swaps a stream in for the duration of a block; states are saved in checkpoints.
+"default" is seeded identically on every tensor-parallel rank and drives randomness in replicated regions (where
+every tp rank must draw the same mask); "tp" differs per tp rank and drives randomness inside tensor-parallel
+regions (different heads, or sequence shards, on each rank). `fork(name)` makes a stream the device's generator
+for the duration of a block and puts the caller's generator back afterwards, so the engine's random work (run
+inside `fork("default")`) never reseeds or advances the generator of the program that embeds it. States are
+saved in checkpoints.
 """
 from __future__ import annotations
 
@@ -18,6 +20,9 @@ class RNGTracker:
     def __init__(self, seed: int, tp_rank: int = 0, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self._states: dict[str, torch.Tensor] = {}
+        self._active: list[str] = []  # the streams forked in, innermost last
+        with self._fresh_generator(seed):
+            self._states["default"] = self._get()
         with self._fresh_generator(seed + TP_SEED_OFFSET + tp_rank):
             self._states["tp"] = self._get()
 
@@ -43,17 +48,25 @@ class RNGTracker:
     def fork(self, name: str = "tp"):
         """Runs the block with stream `name` as the device's generator, then puts the outer state back."""
         outer = self._get()
+        if self._active:  # the stream being left keeps what it drew so far
+            self._states[self._active[-1]] = outer
         self._set(self._states[name])
+        self._active.append(name)
         try:
             yield
         finally:
+            self._active.pop()
             self._states[name] = self._get()
             self._set(outer)
 
     def get_states(self) -> dict[str, torch.Tensor]:
-        """Every stream including "default" (the device generator's current state), as CPU byte tensors."""
-        return {"default": self._get().clone(), **{k: v.clone() for k, v in self._states.items()}}
+        """Every stream's current state (the one forked in read live from the device), as CPU byte tensors."""
+        states = {k: v.clone() for k, v in self._states.items()}
+        if self._active:
+            states[self._active[-1]] = self._get().clone()
+        return states
 
     def set_states(self, states: dict[str, torch.Tensor]) -> None:
-        self._set(states["default"])
-        self._states = {k: v.clone() for k, v in states.items() if k != "default"}
+        self._states = {k: v.clone() for k, v in states.items() if k in ("default", "tp")}
+        if self._active:
+            self._set(self._states[self._active[-1]])

@@ -30,7 +30,8 @@ def recompute(fn, tracker: RNGTracker | None, *args):
         calls.append(True)
         return fn(*inner)
 
-    return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=snapshot is None)
+    # the device generator is replayed by checkpoint itself, the tracker's other streams by `run`
+    return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True)
 
 
 class SavedTensorCounter:

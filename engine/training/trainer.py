@@ -67,9 +67,11 @@ def _dtype(precision: str) -> torch.dtype:
 
 class Trainer:
     """Trains one rank's part of the model. `topology` holds the process groups (built from the config when
-    not given; a single process needs no process group)."""
+    not given; a single process needs no process group). `train_data` / `valid_data`: the caller's own samples
+    instead of --data - map-style datasets (len() and [i], like torch.utils.data.Dataset) whose items are
+    `seq_length + 1` token ids; the engine's sampler orders them (seeded, layout-independent, resumable)."""
 
-    def __init__(self, cfg: Config, topology: Topology | None = None):
+    def __init__(self, cfg: Config, topology: Topology | None = None, train_data=None, valid_data=None):
         p, run = cfg.parallel, cfg.run
         self.cfg = cfg
         self.topo = topology or Topology(p.tp, p.pp, p.dp, p.vpp, timeout_s=run.collective_timeout)
@@ -85,13 +87,14 @@ class Trainer:
         self.plot_path = run.plot or os.path.join(self.run_dir, "loss.png")
         self.is_logger = self.rank == 0
 
-        self._build_data()
+        self._build_data(train_data, valid_data)
         self.model_cfg = self._model_config()
-        torch.manual_seed(run.seed)  # the default stream: identical on every rank (replicated regions)
+        # the engine's own random streams, swapped in around its random work: the caller's generator is left alone
         self.rng = RNGTracker(run.seed, self.topo.tp_rank, self.device)
         tp = TPContext(self.topo.tp_group, p.tp, self.topo.tp_rank, p.sequence_parallel)
         par = Parallelism(tp, self.rng, cfg.recompute.recompute, cfg.recompute.recompute_layers)
-        self.chunks = self._build_chunks(par)
+        with self.rng.fork("default"):
+            self.chunks = self._build_chunks(par)
         self.named_params = [(n, q) for chunk in self.chunks for n, q in chunk.named_parameters()]
         self.zero = self._build_optimizer()
         self.optimizer = self.zero.optimizer
@@ -196,14 +199,23 @@ class Trainer:
         return self._schedules[num_microbatches]
 
     # ---- setup -------------------------------------------------------------------------------------------
-    def _build_data(self) -> None:
+    def _build_data(self, train_data=None, valid_data=None) -> None:
         d, seq = self.cfg.data, self.cfg.model_config().seq_length
         self.tokenizer = build_tokenizer(d.tokenizer)
-        try:
-            stream = load_stream(d.data, self.tokenizer)
-            self.train_data, self.valid_data = train_valid_split(stream, seq, d.valid_fraction)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(str(exc)) from None
+        if train_data is not None:
+            for name, data in (("train_data", train_data), ("valid_data", valid_data)):
+                if data is not None and not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+                    raise ConfigError(f"Trainer({name}=...): needs len() and indexing (a map-style dataset, e.g. a "
+                                      "torch.utils.data.Dataset or a list of token tensors)")
+                if data is not None and (len(data) == 0 or tuple(torch.as_tensor(data[0]).shape) != (seq + 1,)):
+                    raise ConfigError(f"Trainer({name}=...): items must be {seq + 1} token ids (--seq-length + 1)")
+            self.train_data, self.valid_data = train_data, valid_data
+        else:
+            try:
+                stream = load_stream(d.data, self.tokenizer)
+                self.train_data, self.valid_data = train_valid_split(stream, seq, d.valid_fraction)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(str(exc)) from None
         self.sampler = GlobalBatchSampler(len(self.train_data), self.cfg.run.seed)
 
     def _model_config(self) -> ModelConfig:
@@ -218,7 +230,7 @@ class Trainer:
     # ---- one step ----------------------------------------------------------------------------------------
     def _micro_batches(self, position: int, global_batch: int) -> list[torch.Tensor]:
         indices = self.sampler.rank_slice(position, global_batch, self.topo.dp_rank, self.topo.dp)
-        samples = torch.stack([self.train_data[i] for i in indices])
+        samples = torch.stack([torch.as_tensor(self.train_data[i]) for i in indices])
         return list(samples.to(self.device).split(self.cfg.batch.micro_batch_size))
 
     def _loss_fn(self, num_tokens: int):
@@ -236,9 +248,10 @@ class Trainer:
         if self.activation_bytes is None:
             exclude = [q for _, q in self.named_params] + [t for c in self.chunks for t in c.buffers()]
             counter = SavedTensorCounter(exclude)  # parameters are not activations (looked up at save time)
-        loss = self.executor.run(self.schedule(len(micro_batches)), *_shifted(micro_batches),
-                                 self._loss_fn(num_tokens), self.scaler.scale if self.scaler else 1.0,
-                                 first_forward_context=(lambda: counter) if counter else contextlib.nullcontext)
+        with self.rng.fork("default"):
+            loss = self.executor.run(self.schedule(len(micro_batches)), *_shifted(micro_batches),
+                                     self._loss_fn(num_tokens), self.scaler.scale if self.scaler else 1.0,
+                                     first_forward_context=(lambda: counter) if counter else contextlib.nullcontext)
         if counter is not None:
             self.activation_bytes = counter.bytes
         return loss
@@ -313,7 +326,8 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for it in range(self.cfg.data.eval_iters):
             first = it * gbs + self.topo.dp_rank * per_rank
-            samples = torch.stack([self.valid_data[i % len(self.valid_data)] for i in range(first, first + per_rank)])
+            samples = torch.stack([torch.as_tensor(self.valid_data[i % len(self.valid_data)])
+                                   for i in range(first, first + per_rank)])
             total += self.executor.run(actions, *_shifted(samples.to(self.device).split(mbs)), self._loss_fn(1),
                                        forward_only=True)
         self._share_loss(total)
@@ -327,7 +341,6 @@ class Trainer:
         tensors, slices = ckpt.shard_tensors(self.named_params, states, owns)
         tensors = {k: v.clone() if k.startswith("model/") else v for k, v in tensors.items()}
         self.zero.release_all()
-        tensors[f"rng/rank{self.rank}/cpu"] = torch.get_rng_state()
         for name, state in self.rng.get_states().items():
             tensors[f"rng/rank{self.rank}/{name}"] = state
         meta = {"state": dataclasses.asdict(self.state), "config": self.cfg.to_dict(),
@@ -368,8 +381,7 @@ class Trainer:
             self.scaler.load_state_dict(meta["scaler"])
         prefix = f"rng/rank{self.rank}/"
         if meta["layout"] == self._layout() and reader.keys(prefix):
-            torch.set_rng_state(reader.read(prefix + "cpu"))
-            self.rng.set_states({k[len(prefix):]: reader.read(k) for k in reader.keys(prefix) if k != prefix + "cpu"})
+            self.rng.set_states({k[len(prefix):]: reader.read(k) for k in reader.keys(prefix)})
         elif self.is_logger:
             print(f"note: {step_dir} was saved under layout {meta['layout']}; random streams restart from the seed")
 
