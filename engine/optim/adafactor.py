@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.optim.adamw import gradient
+from engine.optim.adamw import gradient, keep_fp32_state
 
 
 class Adafactor(torch.optim.Optimizer):
@@ -87,13 +87,5 @@ class Adafactor(torch.optim.Optimizer):
             p.copy_(weights)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's loader casts floating-point state to each parameter's dtype; here the statistics and masters
-        stay fp32, so they are taken from `state_dict` as saved (copied onto the parameter's device)."""
         super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        for i, p in zip(saved_ids, params):
-            saved = state_dict["state"].get(i)
-            if saved is not None:
-                self.state[p] = {k: v.detach().to(device="cpu" if k == "step" else p.device, dtype=torch.float32,
-                                                  copy=True) if torch.is_tensor(v) else v for k, v in saved.items()}
+        keep_fp32_state(self, state_dict)

@@ -18,6 +18,19 @@ def gradient(p: torch.Tensor) -> torch.Tensor | None:
     return p.grad if main is None else main
 
 
+def keep_fp32_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """After torch's load_state_dict, which casts floating-point state to each parameter's dtype: puts the saved
+    state back as fp32 (moments, statistics and masters of bf16/fp16 parameters stay fp32), on the parameter's
+    device, "step" on the CPU."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    for i, p in zip(saved_ids, params):
+        saved = state_dict["state"].get(i)
+        if saved is not None:
+            optimizer.state[p] = {k: v.detach().to(device="cpu" if k == "step" else p.device, dtype=torch.float32,
+                                                   copy=True) if torch.is_tensor(v) else v for k, v in saved.items()}
+
+
 @dataclasses.dataclass
 class _Bucket:
     """Parameters one kernel call updates together: same device, dtypes, master-weight mode and step. They share
@@ -160,14 +173,6 @@ class FusedAdamW(torch.optim.Optimizer):
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's loader casts floating-point state to each parameter's dtype; here the moments and masters stay
-        fp32, so they are taken from `state_dict` as saved (copied onto the parameter's device)."""
         super().load_state_dict(state_dict)
         self.forget_plans()
-        params = [p for g in self.param_groups for p in g["params"]]
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        for i, p in zip(saved_ids, params):
-            saved = state_dict["state"].get(i)
-            if saved is not None:
-                self.state[p] = {k: v.detach().to(device="cpu" if k == "step" else p.device, dtype=torch.float32,
-                                                  copy=True) if torch.is_tensor(v) else v for k, v in saved.items()}
+        keep_fp32_state(self, state_dict)
