@@ -47,6 +47,10 @@ def _entry(rank, world, port, backend, fn, conn):
             torch.cuda.set_device(rank)
         store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=TIMEOUT)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=TIMEOUT)
+        # no body starts before every rank is through init: a fast rank leaving early would break a slow rank's
+        # connection set-up (seen under load), failing it in init instead of where the test looks
+        store.set(f"initialised/{rank}", "1")
+        store.wait([f"initialised/{r}" for r in range(world)])
         fn(rank, world)
         dist.destroy_process_group()
         message, code = ("ok",), 0
