@@ -126,6 +126,10 @@ def test_parallelize_matches_the_dense_model():
 
 def test_plan_errors_name_the_entry():
     model = UserModel()
+    model.out.weight = model.blocks[0].up.weight  # any parameter shared by a planned module
+    with pytest.raises(ValueError, match="blocks.0.up.weight and out.weight are one tied parameter"):
+        parallelize(model, None, {"blocks.*.up": "colwise"})
+    model = UserModel()
     with pytest.raises(ValueError, match="colwise_gather"):
         parallelize(model, None, {"out": "colwise_gather"})
     with pytest.raises(ValueError, match="blocks.*.nothing"):

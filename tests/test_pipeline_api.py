@@ -1,5 +1,5 @@
 """engine.pipeline.Pipeline on a user's own stages that pass tuples of tensors of several shapes and dtypes
-(a float activation, a float side tensor, an integer tensor), against the same blocks run without a pipeline
+(a float activation, a float side tensor, an integer tensor and a float tensor passed through unchanged), against the same blocks run without a pipeline
 on the whole batch: the loss on every rank and every parameter's gradient, for GPipe, 1F1B and interleaved, with
 shapes travelling in headers or declared. pp = 2, fp32, one spawned group."""
 import torch
@@ -18,20 +18,20 @@ class Block(nn.Module):
         torch.manual_seed(seed)
         self.mix, self.side = nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, WIDTH)
 
-    def forward(self, h, gate, weight):
+    def forward(self, h, gate, weight, offset):
         h = h + torch.tanh(self.mix(h)) * torch.sigmoid(gate).unsqueeze(1)
-        return h, gate + self.side(h.mean(1)), weight
+        return h, gate + self.side(h.mean(1)), weight, offset  # weight and offset pass through unchanged
 
 
 def loss_fn(output, target):
-    h, gate, weight = output
-    return (((h.mean(1) + gate - target) ** 2).mean(-1) * weight).mean()
+    h, gate, weight, offset = output
+    return (((h.mean(1) + gate + offset - target) ** 2).mean(-1) * weight).mean()
 
 
 def batch():
     g = torch.Generator().manual_seed(7)
     inputs = (torch.randn(BATCH, SEQ, WIDTH, generator=g), torch.randn(BATCH, WIDTH, generator=g),
-              torch.randint(1, 4, (BATCH,), generator=g))
+              torch.randint(1, 4, (BATCH,), generator=g), torch.randn(BATCH, WIDTH, generator=g))
     return inputs, torch.randn(BATCH, WIDTH, generator=g)
 
 
@@ -44,7 +44,7 @@ def _worker(rank, world):
     expected = loss_fn(out, target)
     expected.backward()
     declared = [((BATCH // 4, SEQ, WIDTH), torch.float32), ((BATCH // 4, WIDTH), torch.float32),
-                ((BATCH // 4,), torch.int64)]
+                ((BATCH // 4,), torch.int64), ((BATCH // 4, WIDTH), torch.float32)]
     for schedule, vpp, shapes in (("gpipe", 1, None), ("1f1b", 1, declared), ("interleaved", 2, None)):
         # chunk c of rank r is virtual stage c * pp + r; each holds BLOCKS / (pp * vpp) blocks
         per = BLOCKS // (world * vpp)

@@ -17,7 +17,12 @@ With sequence_parallel=True, the activations between TP regions are sequence sha
 code outside the planned layers must work on shards (norms, residuals), its output is a shard, and the gradients
 of the parameters outside the planned layers are partial sums over the shards: call
 `reduce_sequence_parallel_grads(model, tp_group)` after backward (the engine's trainer and ZeroOptimizer do this
-for their own model).
+for their own model). This suits models written for it; transformers' models compute positions and masks from
+the (then sharded) sequence length, so use them without it.
+
+Tied weights (an embedding shared with an LM head) cannot be split under one module only: a planned module whose
+parameter is shared within `module` is refused. A head outside `module` (as `LlamaForCausalLM.lm_head` is outside
+`.model`) is not visible here: leave a tied embedding out of the plan, as transformers' own plans do.
 """
 from __future__ import annotations
 
@@ -48,6 +53,14 @@ def parallelize(module: nn.Module, tp_group, plan: dict, sequence_parallel: bool
     if unmatched:
         raise ValueError(f"parallelize: plan entries {unmatched} match no submodule of {type(module).__name__}; "
                          "check the names against module.named_modules()")
+    names_of = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    for name in matches:
+        for p in module.get_submodule(name).parameters():
+            if len(names_of[id(p)]) > 1:
+                raise ValueError(f"parallelize: {' and '.join(names_of[id(p)])} are one tied parameter; sharding "
+                                 f"{name} would untie them - leave it out of the plan or untie the weights first")
     tp = TPContext(tp_group, dist.get_world_size(tp_group), dist.get_rank(tp_group), sequence_parallel)
     for name, key in matches.items():
         parent, _, child = name.rpartition(".")

@@ -21,10 +21,14 @@ class RNGTracker:
         self.device = torch.device(device)
         self._states: dict[str, torch.Tensor] = {}
         self._active: list[str] = []  # the streams forked in, innermost last
-        with self._fresh_generator(seed):
-            self._states["default"] = self._get()
-        with self._fresh_generator(seed + TP_SEED_OFFSET + tp_rank):
-            self._states["tp"] = self._get()
+        self._states["default"] = self._seeded(seed)
+        self._states["tp"] = self._seeded(seed + TP_SEED_OFFSET + tp_rank)
+
+    def _seeded(self, seed: int) -> torch.Tensor:
+        """The state of this device's generator seeded with `seed`, made without touching any process-wide one."""
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed)
+        return generator.get_state()
 
     def _get(self) -> torch.Tensor:
         return torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.get_rng_state()
@@ -36,17 +40,11 @@ class RNGTracker:
             torch.set_rng_state(state)
 
     @contextlib.contextmanager
-    def _fresh_generator(self, seed: int):
-        outer = self._get()
-        (torch.cuda.manual_seed if self.device.type == "cuda" else torch.manual_seed)(seed)
-        try:
-            yield
-        finally:
-            self._set(outer)
-
-    @contextlib.contextmanager
     def fork(self, name: str = "tp"):
         """Runs the block with stream `name` as the device's generator, then puts the outer state back."""
+        if self._active and self._active[-1] == name:  # already in: forking again would replay its draws
+            yield
+            return
         outer = self._get()
         if self._active:  # the stream being left keeps what it drew so far
             self._states[self._active[-1]] = outer
@@ -67,6 +65,6 @@ class RNGTracker:
         return states
 
     def set_states(self, states: dict[str, torch.Tensor]) -> None:
-        self._states = {k: v.clone() for k, v in states.items() if k in ("default", "tp")}
+        self._states = {k: v.clone() for k, v in states.items() if k != "cpu"}  # "cpu": older checkpoints
         if self._active:
             self._set(self._states[self._active[-1]])

@@ -2,9 +2,10 @@
 is simply F0 B0 F1 B1 ...).
 
 What a stage passes on is a tensor or a tuple of tensors (a tuple is unpacked into the next stage's arguments);
-gradients come back as a tuple of the same length (zeros for tensors without one). After a stage's output has
-been sent, its storage is released (only the autograd graph is kept: the stage's backward starts from the
-received gradient, not from the output's values), as Megatron does.
+gradients come back for its floating-point tensors, in order (zeros where one got none). After a stage's output
+has been sent, the storage of what the stage computed is released (only the autograd graph is kept: the stage's
+backward starts from the received gradient, not from the output's values), as Megatron does; tensors passed
+through unchanged (inputs, parameters, buffers) are left alone.
 """
 from __future__ import annotations
 
@@ -18,23 +19,28 @@ from .schedules import COMMUNICATION, RECV_B, RECV_F, SEND_B, SEND_F, Action, F,
 
 def _release(output) -> None:
     for t in as_tuple(output):
-        t.data = torch.empty((1,), device=t.device, dtype=t.dtype)
+        if t.grad_fn is not None:  # computed here: nobody else holds its storage
+            t.data = torch.empty((1,), device=t.device, dtype=t.dtype)
+
+
+def _floats(x) -> list:
+    return [t for t in as_tuple(x) if t.is_floating_point()]
 
 
 def _backward_from(output, grad) -> None:
     """Backward from an output whose storage was released (the shape check of torch.autograd.backward would
-    reject it; the engine call skips that check). Outputs that do not require grad are passed over."""
-    pairs = [(o, g) for o, g in zip(as_tuple(output), as_tuple(grad)) if o.requires_grad]
+    reject it; the engine call skips that check). grad holds one gradient per floating-point output; outputs
+    that do not require grad are passed over."""
+    pairs = [(o, g) for o, g in zip(_floats(output), as_tuple(grad)) if o.requires_grad]
     if pairs:
         torch.autograd.Variable._execution_engine.run_backward(
             tensors=tuple(o for o, _ in pairs), grad_tensors=tuple(g for _, g in pairs), keep_graph=False,
             create_graph=False, inputs=(), allow_unreachable=True, accumulate_grad=True)
 
 
-def _input_grads(x):
-    """The gradients to send back for a stage's received input(s), aligned with them."""
-    grads = tuple(t.grad if t.grad is not None else torch.zeros_like(t) for t in as_tuple(x))
-    return grads if isinstance(x, tuple) else grads[0]
+def _input_grads(x) -> tuple:
+    """The gradients to send back for a stage's received floating-point input(s), in order."""
+    return tuple(t.grad if t.grad is not None else torch.zeros_like(t) for t in _floats(x))
 
 
 class PipelineExecutor:
@@ -62,7 +68,7 @@ class PipelineExecutor:
                     if a.op == SEND_F:
                         out = outputs[(a.microbatch, a.chunk)]
                         outgoing[a] = tuple(t.detach() for t in out) if isinstance(out, tuple) else out.detach()
-                        sent[(a.microbatch, a.chunk)] = [(t.shape, t.dtype) for t in as_tuple(out)]
+                        sent[(a.microbatch, a.chunk)] = [(t.shape, t.dtype) for t in _floats(out)]
                     elif a.op == SEND_B:
                         outgoing[a] = grads_in.pop((a.microbatch, a.chunk))
                 grad_specs = {a: sent[(a.microbatch, a.chunk)] for a in batch if a.op == RECV_B}

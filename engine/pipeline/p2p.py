@@ -40,8 +40,8 @@ def encode_header(tensors: tuple) -> torch.Tensor:
             raise TypeError(f"pipeline: cannot send a tensor of dtype {t.dtype} between stages")
         words += [DTYPES.index(t.dtype), t.ndim, *t.shape]
     if len(tensors) > MAX_TENSORS or len(words) > HEADER_LEN:
-        raise ValueError(f"pipeline: {len(tensors)} tensors of these ranks do not fit one transfer's header; "
-                         "send fewer or flatter tensors between stages")
+        raise ValueError(f"pipeline: the shapes of {len(tensors)} tensors do not fit one transfer's header (at most "
+                         f"{MAX_TENSORS} tensors, {HEADER_LEN} words); send fewer or flatter tensors between stages")
     return torch.tensor(words + [0] * (HEADER_LEN - len(words)), dtype=torch.int64)
 
 
@@ -60,6 +60,8 @@ class P2P:
 
     def __init__(self, pp_ranks: list[int], pp_rank: int, device: torch.device, vpp: int,
                  declared: list[tuple] | None = None, timeout_s: float = 600.0):
+        if declared is not None and len(declared) > MAX_TENSORS:
+            raise ValueError(f"pipeline: at most {MAX_TENSORS} tensors between stages, {len(declared)} declared")
         self.pp_ranks, self.pp_rank, self.pp = list(pp_ranks), pp_rank, len(pp_ranks)
         self.device, self.vpp, self.declared = device, vpp, declared
         self.timeout = datetime.timedelta(seconds=timeout_s)

@@ -11,12 +11,15 @@ dtype; the next stage takes them as its arguments. Shapes travel with each trans
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
 from . import schedules
 from .executor import PipelineExecutor
 from .p2p import P2P, as_tuple
+from .simulate import nccl_deadlock
 
 
 class Pipeline:
@@ -33,7 +36,20 @@ class Pipeline:
         if self.pp > 1:
             ranks = dist.get_process_group_ranks(pp_group)
             p2p = P2P(ranks, self.rank, device, vpp, shapes, timeout_s)
+            if dist.get_backend(pp_group) == "nccl" and self.rank == 0:
+                self._check_nccl(schedule, microbatches, vpp, shapes)
         self.executor = PipelineExecutor(self.stages, self.rank, self.pp, p2p)
+
+    def _check_nccl(self, schedule, microbatches, vpp, shapes) -> None:
+        """NCCL completes a batch of transfers only when the peer's batch in flight matches it: warn where the
+        engine's simulation of that rule finds these action lists stuck (the interleaved schedule, today), and
+        where headers add batches the simulation does not model."""
+        stuck = nccl_deadlock(schedules.build(schedule, self.pp, microbatches, vpp), self.pp)
+        if stuck or shapes is None:
+            why = f"its transfers do not complete under NCCL's group rules ({stuck})" if stuck else \
+                "shapes are not declared, so each forward transfer sends a header batch first"
+            warnings.warn(f"Pipeline(schedule={schedule!r}) on NCCL: {why}; declare shapes= and prefer 1f1b or "
+                          "gpipe if it hangs", stacklevel=3)
 
     def step(self, inputs, target=None) -> torch.Tensor:
         """Runs the schedule over the batch split into micro-batches along dim 0: `inputs` (a tensor or a tuple)

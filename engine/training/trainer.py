@@ -93,7 +93,9 @@ class Trainer:
         self.rng = RNGTracker(run.seed, self.topo.tp_rank, self.device)
         tp = TPContext(self.topo.tp_group, p.tp, self.topo.tp_rank, p.sequence_parallel)
         par = Parallelism(tp, self.rng, cfg.recompute.recompute, cfg.recompute.recompute_layers)
-        with self.rng.fork("default"):
+        # (the layers are built on the CPU, then moved: on another device that draws on the caller's CPU generator)
+        cpu_draws = contextlib.nullcontext() if self.device.type == "cpu" else torch.random.fork_rng(devices=[])
+        with self.rng.fork("default"), cpu_draws:
             self.chunks = self._build_chunks(par)
         self.named_params = [(n, q) for chunk in self.chunks for n, q in chunk.named_parameters()]
         self.zero = self._build_optimizer()
@@ -202,6 +204,8 @@ class Trainer:
     def _build_data(self, train_data=None, valid_data=None) -> None:
         d, seq = self.cfg.data, self.cfg.model_config().seq_length
         self.tokenizer = build_tokenizer(d.tokenizer)
+        if valid_data is not None and train_data is None:
+            raise ConfigError("Trainer(valid_data=...) needs train_data=... too (else both come from --data)")
         if train_data is not None:
             for name, data in (("train_data", train_data), ("valid_data", valid_data)):
                 if data is not None and not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
@@ -230,7 +234,7 @@ class Trainer:
     # ---- one step ----------------------------------------------------------------------------------------
     def _micro_batches(self, position: int, global_batch: int) -> list[torch.Tensor]:
         indices = self.sampler.rank_slice(position, global_batch, self.topo.dp_rank, self.topo.dp)
-        samples = torch.stack([torch.as_tensor(self.train_data[i]) for i in indices])
+        samples = torch.stack([torch.as_tensor(self.train_data[i]).long() for i in indices])
         return list(samples.to(self.device).split(self.cfg.batch.micro_batch_size))
 
     def _loss_fn(self, num_tokens: int):
@@ -326,7 +330,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for it in range(self.cfg.data.eval_iters):
             first = it * gbs + self.topo.dp_rank * per_rank
-            samples = torch.stack([torch.as_tensor(self.valid_data[i % len(self.valid_data)])
+            samples = torch.stack([torch.as_tensor(self.valid_data[i % len(self.valid_data)]).long()
                                    for i in range(first, first + per_rank)])
             total += self.executor.run(actions, *_shifted(samples.to(self.device).split(mbs)), self._loss_fn(1),
                                        forward_only=True)
