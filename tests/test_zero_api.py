@@ -213,8 +213,26 @@ def _checkpoint_across_layouts(rank, world, path):
     assert resaved.keys() == saved["optimizer"]["state"].keys()
 
 
+def _bf16_keeps_fp32_masters(rank, world):
+    """bf16 parameters at every stage: fp32 master weights in the optimizer, the parameters their rounding."""
+    for stage in range(4):
+        model = toy().to(torch.bfloat16)
+        zero = ZeroOptimizer(model, FusedAdamW, stage=stage, master_weights=True, **HYPER)
+        for step in range(2):
+            x, y = batch(step, 0, rank, world)
+            nn.functional.mse_loss(model(x.bfloat16()).float(), y).backward()
+            zero.step()
+            zero.zero_grad()
+        masters = zero.state_dict()["state"]
+        weights = zero.full_state_dict()
+        for name, state in masters.items():
+            assert state["master_param"].dtype == torch.float32
+            assert torch.equal(state["master_param"].bfloat16(), weights[name]), (stage, name)
+
+
 def _dp2(rank, world, report):
     _traps(rank, world)
+    _bf16_keeps_fp32_masters(rank, world)
     _matches_ddp(rank, world, report)
 
 

@@ -26,8 +26,8 @@ a backward pass is armed by its first gradient and finished by a callback at the
 loop is `loss.backward(); opt.clip_grad_norm_(1.0); opt.step(); opt.zero_grad()`. Parameters that get no gradient
 count as zero; frozen parameters (requires_grad=False) are left as they are (not sharded, not optimised).
 `grad_reduction="mean"` divides by dp before the reduction (DDP's average), "sum" leaves the sum. `no_sync()`
-accumulates stage 0/1 gradients locally until the first backward outside it (stages 2/3 reduce-scatter every
-backward into their shards: the same result). The trainer arms and finishes explicitly (`start_step(M)`,
+accumulates gradients locally until the first backward outside it (stages 2/3 in full fp32 buckets, as FSDP2's
+set_requires_gradient_sync(False) does). The trainer arms and finishes explicitly (`start_step(M)`,
 `finish_gradients()`), with every bucket complete after its M-th micro-batch.
 
 The optimizer is any torch optimizer built over "shard parameters": views of the owned ranges of each
@@ -121,7 +121,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError(f"ZeroOptimizer: stage must be 0, 1, 2 or 3 (got {stage!r})")
         if grad_reduction not in ("mean", "sum"):
             raise ValueError(f"ZeroOptimizer: grad_reduction must be 'mean' or 'sum' (got {grad_reduction!r})")
-        modules = list(module) if isinstance(module, (list, tuple, nn.ModuleList)) else [module]
+        modules = list(module) if isinstance(module, (list, tuple)) else [module]
         if group is None and dist.is_available() and dist.is_initialized():
             group = dist.group.WORLD
         self.stage, self.dp_group, self.dp = stage, group, _dp_size(group)
@@ -133,6 +133,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         named = [(n, p) for m in modules for n, p in m.named_parameters() if p.requires_grad]  # frozen: left alone
         if not named:
             raise ValueError("ZeroOptimizer: the module has no parameter that requires a gradient")
+        if len({n for n, _ in named}) != len(named):
+            raise ValueError("ZeroOptimizer: modules given as a list must have distinct parameter names (state is "
+                             "keyed by name); wrap them in one nn.Module instead")
         self.dtype, self.device = named[0][1].dtype, named[0][1].device
         if units is None and self.sharded_params:
             units = default_units(modules)
@@ -341,8 +344,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def _after_forward(self, needs: list[Bucket], prev: Bucket | None, out) -> None:
         if torch._C._current_graph_task_id() != -1:  # a recomputation inside backward: keep the parameters
             return
-        if torch.is_tensor(out) and out.requires_grad:
-            out.register_hook(lambda grad, needs=needs, prev=prev: self._before_backward(needs, prev))
+        outputs = list(out.values()) if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else [out]
+        for t in outputs:  # a tensor, or a tuple / dict of them (Hugging Face outputs)
+            if torch.is_tensor(t) and t.requires_grad:
+                t.register_hook(lambda grad, needs=needs, prev=prev: self._before_backward(needs, prev))
         for b in needs:
             self._maybe_release(b)
 
@@ -403,6 +408,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if self.sharded_grads:
             for g in list(self.shard_grads.values()) + list(self.deferred_full.values()):
                 g.zero_()
+            self.temp_full.clear()  # what no_sync() accumulated
+            for b in self.buckets:
+                b.seen = set()
         else:
             self.grad_buffer.zero_()
         self._reduced = False
@@ -421,8 +429,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     @contextlib.contextmanager
     def no_sync(self):
-        """Gradient accumulation (DDP's no_sync): backward passes inside accumulate gradients locally; the
-        first backward outside reduces everything accumulated."""
+        """Gradient accumulation (DDP's no_sync): backward passes inside accumulate gradients locally (stages
+        2-3: in full fp32 buckets, the memory ZeRO-2 otherwise saves); the first backward outside reduces them."""
         previous, self._skip_sync = self._skip_sync, True
         try:
             yield
@@ -478,6 +486,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if full is None:
             full = self.temp_full[id(b)] = torch.zeros(b.size, dtype=torch.float32, device=self.device)
         full[off - b.start:off - b.start + p.numel()].add_(grad)
+        if self._skip_sync:  # no_sync: the full bucket accumulates until a backward outside it
+            return
         b.seen.add(p)
         if len(b.seen) == len(b.params):
             if self.sharded_params:
@@ -509,11 +519,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         still pending - buckets with parameters that got no gradient, the deferred (tied-embedding) buckets -
         and waits for every reduction; ZeRO-3 releases every unit."""
         deferred = [b for b in self.buckets if b.deferred]
-        if self.sharded_grads:
-            for b in self.buckets:
+        if not self._skip_sync:
+            for b in self.buckets if self.sharded_grads else []:
                 if not b.deferred:
                     self._reduce_scatter(b)
-        if not self._skip_sync or self.sharded_grads:
             if deferred and self.embedding_group is not None:
                 for b in deferred:  # only the tied weight itself: a ZeRO-3 unit may hold more (the final norm)
                     full = self.deferred_full[id(b)] if self.sharded_grads else self.grad_buffer[b.start:b.start + b.size]
