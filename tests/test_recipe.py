@@ -217,15 +217,14 @@ def test_adafactor_state_of_single_row_and_column_matrices_survives_a_resume():
     shapes = [(5, 1), (1, 5), (3, 4)]
 
     def build():
-        params = [(f"p{i}", torch.nn.Parameter(torch.ones(s))) for i, s in enumerate(shapes)]
-        return params, ZeroOptimizer(params, 0, lambda groups: Adafactor(groups, lr=1e-2))
+        module = torch.nn.ParameterDict({f"p{i}": torch.nn.Parameter(torch.ones(s)) for i, s in enumerate(shapes)})
+        return list(module.items()), ZeroOptimizer(module, Adafactor, stage=0, lr=1e-2)
 
     def step(params, zero, seed):
-        zero.start_step(1)
+        zero.zero_grad()
         g = torch.Generator().manual_seed(seed)
         sum((p * torch.randn(p.shape, generator=g)).sum() for _, p in params).backward()
-        zero.finish_gradients()
-        zero.step(1e-2)
+        zero.step()
 
     params, zero = build()
     for seed in range(3):

@@ -6,8 +6,9 @@ from .adamw import FusedAdamW
 from .clip import clip_coefficient, clip_grad_norm_, global_grad_norm
 from .lr_schedule import LRSchedule
 from .scaler import LossScaler
+from .zero import ZeroOptimizer
 
-__all__ = ["Adafactor", "FusedAdamW", "LRSchedule", "LossScaler", "build_optimizer", "clip_coefficient",
+__all__ = ["Adafactor", "FusedAdamW", "LRSchedule", "LossScaler", "ZeroOptimizer", "build_optimizer", "clip_coefficient",
            "clip_grad_norm_", "global_grad_norm", "param_groups"]
 
 

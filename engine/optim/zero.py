@@ -21,20 +21,30 @@ rank r owns shard r of every bucket.
   hold its parameters, so the gathers overlap the optimizer's tail and the forward of earlier units.
   `gather_all()` waits for all of them (before anything else reads the parameters: checkpoints, rollbacks).
 
-The optimizer is any engine optimizer built over "shard parameters": views of the owned ranges of each
+As a library (`ZeroOptimizer(module, optimizer_class, stage=...)`, a torch.optim.Optimizer): the reduction of
+a backward pass is armed by its first gradient and finished by a callback at the end of that backward, so a user
+loop is `loss.backward(); opt.clip_grad_norm_(1.0); opt.step(); opt.zero_grad()`. Parameters that get no gradient
+count as zero; frozen parameters (requires_grad=False) are left as they are (not sharded, not optimised).
+`grad_reduction="mean"` divides by dp before the reduction (DDP's average), "sum" leaves the sum. `no_sync()`
+accumulates gradients locally until the first backward outside it (stages 2/3 in full fp32 buckets, as FSDP2's
+set_requires_gradient_sync(False) does). The trainer arms and finishes explicitly (`start_step(M)`,
+`finish_gradients()`), with every bucket complete after its M-th micro-batch.
+
+The optimizer is any torch optimizer built over "shard parameters": views of the owned ranges of each
 parameter, whose gradients are views of the reduced gradients. Checkpoints see whole tensors: states are
 gathered per parameter, and restored into whatever shards the loading layout owns.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine.optim.adamw import gradient
-from engine.optim.clip import global_grad_norm
+from engine.optim.adamw import FusedAdamW, gradient
+from engine.optim.clip import clip_coefficient, global_grad_norm
 
 # torch 2.13 renamed the flat-buffer collectives (the old names now warn); older torch has only the old names
 all_gather_flat = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
@@ -49,7 +59,8 @@ class Bucket:
     start: int             # first element of the bucket in the flat buffer
     size: int              # padded to a multiple of dp
     deferred: bool = False  # reduced only after the whole schedule (tied embeddings across pipeline stages)
-    ready: int = 0
+    ready: int = 0                     # stages 0-1: parameters whose gradients are final
+    seen: set = field(default_factory=set)  # stages 2-3: parameters already in the temporary full bucket
     full: torch.Tensor | None = None   # stage 3: the gathered parameters (storage released when not in use)
     shard: torch.Tensor | None = None  # stage 3: this rank's persistent shard of them
     gather: object = None              # the in-flight parameter all-gather (stage 3; stages 1-2 with overlap)
@@ -72,25 +83,69 @@ def _dp_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-class ZeroOptimizer:
-    def __init__(self, named_params, stage: int, make_optimizer, dp_group=None, bucket_numel: int = 4_000_000,
+def default_units(modules) -> list:
+    """ZeRO-3's default gathering units: every child of each nn.ModuleList / nn.ModuleDict (the outermost ones
+    claim their parameters first), and then the rest of each module as one unit, entered and left with it."""
+    units = []
+    for module in modules:
+        names = {p: n for n, p in module.named_parameters() if p.requires_grad}
+        claimed, children = set(), []
+        for container in module.modules():
+            if isinstance(container, (nn.ModuleList, nn.ModuleDict)):
+                for child in container.children():
+                    own = [p for p in child.parameters() if p in names and p not in claimed]
+                    claimed.update(own)
+                    if own:
+                        children.append((child, child, [names[p] for p in own], []))
+        rest = [n for p, n in names.items() if p not in claimed]
+        units += ([(module, module, rest, [])] if rest else []) + children
+    return units
+
+
+class ZeroOptimizer(torch.optim.Optimizer):
+    def __init__(self, module, optimizer_class=FusedAdamW, *, stage: int, group=None, units: list | None = None,
+                 grad_reduction: str = "mean", bucket_numel: int = 4_000_000, no_weight_decay=None,
                  deferred: set = frozenset(), tp_reduced: set = frozenset(), tp_group=None, embedding_group=None,
-                 units: list | None = None, keep_params_in_step: bool = False, overlap_param_gather: bool = False):
-        """named_params: in forward order. make_optimizer(param_groups) builds the inner optimizer. deferred:
-        names whose gradients must first be summed over `embedding_group` after the schedule; tp_reduced:
-        names whose gradients are partial sums over `tp_group` (sequence-parallel norm gains). units:
-        [(module entered first, module left last, [parameter names], [names of other units' parameters it reads,
-        e.g. a tied head's embedding])] in forward order (stage 3, and stages 1-2 with overlap_param_gather)."""
-        self.stage, self.dp_group, self.dp = stage, dp_group, _dp_size(dp_group)
-        self.dp_rank = 0 if dp_group is None else dist.get_group_rank(dp_group, dist.get_rank())
+                 keep_params_in_step: bool = False, overlap_param_gather: bool = False, **optimizer_kwargs):
+        """module: an nn.Module, or a list of them (a pipeline rank's model chunks, their parameter names taken
+        as each chunk gives them), with its parameters in forward order. optimizer_class(param_groups,
+        **optimizer_kwargs) builds the inner optimizer over this rank's shards. group: the data-parallel
+        process group (default: the world). grad_reduction: "mean" (DDP's average over the group) or "sum".
+        no_weight_decay(name, param): parameters in a second group with weight_decay 0 (default: none).
+        units: [(module entered first, module left last, [parameter names], [names of other units' parameters
+        it reads, e.g. a tied head's embedding])] in forward order (stage 3 - default: `default_units` - and
+        stages 1-2 with overlap_param_gather). For the trainer: deferred: names whose gradients must first be
+        summed over `embedding_group` after the schedule; tp_reduced: names whose gradients are partial sums over
+        `tp_group` (sequence-parallel norm gains)."""
+        if stage not in (0, 1, 2, 3):
+            raise ValueError(f"ZeroOptimizer: stage must be 0, 1, 2 or 3 (got {stage!r})")
+        if grad_reduction not in ("mean", "sum"):
+            raise ValueError(f"ZeroOptimizer: grad_reduction must be 'mean' or 'sum' (got {grad_reduction!r})")
+        modules = list(module) if isinstance(module, (list, tuple)) else [module]
+        if group is None and dist.is_available() and dist.is_initialized():
+            group = dist.group.WORLD
+        self.stage, self.dp_group, self.dp = stage, group, _dp_size(group)
+        self.dp_rank = 0 if group is None else dist.get_group_rank(group, dist.get_rank())
         self.tp_group, self.embedding_group = tp_group, embedding_group
         self.tp_reduced, self.keep_params, self.deferred_names = tp_reduced, keep_params_in_step, set(deferred)
+        self.mean = grad_reduction == "mean" and self.dp > 1
         self.sharded_params = stage >= 3 and self.dp > 1
-        named = list(named_params)
+        named = [(n, p) for m in modules for n, p in m.named_parameters() if p.requires_grad]  # frozen: left alone
+        if not named:
+            raise ValueError("ZeroOptimizer: the module has no parameter that requires a gradient")
+        if len({n for n, _ in named}) != len(named):
+            raise ValueError("ZeroOptimizer: modules given as a list must have distinct parameter names (state is "
+                             "keyed by name); wrap them in one nn.Module instead")
         self.dtype, self.device = named[0][1].dtype, named[0][1].device
+        if units is None and self.sharded_params:
+            units = default_units(modules)
+        if units is not None:  # frozen parameters belong to no unit; units left without parameters go
+            trainable = {n for n, _ in named}
+            units = [(first, last, [n for n in names if n in trainable], borrowed)
+                     for first, last, names, borrowed in units]
+            units = [u for u in units if u[2]]
         if self.sharded_params:
-            by_name = dict(named)
-            self.buckets = self._layout_units(units, by_name, deferred)
+            self.buckets = self._layout_units(units, dict(named), deferred)
         else:
             self.buckets = self._layout(list(reversed(named)), bucket_numel, deferred)
         self.total = sum(b.size for b in self.buckets)
@@ -99,18 +154,31 @@ class ZeroOptimizer:
         self.sharded_grads = stage >= 2 and self.dp > 1
         self._allocate_grads(self.total)
         self.pieces = self._pieces()
-        self.optimizer = make_optimizer(self._param_groups())
+        self.optimizer = optimizer_class(self._param_groups(no_weight_decay), **optimizer_kwargs)
+        # a torch.optim.Optimizer whose param_groups and state are the inner optimizer's (LR schedulers write lr)
+        super().__init__([{"params": g["params"]} for g in self.optimizer.param_groups], self.optimizer.defaults)
+        self.param_groups, self.state = self.optimizer.param_groups, self.optimizer.state
         self.num_microbatches, self.counts = 1, {}
+        self._armed = self._skip_sync = self._reduced = False
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for b in self.buckets for p in b.params]
+        self.modules = modules
         if self.sharded_params:
             self._install_unit_hooks(units)
+            self._sd_depth, self._sd_gathered = 0, []
+            for m in modules:
+                for sub in m.modules():
+                    # (plain functions: torch tags public post hooks with an attribute, which methods refuse)
+                    sub.register_state_dict_pre_hook(lambda *a: self._state_dict_pre(*a))
+                    sub.register_state_dict_post_hook(lambda *a: self._state_dict_post(*a))
+                    sub.register_load_state_dict_pre_hook(lambda *a: self._load_state_dict_pre(*a))
+                    sub.register_load_state_dict_post_hook(lambda *a: self._load_state_dict_post(*a))
         self.overlap_param_gather = overlap_param_gather and stage in (1, 2) and self.dp > 1
         if self.overlap_param_gather:
             if units is None:
                 raise ValueError("overlap_param_gather needs `units`: the modules whose forward waits for the gathers")
             self._install_param_wait_hooks(units)
         # NCCL gathers in place from the rank's own slice of the output; gloo needs a separate input
-        self._inplace_gather = dp_group is not None and dist.get_backend(dp_group) == "nccl"
+        self._inplace_gather = group is not None and dist.get_backend(group) == "nccl"
 
     def _place_parameters(self) -> None:
         """Makes every parameter a view of a flat buffer: one for the model (stages 0-2), or one per unit whose
@@ -276,8 +344,10 @@ class ZeroOptimizer:
     def _after_forward(self, needs: list[Bucket], prev: Bucket | None, out) -> None:
         if torch._C._current_graph_task_id() != -1:  # a recomputation inside backward: keep the parameters
             return
-        if torch.is_tensor(out) and out.requires_grad:
-            out.register_hook(lambda grad, needs=needs, prev=prev: self._before_backward(needs, prev))
+        outputs = list(out.values()) if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else [out]
+        for t in outputs:  # a tensor, or a tuple / dict of them (Hugging Face outputs)
+            if torch.is_tensor(t) and t.requires_grad:
+                t.register_hook(lambda grad, needs=needs, prev=prev: self._before_backward(needs, prev))
         for b in needs:
             self._maybe_release(b)
 
@@ -323,26 +393,57 @@ class ZeroOptimizer:
         for b in buckets:
             self._wait_gather(b)
 
-    def _param_groups(self) -> list[dict]:
-        """Weight decay on pieces of matrices, none on pieces of vectors (norm gains)."""
-        decay = [pc.shard for pc in self.pieces if pc.param.ndim >= 2]
-        no_decay = [pc.shard for pc in self.pieces if pc.param.ndim < 2]
+    def _param_groups(self, no_weight_decay=None) -> list[dict]:
+        """One group, or with no_weight_decay(name, param) a second one with weight_decay 0 (the trainer's
+        rule: none on vectors such as norm gains)."""
+        if no_weight_decay is None:
+            return [{"params": [pc.shard for pc in self.pieces]}]
+        decay = [pc.shard for pc in self.pieces if not no_weight_decay(pc.name, pc.param)]
+        no_decay = [pc.shard for pc in self.pieces if no_weight_decay(pc.name, pc.param)]
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     # ---- gradients ----------------------------------------------------------------------------------------
-    def start_step(self, num_microbatches: int) -> None:
-        """Zeroes the gradients and arms the reduction for a step of `num_microbatches` micro-batches."""
-        self.num_microbatches = num_microbatches
-        self.counts = {p: 0 for b in self.buckets for p in b.params}
-        for b in self.buckets:
-            b.ready = 0
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zeroes the gradient buffers (they stay the parameters' .grad / main_grad: set_to_none is ignored)."""
         if self.sharded_grads:
             for g in list(self.shard_grads.values()) + list(self.deferred_full.values()):
                 g.zero_()
+            self.temp_full.clear()  # what no_sync() accumulated
+            for b in self.buckets:
+                b.seen = set()
         else:
             self.grad_buffer.zero_()
+        self._reduced = False
+
+    def start_step(self, num_microbatches: int) -> None:
+        """The trainer's explicit path: zeroes the gradients and arms the reduction for a step of
+        `num_microbatches` micro-batches, finished by finish_gradients()."""
+        self.zero_grad()
+        self._arm(num_microbatches)
+
+    def _arm(self, num_microbatches: int) -> None:
+        self.num_microbatches, self._armed = num_microbatches, True
+        self.counts = {p: 0 for b in self.buckets for p in b.params}
+        for b in self.buckets:
+            b.ready = 0
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Gradient accumulation (DDP's no_sync): backward passes inside accumulate gradients locally (stages
+        2-3: in full fp32 buckets, the memory ZeRO-2 otherwise saves); the first backward outside reduces them."""
+        previous, self._skip_sync = self._skip_sync, True
+        try:
+            yield
+        finally:
+            self._skip_sync = previous
 
     def _on_grad(self, p: nn.Parameter) -> None:
+        if not self._armed:  # a user's backward: arm for it, finish at its end
+            if self._reduced and not self._skip_sync and not self.sharded_grads and not self.mean and self.dp > 1:
+                raise RuntimeError("ZeroOptimizer(grad_reduction='sum'): a second backward reduces gradients that "
+                                   "were already reduced; run the earlier ones under no_sync() or call zero_grad()")
+            self._arm(1)
+            torch.autograd.Variable._execution_engine.queue_callback(self.finish_gradients)
         b, off = self.where[p]
         if self.sharded_grads:
             self._accumulate_sharded(p, b, off)
@@ -350,17 +451,26 @@ class ZeroOptimizer:
         if p.grad is not self.main_grad[p]:  # low-precision parameters: add into the fp32 main gradient
             self.main_grad[p].add_(p.grad)
             p.grad = None
+        if self._skip_sync:
+            return
         self.counts[p] += 1
         if self.counts[p] == self.num_microbatches:
             if self.names[p] in self.tp_reduced and self.tp_group is not None:
                 dist.all_reduce(self.main_grad[p], group=self.tp_group)
             b.ready += 1
             if b.ready == len(b.params) and not b.deferred and self.dp > 1:
-                b.pending.append((dist.all_reduce(self.grad_buffer[b.start:b.start + b.size], group=self.dp_group,
-                                                  async_op=True), None, None))
+                self._all_reduce(b)
+
+    def _all_reduce(self, b: Bucket) -> None:
+        flat = self.grad_buffer[b.start:b.start + b.size]
+        if self.mean:
+            flat.mul_(1.0 / self.dp)
+        b.pending.append((dist.all_reduce(flat, group=self.dp_group, async_op=True), None, None))
 
     def _accumulate_sharded(self, p, b: Bucket, off: int) -> None:
-        """stage 2/3: gradients of one micro-batch go into a temporary full bucket, reduce-scattered when full."""
+        """stage 2/3: gradients of one micro-batch go into a temporary full bucket, reduce-scattered when every
+        parameter of the bucket has added its gradient, or before a parameter adds a second one (another
+        micro-batch's: some parameter got none), or at the end of the backward."""
         grad = p.grad.reshape(-1)
         p.grad = None
         if self.names[p] in self.tp_reduced and self.tp_group is not None:
@@ -370,19 +480,31 @@ class ZeroOptimizer:
         if b.deferred:
             self.deferred_full[id(b)][off - b.start:off - b.start + p.numel()].add_(grad)
             return
+        if p in b.seen:
+            self._reduce_scatter(b)
         full = self.temp_full.get(id(b))
         if full is None:
             full = self.temp_full[id(b)] = torch.zeros(b.size, dtype=torch.float32, device=self.device)
         full[off - b.start:off - b.start + p.numel()].add_(grad)
-        b.ready += 1
-        if b.ready == len(b.params):
-            b.ready = 0
+        if self._skip_sync:  # no_sync: the full bucket accumulates until a backward outside it
+            return
+        b.seen.add(p)
+        if len(b.seen) == len(b.params):
             if self.sharded_params:
                 self._maybe_release(b)
-            self._drain()
-            out = torch.empty(b.size // self.dp, dtype=torch.float32, device=self.device)
-            work = reduce_scatter_flat(out, self.temp_full.pop(id(b)), group=self.dp_group, async_op=True)
-            b.pending.append((work, out, None))
+            self._reduce_scatter(b)
+
+    def _reduce_scatter(self, b: Bucket) -> None:
+        """Launches the reduce-scatter of b's temporary full bucket (if any) into this rank's shard."""
+        b.seen = set()
+        full = self.temp_full.pop(id(b), None)
+        if full is None:
+            return
+        self._drain()
+        if self.mean:
+            full.mul_(1.0 / self.dp)
+        out = torch.empty(b.size // self.dp, dtype=torch.float32, device=self.device)
+        b.pending.append((reduce_scatter_flat(out, full, group=self.dp_group, async_op=True), out, full))
 
     def _drain(self) -> None:
         for b in self.buckets:
@@ -393,26 +515,36 @@ class ZeroOptimizer:
             b.pending = []
 
     def finish_gradients(self) -> None:
-        """After the schedule: reduces the deferred (tied-embedding) buckets and waits for every reduction."""
+        """After the schedule (the trainer), or at the end of a user's backward (a callback): reduces what is
+        still pending - buckets with parameters that got no gradient, the deferred (tied-embedding) buckets -
+        and waits for every reduction; ZeRO-3 releases every unit."""
         deferred = [b for b in self.buckets if b.deferred]
-        if deferred and self.embedding_group is not None:
-            for b in deferred:  # only the tied weight itself: a ZeRO-3 unit may hold more (the final norm)
-                full = self.deferred_full[id(b)] if self.sharded_grads else self.grad_buffer[b.start:b.start + b.size]
-                for name, p, off in zip(b.names, b.params, b.offsets):
-                    if name in self.deferred_names:
-                        dist.all_reduce(full[off - b.start:off - b.start + p.numel()], group=self.embedding_group)
-        if self.sharded_grads:
-            for b in deferred:
-                out = torch.empty(b.size // self.dp, dtype=torch.float32, device=self.device)
-                reduce_scatter_flat(out, self.deferred_full[id(b)], group=self.dp_group)
-                self.shard_grads[id(b)].add_(out)
-        elif self.dp > 1:
-            for b in self.buckets:
-                if b.deferred or not b.pending:  # deferred, or never completed (unused parameters)
-                    b.pending.append((dist.all_reduce(self.grad_buffer[b.start:b.start + b.size],
-                                                      group=self.dp_group, async_op=True), None, None))
+        if not self._skip_sync:
+            for b in self.buckets if self.sharded_grads else []:
+                if not b.deferred:
+                    self._reduce_scatter(b)
+            if deferred and self.embedding_group is not None:
+                for b in deferred:  # only the tied weight itself: a ZeRO-3 unit may hold more (the final norm)
+                    full = self.deferred_full[id(b)] if self.sharded_grads else self.grad_buffer[b.start:b.start + b.size]
+                    for name, p, off in zip(b.names, b.params, b.offsets):
+                        if name in self.deferred_names:
+                            dist.all_reduce(full[off - b.start:off - b.start + p.numel()], group=self.embedding_group)
+            if self.sharded_grads:
+                for b in deferred:
+                    out = torch.empty(b.size // self.dp, dtype=torch.float32, device=self.device)
+                    if self.mean:
+                        self.deferred_full[id(b)].mul_(1.0 / self.dp)
+                    reduce_scatter_flat(out, self.deferred_full[id(b)], group=self.dp_group)
+                    self.shard_grads[id(b)].add_(out)
+                    self.deferred_full[id(b)].zero_()
+            elif self.dp > 1:
+                for b in self.buckets:
+                    if b.deferred or not b.pending:  # deferred, or never completed (unused parameters)
+                        self._all_reduce(b)
+                self._reduced = True
         self._drain()
         self.release_all()
+        self._armed = False
 
     def grad_norm_squared(self, counted) -> torch.Tensor:
         """Sum of squares of the reduced gradients this rank owns, for parameters `counted(name, param)`
@@ -423,14 +555,76 @@ class ZeroOptimizer:
             dist.all_reduce(total, group=self.dp_group)
         return total
 
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scales the reduced gradients so that their global L2 norm (over the data-parallel group, a
+        tensor-parallel replica tagged `tp_duplicate` counted once) is at most max_norm; returns the norm before."""
+        total = self.grad_norm_squared(lambda name, p: not getattr(p, "tp_duplicate", False)).sqrt()
+        coef = clip_coefficient(total, max_norm)
+        if coef < 1.0:
+            for pc in self.pieces:
+                gradient(pc.shard).mul_(coef)
+        return total
+
     # ---- the update ---------------------------------------------------------------------------------------
-    def step(self, lr: float, grad_scale: float = 1.0) -> None:
+    def step(self, closure=None, *, grad_scale: float = 1.0):
+        """One update of this rank's shards with each param group's lr (then stages 1-2 all-gather them);
+        grad_scale multiplies the gradients (FusedAdamW and Adafactor fold it into their pass)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._armed:  # a trainer-style step whose finish_gradients() was not called
+            self.finish_gradients()
         self._wait_gathers(self.buckets)  # the last step's, where no forward waited (unused parameters)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step(grad_scale=grad_scale)
+        if grad_scale != 1.0 or isinstance(self.optimizer, FusedAdamW):
+            self.optimizer.step(grad_scale=grad_scale)
+        else:
+            self.optimizer.step()
         if self.stage in (1, 2) and self.dp > 1:
             self._gather_all_params(async_op=self.overlap_param_gather)
+        return loss
+
+    # ---- whole weights: module.state_dict() at stage 3, full_state_dict() ----------------------------------
+    def full_state_dict(self) -> dict:
+        """The module's full state (weights gathered under ZeRO-3) as cloned tensors, on every rank (a
+        collective: every rank of the group calls it)."""
+        self.gather_all()
+        out = {}
+        for m in self.modules:
+            out.update({k: v.detach().clone() for k, v in m.state_dict().items()})
+        self.release_all()
+        return out
+
+    def _state_dict_pre(self, module, prefix, keep_vars) -> None:
+        if self._sd_depth == 0:  # the outermost module.state_dict(): gather (every rank calls it, like FSDP)
+            self._sd_gathered = [b for b in self.buckets if not b.gathered]
+            for b in self._sd_gathered:
+                self._gather(b)
+        self._sd_depth += 1
+
+    def _state_dict_post(self, module, state_dict, prefix, local_metadata) -> None:
+        for name, p in module.named_parameters(recurse=False):
+            if p in self.where and prefix + name in state_dict:  # a copy: the gathered storage is released
+                state_dict[prefix + name] = state_dict[prefix + name].detach().clone()
+        self._sd_depth -= 1
+        if self._sd_depth == 0:
+            for b in self._sd_gathered:
+                self._release(b)
+            self._sd_gathered = []
+
+    def _load_state_dict_pre(self, module, *args) -> None:
+        for p in module.parameters(recurse=False):
+            if p in self.where:
+                self._gather(self.where[p][0])
+
+    def _load_state_dict_post(self, module, incompatible_keys) -> None:
+        for p in module.parameters(recurse=False):
+            if p in self.where and self.where[p][0].gathered:
+                b = self.where[p][0]
+                lo, hi = self._owned(b)
+                b.shard.copy_(b.full[lo - b.start:hi - b.start])
+                self._maybe_release(b)
 
     # ---- accounting and checkpoints ------------------------------------------------------------------------
     def param_bytes(self) -> int:
@@ -469,6 +663,22 @@ class ZeroOptimizer:
             for p, (_, off) in self.where.items():
                 out[self.names[p]][key] = flat[off:off + p.numel()].view_as(p).clone()
         return out
+
+    def state_dict(self) -> dict:
+        """{"state": {parameter name: {key: whole tensor}}, "param_groups": [hyper-parameters of each group]}:
+        loadable at any dp size or stage (a collective over the group: every rank calls it)."""
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        return {"state": self.state_by_name(), "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restores what state_dict() returned, saved under any dp size or stage (the module's weights are
+        loaded separately: module.load_state_dict(full_state_dict)). Every rank calls it."""
+        if len(state_dict["param_groups"]) != len(self.param_groups):
+            raise ValueError(f"ZeroOptimizer.load_state_dict: {len(state_dict['param_groups'])} parameter groups "
+                             f"saved, {len(self.param_groups)} here (same no_weight_decay rule needed)")
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            group.update(saved)
+        self.load_state_by_name(state_dict["state"])
 
     def load_state_by_name(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
         """states[name][key]: the saved state of this rank's slice of parameter `name` (tensors shaped like the

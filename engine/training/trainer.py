@@ -146,22 +146,25 @@ class Trainer:
         """Flat parameter and gradient buffers, bucketed data-parallel reduction and the (ZeRO-sharded)
         optimizer. bf16/fp16 parameters get fp32 master weights inside the optimizer."""
         o, p = self.cfg.optimizer, self.cfg.parallel
+        master = self.param_dtype != torch.float32
         if o.optimizer == "adafactor":
-            make = lambda groups: Adafactor(groups, lr=o.lr, beta1=o.beta1, weight_decay=o.weight_decay,  # noqa: E731
-                                            master_weights=self.param_dtype != torch.float32)
+            inner = dict(optimizer_class=Adafactor, lr=o.lr, beta1=o.beta1, weight_decay=o.weight_decay,
+                         master_weights=master)
         else:
-            make = lambda groups: FusedAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,  # noqa: E731
-                                             weight_decay=o.weight_decay,
-                                             master_weights=self.param_dtype != torch.float32)
+            inner = dict(optimizer_class=FusedAdamW, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                         weight_decay=o.weight_decay, master_weights=master)
         # Sequence-parallel norm gains hold partial sums over tp; a tied embedding split across pipeline stages
-        # is summed over the embedding group once the schedule is over.
+        # is summed over the embedding group once the schedule is over. The loss is normalised by the global
+        # batch's tokens, so gradients are summed over dp.
         tp_reduced = {n for n, q in self.named_params if getattr(q, "sequence_parallel", False)}
         tied = {n for n in ("embedding.weight", "head.weight")
                 if self.model_cfg.tie_embeddings and p.pp > 1 and n in dict(self.named_params)}
-        return ZeroOptimizer(self.named_params, p.zero, make, self.topo.dp_group, self.cfg.run.bucket_size,
-                             deferred=tied, tp_reduced=tp_reduced, tp_group=self.topo.tp_group,
-                             embedding_group=self.topo.embedding_group, units=self._units(),
-                             keep_params_in_step=p.zero3_keep_params, overlap_param_gather=p.overlap_param_gather)
+        return ZeroOptimizer(self.chunks, stage=p.zero, group=self.topo.dp_group, units=self._units(),
+                             grad_reduction="sum", bucket_numel=self.cfg.run.bucket_size,
+                             no_weight_decay=lambda name, q: q.ndim < 2, deferred=tied, tp_reduced=tp_reduced,
+                             tp_group=self.topo.tp_group, embedding_group=self.topo.embedding_group,
+                             keep_params_in_step=p.zero3_keep_params, overlap_param_gather=p.overlap_param_gather,
+                             **inner)
 
     def _units(self) -> list:
         """ZeRO-3's gathering units, and --overlap-param-gather's waiting points, in forward order: (module
@@ -286,7 +289,9 @@ class Trainer:
         max_norm = self.cfg.optimizer.clip_grad
         clip = max_norm / (grad_norm.item() + 1e-6) if finite and max_norm > 0 and grad_norm.item() > max_norm else 1.0
         if finite:  # unscaling and clipping are folded into the optimizer's pass over the gradients
-            self.zero.step(lr, grad_scale=clip / loss_scale)
+            for group in self.zero.param_groups:
+                group["lr"] = lr
+            self.zero.step(grad_scale=clip / loss_scale)
         else:
             st.skipped_steps += 1
         if self.scaler is not None:
