@@ -14,6 +14,13 @@ SMALL = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
          "--device", "cpu"]
 
 
+def shard_blocks(p):
+    """(index into this rank's shard `p`, index into the dense tensor) of the real (unpadded) part it holds."""
+    from engine.parallel.layers import valid_slice
+    _, offset, local = valid_slice(p)
+    return tuple(slice(0, n) for n in local), tuple(slice(o, o + n) for o, n in zip(offset, local))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: slow multi-process training runs (torchrun launches or spawned trainer "
                                        "pools); `-m 'not e2e'` leaves them out for a quick pass")

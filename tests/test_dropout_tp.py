@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import distributed
+from conftest import shard_blocks
 from engine.models import llama
 from engine.models.llama import Llama, ModelConfig, Parallelism
 from engine.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -115,9 +116,7 @@ def check(topo: Topology, sequence_parallel: bool):
     dense_params = dict(dense.named_parameters())
     for name, p in model.named_parameters():
         full_param = dense_params[name]
-        global_shape, offset = getattr(p, "shard", (tuple(p.shape), (0,) * p.ndim))
-        block = tuple(slice(o, o + min(n, g - o)) for n, g, o in zip(p.shape, global_shape, offset))
-        local = tuple(slice(0, b.stop - b.start) for b in block)
+        local, block = shard_blocks(p)
         grad = p.grad.clone()
         if getattr(p, "sequence_parallel", False):
             dist.all_reduce(grad, group=tp.group)

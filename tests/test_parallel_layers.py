@@ -7,6 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import distributed
+from conftest import shard_blocks
 from engine.models.llama import Llama, ModelConfig, Parallelism
 from engine.optim import clip_grad_norm_
 from engine.parallel import mappings
@@ -160,9 +161,7 @@ def check_llama(topo: Topology, sequence_parallel: bool, dev):
     dense_params = dict(dense.named_parameters())
     for name, p in model.named_parameters():
         full = dense_params[name]
-        global_shape, offset = getattr(p, "shard", (tuple(p.shape), (0,) * p.ndim))
-        block = tuple(slice(o, o + min(n, g - o)) for n, g, o in zip(p.shape, global_shape, offset))
-        local = tuple(slice(0, b.stop - b.start) for b in block)
+        local, block = shard_blocks(p)
         _close(p.detach()[local], full.detach()[block], f"initial weight {name}")
         grad = p.grad.clone()
         if getattr(p, "sequence_parallel", False):

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import distributed
+from conftest import shard_blocks
 from engine.optim import clip_grad_norm_
 from engine.parallel import parallelize, reduce_sequence_parallel_grads
-from engine.parallel.layers import valid_slice
 
 RTOL = 1e-5
 
@@ -29,9 +29,8 @@ def compare_grads(model, dense):
     dense_params = dict(dense.named_parameters())
     assert sorted(dense_params) == sorted(n for n, _ in model.named_parameters())
     for name, p in model.named_parameters():
-        global_shape, offset, local = valid_slice(p)
-        block = tuple(slice(o, o + n) for o, n in zip(offset, local))
-        close(p.grad[tuple(slice(0, n) for n in local)], dense_params[name].grad[block], f"gradient of {name}")
+        local, block = shard_blocks(p)
+        close(p.grad[local], dense_params[name].grad[block], f"gradient of {name}")
 
 
 class UserBlock(nn.Module):
