@@ -20,6 +20,10 @@ trainer's sampler: ``Trainer._micro_batches(position, global_batch)``), the same
   all but the last micro-batch (parameters gathered once per step and kept: the ZeRO-2-like setting). FSDP2
   reduce-scatters every micro-batch's gradients (its default; ours at stage >= 2 does the same).
   Optimizer ``torch.optim.AdamW(fused=True)`` on the DTensor shards, clipping with ``clip_grad_norm_``.
+* ``--compare api``: the library as a user embeds it - ``ZeroOptimizer(model, FusedAdamW, stage=S)`` on the
+  baselines' own plain ``Llama`` and loop (mean reduction, ``no_sync()`` on all but the last micro-batch, its
+  ``clip_grad_norm_``) - stage 1 against ZeroRedundancyOptimizer + DDP, stage 2 against FSDP2 with
+  ``reshard_after_forward=False``, stage 3 against FSDP2 (default resharding).
 * ``--compare overlap``: our ``--zero 1`` at dp = W (the world size) with the engine's default ``--bucket-size``
   (4M elements: few buckets for these models, little overlap) and with each ``--small-bucket-size`` (more
   buckets, each reduction starting earlier in the last micro-batch's backward), against dp = 1
@@ -58,6 +62,7 @@ parameter all-gather overlapped with the next step's forward).
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 4 benchmarks/bench_zero.py --compare zero1 [--repeats 3]
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 4 benchmarks/bench_zero.py --compare zero3 [--repeats 3]
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 benchmarks/bench_zero.py --compare overlap [--repeats 3]
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 4 benchmarks/bench_zero.py --compare api [--repeats 3]
     [--model-size small|medium] [--precision fp32|bf16] [--steps N] [--bucket-size N] [--json out.json]
     [--profile DIR] [--overlap-param-gather]
 """
@@ -81,7 +86,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.models.llama import Llama  # noqa: E402
-from engine.optim import param_groups  # noqa: E402
+from engine.optim import FusedAdamW, ZeroOptimizer, param_groups  # noqa: E402
 from engine.parallel import Topology  # noqa: E402
 from engine.training.config import ConfigError, parse_config, validate  # noqa: E402
 from engine.training.trainer import Trainer  # noqa: E402
@@ -189,6 +194,7 @@ class Phases:
 class Ours:
     def __init__(self, name: str, trainer: Trainer):
         self.name, self.trainer = name, trainer
+        self.global_batch = trainer.cfg.batch.global_batch_size
         self.probe, self.peak_unsharded = False, 0
         self.phases = Phases()
         trainer.forward_backward = self.phases.wrap(trainer.forward_backward, "forward+backward")
@@ -205,6 +211,9 @@ class Ours:
         if self.probe:
             held = sum(b.full.untyped_storage().nbytes() for b in self.trainer.zero.buckets if b.gathered)
             self.peak_unsharded = max(self.peak_unsharded, held)
+
+    def buckets(self) -> int:
+        return len(self.trainer.zero.buckets)
 
     def step(self) -> tuple[float, float]:
         rec = self.trainer.train_step()
@@ -268,7 +277,7 @@ class Theirs:
         t1 = time.perf_counter()
         dist.all_reduce(total)
         t2 = time.perf_counter()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP, foreach=True)
+        norm = self.clip()
         t3 = time.perf_counter()
         self.optimizer.step()
         t4 = time.perf_counter()
@@ -277,6 +286,12 @@ class Theirs:
         self.steps += 1
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2's norm is a DTensor
         return total.item() / self.world, norm.item()
+
+    def clip(self) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP, foreach=True)
+
+    def buckets(self) -> int:
+        return 0
 
     def local_memory(self, optimizer) -> dict:
         params = list(self.model.parameters())
@@ -362,6 +377,58 @@ class TheirsFSDP(Theirs):
         return {"local": self.local_memory(self.optimizer), "peak_unsharded_param_bytes": self.peak_unsharded}
 
 
+class OursAPI(Theirs):
+    """ZeroOptimizer as a user embeds it: the baselines' plain model, loss and loop (mean reduction, no_sync on all
+    but the last micro-batch), with FusedAdamW and the optimizer's own clip_grad_norm_."""
+
+    def __init__(self, source: Trainer, args, world: int, stage: int):
+        super().__init__(f"ZeroOptimizer(stage={stage})", source, args, world)
+        bf16 = args.precision == "bf16"
+        if bf16:
+            self.model.to(torch.bfloat16)
+        self.optimizer = ZeroOptimizer(self.model, FusedAdamW, stage=stage, bucket_numel=args.bucket_size,
+                                       no_weight_decay=lambda name, p: p.ndim < 2, lr=LR, betas=BETAS, eps=EPS,
+                                       weight_decay=WEIGHT_DECAY, master_weights=bf16)
+        self.probe, self.peak_unsharded = False, 0
+        if self.optimizer.sharded_params:  # the gathered units, measured at every layer's forward pre-hook
+            for module in [self.model, *self.model.layers.values()]:
+                module.register_forward_pre_hook(lambda *_: self._measure())
+
+    def _measure(self) -> None:
+        if self.probe:
+            held = sum(b.full.untyped_storage().nbytes() for b in self.optimizer.buckets if b.gathered)
+            self.peak_unsharded = max(self.peak_unsharded, held)
+
+    def autocast(self):
+        return contextlib.nullcontext()  # bf16 parameters (fp32 masters in the optimizer)
+
+    PHASES = ("forward+backward (+reductions)", "loss all-reduce", "clip (+norm all-reduce)",
+              "optimizer (+all-gather)")
+
+    def forward_backward(self, mbs, local_tokens: int) -> torch.Tensor:
+        total = torch.zeros(())
+        for i, mb in enumerate(mbs):
+            with self.optimizer.no_sync() if i < len(mbs) - 1 else contextlib.nullcontext():
+                loss = self.loss(self.model, mb, local_tokens)
+                loss.backward()
+            total += loss.detach().float()
+        return total
+
+    def clip(self) -> torch.Tensor:
+        return self.optimizer.clip_grad_norm_(CLIP)
+
+    def buckets(self) -> int:
+        return len(self.optimizer.buckets)
+
+    def memory(self) -> dict:
+        o = self.optimizer
+        mem = {"local": {"param_bytes": o.param_bytes(), "grad_bytes": o.grad_bytes(),
+                         "optimizer_bytes": o.optimizer_bytes()}}
+        if o.sharded_params:
+            mem["peak_unsharded_param_bytes"] = self.peak_unsharded
+        return mem
+
+
 # ---------------------------------------------------------------------------------------------------------
 
 def timed(fn):
@@ -436,7 +503,12 @@ def mib(n: int) -> str:
 def compare(args, size, world, rank, log) -> dict:
     """ours vs theirs pairs: check step-1 agreement, warm up, time interleaved, tabulate."""
     pairs = []
-    if args.compare == "zero1":
+    if args.compare == "api":  # the library on a plain module, in the baselines' own loop
+        source = build_ours(args, size, world, 0, args.bucket_size, world)
+        pairs += [(OursAPI(source, args, world, 1), TheirsZero1(source, args, world)),
+                  (OursAPI(source, args, world, 2), TheirsFSDP(source, args, world, reshard_after_forward=False)),
+                  (OursAPI(source, args, world, 3), TheirsFSDP(source, args, world, reshard_after_forward=True))]
+    elif args.compare == "zero1":
         overlap = args.overlap_param_gather
         ours = Ours("ours --zero 1" + (" --overlap-param-gather" if overlap else ""),
                     build_ours(args, size, world, 1, args.bucket_size, world, overlap_param_gather=overlap))
@@ -483,7 +555,7 @@ def compare(args, size, world, rank, log) -> dict:
     sides = [s for pair in pairs for s in pair]
     times, losses = run_interleaved(sides, args, args.steps * args.repeats)
     ms = times.view(args.repeats, args.steps, len(sides)) * 1e3
-    tokens = sides[0].trainer.cfg.batch.global_batch_size * size["seq_length"]
+    tokens = sides[0].global_batch * size["seq_length"]
     for k, ((ours, theirs), (mo, mt)) in enumerate(zip(pairs, mems)):
         a, b = 2 * k, 2 * k + 1
         ratios = (ms[..., a] / ms[..., b]).flatten().tolist()
@@ -498,7 +570,7 @@ def compare(args, size, world, rank, log) -> dict:
                             "ratio": statistics.median((ms[r, :, a] / ms[r, :, b]).tolist())}
                            for r in range(args.repeats)],
             "max_loss_diff": max(abs(l[a] - l[b]) for l in losses),
-            "ours_buckets": len(ours.trainer.zero.buckets),
+            "ours_buckets": ours.buckets(),
             "memory": {"ours": mo, "theirs": mt}})
         log(f"\n### {ours.name} vs {theirs.name}: step time (world {world}, {tokens} tokens/step, "
             f"{len(ratios)} pairs, ours {row['ours_buckets']} buckets)\n")
@@ -521,7 +593,8 @@ def compare(args, size, world, rank, log) -> dict:
                 f"{m['max']['optimizer_bytes']:,} | {sum(m['max'].values()):,} ({mib(sum(m['max'].values()))} MiB) | "
                 + (f"**{sum(mo['max'].values()) / sum(mt['max'].values()):.3f}**" if side is ours else "") +
                 f" | {'-' if peak is None else f'{peak:,}'} |")
-        log(f"ours' memory_event() (rank 0): {mo['event']}")
+        if "event" in mo:
+            log(f"ours' memory_event() (rank 0): {mo['event']}")
         for key in ("param_bytes", "grad_bytes", "optimizer_bytes"):
             log(f"per rank {key}: ours " + ", ".join(f"{r[key]:,}" for r in mo["per_rank"]) +
                 "; theirs " + ", ".join(f"{r[key]:,}" for r in mt["per_rank"]))
@@ -570,7 +643,7 @@ def overlap(args, size, world, rank, log) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--compare", choices=["zero1", "zero3", "overlap"], required=True)
+    ap.add_argument("--compare", choices=["zero1", "zero3", "overlap", "api"], required=True)
     ap.add_argument("--model-size", choices=sorted(SIZES), default="medium")
     ap.add_argument("--micro-batches", type=int, default=2, help="micro-batches per rank per step")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")

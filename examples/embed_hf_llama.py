@@ -23,7 +23,7 @@ except ImportError:
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone, uninstalled
 
-from embed_plain_loop import grad_norm_and_scale, init_distributed, make_groups, warmup_cosine  # noqa: E402
+from embed_plain_loop import init_distributed, make_groups, warmup_cosine  # noqa: E402
 from engine.data.datasets import stdlib_sources  # noqa: E402
 from engine.optim import FusedAdamW, ZeroOptimizer  # noqa: E402
 from engine.parallel import parallelize  # noqa: E402
@@ -75,12 +75,9 @@ def main():
 
     model = small_llama().to(device)
     if args.tp > 1:
-        # q/k/v, gate/up colwise; o/down rowwise. The embedding and lm_head stay whole on every tp rank.
-        parallelize(model.model, tp_group, model.config.base_model_tp_plan)
-        # parallelize tags the replicas inside model.model only; lm_head is outside it, so tag its copies on
-        # tp ranks > 0 as well, or the gradient norm counts it tp times
-        for p in model.lm_head.parameters():
-            p.tp_duplicate = dist.get_rank(tp_group) != 0
+        # q/k/v, gate/up colwise; o/down rowwise. The embedding and lm_head (outside model.model: named as
+        # replicated, so that the gradient norm counts its copies once) stay whole on every tp rank.
+        parallelize(model.model, tp_group, model.config.base_model_tp_plan, replicated=(model.lm_head,))
     opt = ZeroOptimizer(model, FusedAdamW, stage=args.zero_stage, group=dp_group, lr=args.lr, betas=(0.9, 0.95),
                         weight_decay=0.1, no_weight_decay=lambda name, p: p.ndim < 2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(max(1, args.steps // 10), args.steps))
@@ -92,8 +89,8 @@ def main():
         ids = global_batch(tokens, step, args.global_batch)[dp_rank * per_rank:(dp_rank + 1) * per_rank].to(device)
         loss = model(input_ids=ids, labels=ids).loss  # transformers shifts the labels itself
         loss.backward()
-        norm, scale = grad_norm_and_scale(opt, args.clip, tp_group, args.tp)
-        opt.step(grad_scale=scale)
+        norm = opt.clip_grad_norm_(args.clip, model_parallel_group=tp_group)  # over dp and tp, replicas once
+        opt.step()
         sched.step()
         opt.zero_grad()
 

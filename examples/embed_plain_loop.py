@@ -22,7 +22,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone, uninstalled
 
-from engine.optim import FusedAdamW, ZeroOptimizer, clip_coefficient  # noqa: E402
+from engine.optim import FusedAdamW, ZeroOptimizer  # noqa: E402
 from engine.parallel import parallelize  # noqa: E402
 
 VOCAB, WIDTH, SEQ = 64, 32, 16
@@ -105,19 +105,6 @@ def make_groups(tp):
     return mine["tp"], mine["dp"]
 
 
-def grad_norm_and_scale(opt, max_norm, tp_group, tp):
-    """The global gradient norm, and the factor that clips it to max_norm (folded into opt.step)."""
-    if tp == 1:
-        return opt.clip_grad_norm_(max_norm), 1.0  # clips in place; the norm is over the dp group
-    # opt.clip_grad_norm_ sums over the data-parallel group only, so under TP each tp rank would see the norm of
-    # its own slices. Add the tp ranks' squares; a replicated parameter counts on tp rank 0 only (`parallelize`
-    # tags the copies on the other tp ranks `tp_duplicate`).
-    squared = opt.grad_norm_squared(lambda name, p: not getattr(p, "tp_duplicate", False))
-    dist.all_reduce(squared, group=tp_group)
-    norm = squared.sqrt()
-    return norm, clip_coefficient(norm, max_norm)
-
-
 def warmup_cosine(warmup, total):
     def factor(step):  # LambdaLR's multiplier of the peak lr after `step` scheduler steps
         if step < warmup:
@@ -160,8 +147,8 @@ def main():
         logits = model(ids[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
         loss.backward()  # ZeroOptimizer averages the gradients over the dp group as they are produced
-        norm, scale = grad_norm_and_scale(opt, args.clip, tp_group, args.tp)
-        opt.step(grad_scale=scale)
+        norm = opt.clip_grad_norm_(args.clip, model_parallel_group=tp_group)  # over dp and tp, replicas once
+        opt.step()
         sched.step()
         opt.zero_grad()
 

@@ -73,13 +73,13 @@ def _watch_gathered_peak(trainer) -> list:
     def sample(*_):
         peak[0] = max(peak[0], _gathered_bytes(trainer))
 
-    gather = trainer.zero._gather
+    gather = trainer.zero.params.gather
 
     def gather_and_sample(b, wait=True):
         gather(b, wait)
         sample()
 
-    trainer.zero._gather = gather_and_sample
+    trainer.zero.params.gather = gather_and_sample
     for chunk in trainer.chunks:
         for module in chunk.modules():
             module.register_forward_pre_hook(sample)
@@ -205,7 +205,7 @@ def test_fp16_overflow_skips_the_step_and_backs_off(tmp_path, monkeypatch, corpu
     def overflow(*args):
         loss = original(*args)
         if trainer.state.step + 1 in poisoned_steps:  # an fp16 overflow in the gradients
-            trainer.zero.grad_buffer[0] = float("inf")
+            trainer.zero.grads.buffer[0] = float("inf")
         return loss
 
     trainer.forward_backward = overflow

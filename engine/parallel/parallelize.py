@@ -22,7 +22,8 @@ the (then sharded) sequence length, so use them without it.
 
 Tied weights (an embedding shared with an LM head) cannot be split under one module only: a planned module whose
 parameter is shared within `module` is refused. A head outside `module` (as `LlamaForCausalLM.lm_head` is outside
-`.model`) is not visible here: leave a tied embedding out of the plan, as transformers' own plans do.
+`.model`) is not visible here: leave a tied embedding out of the plan, as transformers' own plans do, and pass
+the head as `replicated=` so that its copies are counted once in a gradient norm.
 """
 from __future__ import annotations
 
@@ -38,8 +39,11 @@ from engine.parallel.layers import ColumnParallelLinear, RowParallelLinear, TPCo
 STYLES = ("colwise", "rowwise", "embedding", "vocab")
 
 
-def parallelize(module: nn.Module, tp_group, plan: dict, sequence_parallel: bool = False) -> nn.Module:
-    """In place: the planned submodules of `module` become tensor-parallel over `tp_group`; returns `module`."""
+def parallelize(module: nn.Module, tp_group, plan: dict, sequence_parallel: bool = False,
+                replicated: tuple = ()) -> nn.Module:
+    """In place: the planned submodules of `module` become tensor-parallel over `tp_group`; returns `module`.
+    Parameters left whole (in `module`, and in the `replicated` modules outside it, such as a causal LM's
+    `lm_head` next to `model.model`) are tagged `tp_duplicate` on tp ranks > 0: a gradient norm counts them once."""
     unknown = sorted({style for style in plan.values() if style not in STYLES})
     if unknown:
         raise ValueError(f"parallelize: unsupported style(s) {unknown} in the plan; supported: {list(STYLES)}")
@@ -69,7 +73,8 @@ def parallelize(module: nn.Module, tp_group, plan: dict, sequence_parallel: bool
     for p in module.parameters():
         if sequence_parallel and not hasattr(p, "shard"):
             p.sequence_parallel = True
-    tp.mark_replicas(module)
+    for m in (module, *replicated):
+        tp.mark_replicas(m)
     return module
 
 

@@ -153,18 +153,20 @@ class Trainer:
         else:
             inner = dict(optimizer_class=FusedAdamW, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                          weight_decay=o.weight_decay, master_weights=master)
-        # Sequence-parallel norm gains hold partial sums over tp; a tied embedding split across pipeline stages
-        # is summed over the embedding group once the schedule is over. The loss is normalised by the global
-        # batch's tokens, so gradients are summed over dp.
-        tp_reduced = {n for n, q in self.named_params if getattr(q, "sequence_parallel", False)}
-        tied = {n for n in ("embedding.weight", "head.weight")
-                if self.model_cfg.tie_embeddings and p.pp > 1 and n in dict(self.named_params)}
+        # The loss is normalised by the global batch's tokens, so gradients are summed over dp.
         return ZeroOptimizer(self.chunks, stage=p.zero, group=self.topo.dp_group, units=self._units(),
                              grad_reduction="sum", bucket_numel=self.cfg.run.bucket_size,
-                             no_weight_decay=lambda name, q: q.ndim < 2, deferred=tied, tp_reduced=tp_reduced,
-                             tp_group=self.topo.tp_group, embedding_group=self.topo.embedding_group,
+                             no_weight_decay=lambda name, q: q.ndim < 2, partial_grad_group=self._partial_grad_group,
                              keep_params_in_step=p.zero3_keep_params, overlap_param_gather=p.overlap_param_gather,
                              **inner)
+
+    def _partial_grad_group(self, name: str, param):
+        """Sequence-parallel norm gains hold partial sums over tp; a tied embedding split across pipeline stages
+        is summed over the embedding group (the first and last stages) once the schedule is over."""
+        if getattr(param, "sequence_parallel", False):
+            return self.topo.tp_group
+        tied = self.model_cfg.tie_embeddings and self.cfg.parallel.pp > 1
+        return self.topo.embedding_group if tied and name in ("embedding.weight", "head.weight") else None
 
     def _units(self) -> list:
         """ZeRO-3's gathering units, and --overlap-param-gather's waiting points, in forward order: (module
