@@ -382,11 +382,14 @@ class OursAPI(Theirs):
     but the last micro-batch), with FusedAdamW and the optimizer's own clip_grad_norm_."""
 
     def __init__(self, source: Trainer, args, world: int, stage: int):
-        super().__init__(f"ZeroOptimizer(stage={stage})", source, args, world)
+        overlap = args.overlap_param_gather and stage in (1, 2)
+        super().__init__(f"ZeroOptimizer(stage={stage}{', overlap_param_gather' if overlap else ''})", source, args,
+                         world)
         bf16 = args.precision == "bf16"
         if bf16:
             self.model.to(torch.bfloat16)
         self.optimizer = ZeroOptimizer(self.model, FusedAdamW, stage=stage, bucket_numel=args.bucket_size,
+                                       overlap_param_gather=overlap,
                                        no_weight_decay=lambda name, p: p.ndim < 2, lr=LR, betas=BETAS, eps=EPS,
                                        weight_decay=WEIGHT_DECAY, master_weights=bf16)
         self.probe, self.peak_unsharded = False, 0
@@ -505,9 +508,10 @@ def compare(args, size, world, rank, log) -> dict:
     pairs = []
     if args.compare == "api":  # the library on a plain module, in the baselines' own loop
         source = build_ours(args, size, world, 0, args.bucket_size, world)
-        pairs += [(OursAPI(source, args, world, 1), TheirsZero1(source, args, world)),
-                  (OursAPI(source, args, world, 2), TheirsFSDP(source, args, world, reshard_after_forward=False)),
-                  (OursAPI(source, args, world, 3), TheirsFSDP(source, args, world, reshard_after_forward=True))]
+        baseline = {1: lambda: TheirsZero1(source, args, world),
+                    2: lambda: TheirsFSDP(source, args, world, reshard_after_forward=False),
+                    3: lambda: TheirsFSDP(source, args, world, reshard_after_forward=True)}
+        pairs += [(OursAPI(source, args, world, stage), baseline[stage]()) for stage in args.api_stages]
     elif args.compare == "zero1":
         overlap = args.overlap_param_gather
         ours = Ours("ours --zero 1" + (" --overlap-param-gather" if overlap else ""),
@@ -644,6 +648,8 @@ def overlap(args, size, world, rank, log) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--compare", choices=["zero1", "zero3", "overlap", "api"], required=True)
+    ap.add_argument("--api-stages", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3],
+                    help="api mode: the ZeroOptimizer stages to run, each against its baseline")
     ap.add_argument("--model-size", choices=sorted(SIZES), default="medium")
     ap.add_argument("--micro-batches", type=int, default=2, help="micro-batches per rank per step")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
@@ -657,8 +663,8 @@ def main(argv=None) -> int:
     ap.add_argument("--zero-bucket-view", action="store_true",
                     help="ZeroRedundancyOptimizer(parameters_as_bucket_view=True)")
     ap.add_argument("--overlap-param-gather", action="store_true",
-                    help="zero1/overlap: run ours with the engine's --overlap-param-gather (zero1: instead of "
-                         "the default; overlap: as one more side)")
+                    help="zero1/overlap/api: run ours with the engine's --overlap-param-gather (zero1, api: instead "
+                         "of the default; overlap: as one more side)")
     ap.add_argument("--steps", type=int, default=8, help="timed rounds per repeat")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")

@@ -1,5 +1,6 @@
 """The single-process trainer: metrics, exact resume, rollback, non-finite steps, SIGTERM, checkpoints."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -11,8 +12,8 @@ import torch
 
 from conftest import ROOT, SMALL, read_metrics, step_losses
 from engine.training import main, parse_config, validate
-from engine.training.checkpoint import CheckpointError, CheckpointReader, resolve
-from engine.training.trainer import Trainer
+from engine.training.checkpoint import CheckpointError, CheckpointReader, list_checkpoints, resolve
+from engine.training.trainer import StopTraining, Trainer
 
 STEP_KEYS = {"step", "loss", "lr", "grad_norm", "global_batch_size", "consumed_samples", "tokens_per_s",
              "tflops_per_device", "mfu", "peak_mem_bytes", "loss_scale", "skipped"}
@@ -84,10 +85,41 @@ def test_resume_is_bit_exact(run_dir, corpus):
     assert half == full  # bit-identical, dropout included
 
 
-def test_load_without_latest_starts_fresh(run_dir, corpus, capsys):
+def test_a_wrong_load_is_an_error_and_latest_never_moves_back(run_dir, corpus, capsys):
+    """Issue 11's lost-progress case: --save holds step 4; a mistyped --load, or a fresh run that would save step 2
+    there, exits 2 before any step and leaves `latest` at 4; --auto-resume continues from 4; --overwrite-checkpoints
+    lets an earlier step replace it (with a warning); --auto-resume on an empty --save starts fresh."""
+    from engine.training.checkpoint import latest_step
+    base = SMALL + ["--data", corpus, "--save", "ckpt", "--save-interval", "2"]
+    assert main(base + ["--steps", "4"]) == 0
+    assert latest_step("ckpt") == 4
     os.makedirs("empty")
-    assert main(SMALL + ["--data", corpus, "--steps", "1", "--load", "empty", "--run-name", "f"]) == 0
-    assert "starting fresh" in capsys.readouterr().out
+    for bad in (["--load", "empty"], ["--load", "ckpt_typo"]):
+        with pytest.raises(SystemExit) as exc:
+            main(base + ["--steps", "6"] + bad)
+        assert exc.value.code == 2 and "--load: no checkpoint in" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(base + ["--steps", "6"])  # forgot --load: its first save (step 2) would move `latest` back
+    assert exc.value.code == 2 and "--save: ckpt holds step 4" in capsys.readouterr().err
+    assert latest_step("ckpt") == 4 and sorted(os.listdir("ckpt")) == ["latest", "step_00000002", "step_00000004"]
+    assert main(base + ["--steps", "6", "--auto-resume"]) == 0
+    assert "resumed from ckpt/step_00000004 at step 4" in capsys.readouterr().out and latest_step("ckpt") == 6
+    assert main(base + ["--steps", "2", "--overwrite-checkpoints"]) == 0
+    assert "holds step 6, newer than this run's start" in capsys.readouterr().err and latest_step("ckpt") == 2
+    assert main(SMALL + ["--data", corpus, "--save", "fresh", "--steps", "1", "--auto-resume"]) == 0
+    assert latest_step("fresh") == 1
+
+
+def test_an_unplanned_earlier_save_leaves_latest_alone(tmp_path, capsys):
+    """finalize() never moves `latest` backwards without overwrite (a SIGTERM save below a newer checkpoint)."""
+    from engine.training import checkpoint as ckpt
+    for step, overwrite, expected in ((5, False, 5), (3, False, 5), (3, True, 3)):
+        tmp = ckpt.prepare_tmp_dir(str(tmp_path), step)
+        name, digest = ckpt.write_rank_file(tmp, 0, {"x": torch.zeros(1)}, {})
+        ckpt.finalize(str(tmp_path), step, {}, {name: digest}, None, overwrite)
+        assert ckpt.latest_step(str(tmp_path)) == expected
+        assert os.path.isdir(tmp_path / ckpt.step_dir_name(step))
+    assert "still names the newer step 5" in capsys.readouterr().err
 
 
 def test_nonfinite_gradient_skips_the_update(run_dir, corpus):
@@ -152,22 +184,65 @@ def test_max_rollbacks_stops_with_a_message(run_dir, corpus, capsys):
         trainer.train()
 
 
-def test_sigterm_saves_and_exits_zero(run_dir, corpus):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_and_exits_zero(run_dir, corpus, sig):
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) finish the step, save it and exit 0."""
     env = dict(os.environ, PYTHONPATH=ROOT)
+    name = signal.Signals(sig).name
     cmd = [sys.executable, os.path.join(ROOT, "examples", "pretrain_llama.py")] + SMALL + [
-        "--data", corpus, "--steps", "100000", "--run-name", "term"]
+        "--data", corpus, "--steps", "100000", "--run-name", name]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = run_dir / "runs" / "term" / "metrics.jsonl"
+    metrics = run_dir / "runs" / name / "metrics.jsonl"
     deadline = time.time() + 60
     while time.time() < deadline and (not metrics.exists() or len(step_losses(metrics)) < 3):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     last = max(step_losses(metrics))
-    step_dir = resolve(str(run_dir / "runs" / "term" / "checkpoints"))
+    step_dir = resolve(str(run_dir / "runs" / name / "checkpoints"))
     assert step_dir.endswith(f"step_{last:08d}")
-    assert "SIGTERM" in out
+    assert "stop signal (SIGTERM/SIGINT): saved" in out
+
+
+def test_an_unwritable_save_exits_2_before_step_1(run_dir, corpus, capsys):
+    open("a_file", "w").close()  # (the tests run as root, so a read-only mode would not stop writes)
+    with pytest.raises(SystemExit) as exc:
+        main(SMALL + ["--data", corpus, "--steps", "2", "--save", "a_file/ckpt", "--run-name", "ro"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--save: cannot write checkpoints to a_file/ckpt" in err
+    assert not os.path.exists("runs/ro")  # no metrics: not a step was taken
+
+
+def test_checkpoint_directory_hygiene(run_dir, corpus, capsys):
+    """Interrupted saves are cleaned at start; `latest` naming anything but a step directory inside, a meta.json
+    that does not match its checksum or that names files outside the step directory are refused by name."""
+    base = SMALL + ["--data", corpus, "--save", "ckpt", "--save-interval", "2"]
+    assert main(base + ["--steps", "2"]) == 0
+    os.makedirs("ckpt/step_00000003.tmp")
+    os.makedirs("ckpt/step_00000002.old")
+    assert main(base + ["--steps", "4", "--auto-resume"]) == 0
+    assert sorted(os.listdir("ckpt")) == ["latest", "step_00000002", "step_00000004"]
+    assert "removed ckpt/step_00000003.tmp (left by an interrupted save)" in capsys.readouterr().out
+    for bad in ("../step_00000002", "/etc", "\xff\xfe"):
+        with open("ckpt/latest", "wb") as fh:
+            fh.write(bad.encode("latin-1"))
+        with pytest.raises(CheckpointError, match="ckpt/latest"):
+            resolve("ckpt")
+    with open("ckpt/latest", "w") as fh:
+        fh.write("step_00000004\n")
+    meta = "ckpt/step_00000004/meta.json"
+    with open(meta) as fh:
+        text = fh.read()
+    with open(meta, "w") as fh:
+        fh.write(text.replace('"step": 4', '"step": 40'))
+    with pytest.raises(CheckpointError, match="does not match its checksum"):
+        CheckpointReader("ckpt/step_00000004")
+    os.remove(meta + ".sha256")  # (as a checkpoint written before checksums): the names are still checked
+    with open(meta, "w") as fh:
+        fh.write(text.replace("rank_00000.safetensors", "../../secret.safetensors"))
+    with pytest.raises(CheckpointError, match="not a rank_NNNNN.safetensors file"):
+        CheckpointReader("ckpt/step_00000004")
 
 
 def test_truncated_checkpoint_is_reported_and_previous_still_loads(run_dir, corpus):
@@ -199,7 +274,8 @@ def test_keep_last_never_deletes_what_a_restarted_run_just_wrote(run_dir, corpus
     later ones of the first run, and keep-last must delete only steps older than the one just written."""
     assert main(SMALL + ["--data", corpus, "--steps", "8", "--save-interval", "4", "--run-name", "k"]) == 0
     assert main(SMALL + ["--data", corpus, "--steps", "6", "--save-interval", "1", "--keep-last", "1",
-                         "--load", "runs/k/checkpoints/step_00000004", "--run-name", "k"]) == 0
+                         "--load", "runs/k/checkpoints/step_00000004", "--run-name", "k",
+                         "--overwrite-checkpoints"]) == 0
     steps = sorted(d for d in os.listdir("runs/k/checkpoints") if d.startswith("step_"))
     assert steps == ["step_00000006", "step_00000008"]
     assert CheckpointReader(resolve("runs/k/checkpoints")).meta["step"] == 6
@@ -331,3 +407,47 @@ def test_trainer_takes_the_callers_dataset(run_dir, corpus):
     from engine.training.config import ConfigError
     with pytest.raises(ConfigError, match="token ids"):
         Trainer(cfg, train_data=[[1, 2, 3]])
+
+
+def _checkpoint_is_finite(step_dir) -> bool:
+    reader = CheckpointReader(step_dir)
+    tensors = [reader.read(k) for k in reader.keys("")]
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
+def test_injected_nan_rolls_back_and_skips_the_data(run_dir, corpus):
+    base = SMALL + ["--data", corpus, "--steps", "6", "--save-interval", "2"]
+    assert main(base + ["--inject-fault", "nan@5", "--run-name", "nan"]) == 0
+    records = read_metrics("runs/nan/metrics.jsonl")
+    rollbacks = [r for r in records if r.get("event") == "rollback"]
+    assert [(r["from_step"], r["to_step"]) for r in rollbacks] == [(5, 4)]
+    assert rollbacks[0]["skipped_samples"] == [16, 20]  # step 5's global batch of 4 samples is not trained on again
+    steps = [r for r in records if "event" not in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 5, 6] and steps[4]["skipped"]
+    assert all(math.isfinite(r["loss"]) for r in steps if r is not steps[4])
+    assert all(_checkpoint_is_finite(f"runs/nan/checkpoints/{d}") for d in list_checkpoints("runs/nan/checkpoints"))
+
+
+def test_a_spike_rolls_back(run_dir, corpus):
+    assert main(SMALL + ["--data", corpus, "--steps", "8", "--save-interval", "2", "--spike-factor", "3",
+                         "--inject-fault", "spike@7", "--run-name", "spike"]) == 0
+    rollbacks = [r for r in read_metrics("runs/spike/metrics.jsonl") if r.get("event") == "rollback"]
+    assert [(r["from_step"], r["to_step"]) for r in rollbacks] == [(7, 6)]
+
+
+def test_a_diverged_run_stops_nonzero_without_writing_a_checkpoint(run_dir, corpus):
+    """--lr 1e20 (issue 11: the broken model saved every 2 steps, exit 0): every step from 2 on is non-finite, no
+    checkpoint is written during the streak, and --max-skipped-steps (5) of them in a row stop the run, exit 1."""
+    argv = ["--steps", "20", "--save-interval", "2", "--lr", "1e20", "--min-lr", "1"]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "pretrain_llama.py")] + SMALL + [
+        "--data", corpus, "--run-name", "diverged"] + argv, capture_output=True, text=True,
+        env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "error: 5 non-finite steps in a row (the last at step 6" in proc.stderr and "Traceback" not in proc.stderr
+    assert list_checkpoints("runs/diverged/checkpoints") == [] and resolve("runs/diverged/checkpoints") is None
+    # a checkpoint before the streak: rolled back to, until --max-rollbacks; every saved step stays finite
+    with pytest.raises(StopTraining, match="after 1 rollbacks"):
+        make_trainer(SMALL + ["--data", corpus, "--steps", "10", "--save-interval", "2", "--run-name", "late",
+                              "--max-rollbacks", "1", "--inject-fault"] + [f"nan@{s}" for s in range(3, 9)]).train()
+    assert list_checkpoints("runs/late/checkpoints") == ["step_00000002"]
+    assert _checkpoint_is_finite("runs/late/checkpoints/step_00000002")

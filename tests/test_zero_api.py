@@ -107,9 +107,9 @@ def ddp_run(optimizer_class, rank, dp, group=None, saved=None, start=0):
                  rank, dp, STEPS, lambda: {k: v.clone() for k, v in model.state_dict().items()}, start)
 
 
-def zero_run(optimizer_class, stage, rank, dp, group=None):
+def zero_run(optimizer_class, stage, rank, dp, group=None, **options):
     model = toy()
-    zero = ZeroOptimizer(model, optimizer_class, stage=stage, group=group, **HYPER)
+    zero = ZeroOptimizer(model, optimizer_class, stage=stage, group=group, **HYPER, **options)
     return train(model, zero, schedule(zero), zero.clip_grad_norm_, zero.no_sync, rank, dp, STEPS,
                  zero.full_state_dict)
 
@@ -131,6 +131,9 @@ def _matches_ddp(rank, world, report):
         assert all(torch.equal(w["frozen.weight"], initial["frozen.weight"]) for w, _ in reference)
         for stage in range(4):
             diffs[f"dp{world} stage {stage} {opt_name}"] = max_diff(zero_run(cls, stage, rank, world), reference)
+        for stage in (1, 2):  # the step's all-gathers left in flight; each default unit's forward waits for its own
+            diffs[f"dp{world} stage {stage} overlap_param_gather {opt_name}"] = max_diff(
+                zero_run(cls, stage, rank, world, overlap_param_gather=True), reference)
     if rank == 0:
         with open(report, "a") as f:
             f.write(json.dumps(diffs) + "\n")

@@ -5,7 +5,7 @@ import os
 import sys
 
 from engine.training.checkpoint import CheckpointError
-from engine.training.config import Config, ConfigError, exit_on_config_error, parse_config, validate
+from engine.training.config import Config, ConfigError, exit_on_config_error, parse_config, preflight, validate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     def setup() -> Trainer:
         cfg = parse_config(argv)
         validate(cfg, world_size)
+        preflight(cfg)
         init_distributed(cfg.run.collective_timeout, cfg.run.device)
         return Trainer(cfg)
 

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import sys
 
 import torch
 import torch.distributed as dist
@@ -77,12 +78,26 @@ def write_rank_file(tmp_dir: str, rank: int, tensors: dict[str, torch.Tensor],
     return name, sha256_file(path)
 
 
-def finalize(save_dir: str, step: int, meta: dict, files: dict[str, str], keep_last: int | None) -> str:
-    """Called by one rank once every rank file is written: meta.json, rename into place, update `latest`."""
+def latest_step(save_dir: str) -> int | None:
+    """The step `save_dir/latest` names (None: no such file, or it names no step directory)."""
+    try:
+        with open(os.path.join(save_dir, "latest")) as fh:
+            name = fh.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(name[5:]) if re.fullmatch(r"step_\d{8}", name) else None
+
+
+def finalize(save_dir: str, step: int, meta: dict, files: dict[str, str], keep_last: int | None,
+             overwrite: bool = False) -> str:
+    """Called by one rank once every rank file is written: meta.json, rename into place, update `latest` - unless
+    `latest` names a newer step and not `overwrite` (it never moves backwards by accident; the step directory is
+    kept, and a warning names it)."""
     final = os.path.join(save_dir, step_dir_name(step))
     tmp = final + ".tmp"
     _write_atomic(os.path.join(tmp, "meta.json"), json.dumps({**meta, "format": FORMAT_VERSION, "step": step,
                                                               "files": files}, indent=1))
+    _write_atomic(os.path.join(tmp, "meta.json.sha256"), sha256_file(os.path.join(tmp, "meta.json")) + "\n")
     _fsync(tmp)
     replaced = None
     if os.path.exists(final):  # re-saving a step (after a rollback): keep the old one until the new is in place
@@ -90,7 +105,12 @@ def finalize(save_dir: str, step: int, meta: dict, files: dict[str, str], keep_l
         shutil.rmtree(replaced, ignore_errors=True)
         os.replace(final, replaced)
     os.replace(tmp, final)
-    _write_atomic(os.path.join(save_dir, "latest"), step_dir_name(step) + "\n")
+    newer = latest_step(save_dir)
+    if newer is not None and newer > step and not overwrite:
+        print(f"warning: saved {final}, but {save_dir}/latest still names the newer step {newer} (pass "
+              "--overwrite-checkpoints to let an earlier step replace it)", file=sys.stderr, flush=True)
+    else:
+        _write_atomic(os.path.join(save_dir, "latest"), step_dir_name(step) + "\n")
     _fsync(save_dir)
     if replaced:
         shutil.rmtree(replaced, ignore_errors=True)
@@ -110,7 +130,7 @@ def prepare_tmp_dir(save_dir: str, step: int) -> str:
 
 
 def save(save_dir: str, step: int, rank: int, tensors: dict, slices: dict, meta: dict,
-         keep_last: int | None = None) -> str:
+         keep_last: int | None = None, overwrite: bool = False) -> str:
     """Every rank calls this with its own tensors; rank 0 writes meta.json and publishes the step once every
     rank file is on disk. Returns the step directory."""
     distributed = dist.is_initialized() and dist.get_world_size() > 1
@@ -127,7 +147,7 @@ def save(save_dir: str, step: int, rank: int, tensors: dict, slices: dict, meta:
         files = gathered
     final = os.path.join(save_dir, step_dir_name(step))
     if rank == 0:
-        finalize(save_dir, step, meta, dict(files), keep_last)
+        finalize(save_dir, step, meta, dict(files), keep_last, overwrite)
     if distributed:
         dist.barrier()
     return final
@@ -142,18 +162,47 @@ def list_checkpoints(save_dir: str) -> list[str]:
 
 def resolve(path: str) -> str | None:
     """The step directory to load: `path` itself if it is one, else the one named by path/latest; None when
-    there is no complete checkpoint."""
+    there is no complete checkpoint. `latest` must hold a plain step_NNNNNNNN name inside `path` (an absolute
+    path or `..` is never followed)."""
     if os.path.isfile(os.path.join(path, "meta.json")):
         return path
     latest = os.path.join(path, "latest")
     if not os.path.isfile(latest):
         return None
-    with open(latest) as fh:
-        step_dir = os.path.join(path, fh.read().strip())
+    try:
+        with open(latest, encoding="utf-8") as fh:
+            name = fh.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{latest} is unreadable ({exc}); point --load at an intact step_* directory") from None
+    if not re.fullmatch(r"step_\d{8}", name):
+        raise CheckpointError(f"{latest} names {name[:80]!r}, not a step_NNNNNNNN directory inside {path}; the "
+                              "checkpoint directory is damaged: point --load at an intact step_* directory")
+    step_dir = os.path.join(path, name)
     if not os.path.isfile(os.path.join(step_dir, "meta.json")):
         raise CheckpointError(f"{latest} names {step_dir}, which has no meta.json; the checkpoint directory is "
                               "damaged: point --load at an intact step_* directory")
     return step_dir
+
+
+def clean_stale(save_dir: str) -> list[str]:
+    """Removes what interrupted saves left in save_dir (step_*.tmp, step_*.old); returns the removed names."""
+    if not os.path.isdir(save_dir):
+        return []
+    stale = sorted(d for d in os.listdir(save_dir) if re.fullmatch(r"step_\d{8}\.(tmp|old)", d))
+    for d in stale:
+        shutil.rmtree(os.path.join(save_dir, d), ignore_errors=True)
+    return stale
+
+
+def probe_writable(save_dir: str) -> None:
+    """Creates save_dir and writes, fsyncs and removes a probe file there; raises OSError when it cannot."""
+    os.makedirs(save_dir, exist_ok=True)
+    probe = os.path.join(save_dir, f".probe-{os.getpid()}")
+    try:
+        _write_atomic(probe, "probe\n")
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
 
 
 class CheckpointReader:
@@ -162,10 +211,18 @@ class CheckpointReader:
 
     def __init__(self, step_dir: str):
         self.step_dir = step_dir
+        meta_path = os.path.join(step_dir, "meta.json")
+        digest_path = meta_path + ".sha256"
+        if os.path.isfile(digest_path):  # (checkpoints written before the checksum existed have none)
+            with open(digest_path, encoding="utf-8", errors="replace") as fh:
+                expected = fh.read().strip()
+            if sha256_file(meta_path) != expected:
+                raise CheckpointError(f"checkpoint file {meta_path} does not match its checksum (edited or damaged); "
+                                      "load an earlier step directory instead")
         try:
-            with open(os.path.join(step_dir, "meta.json")) as fh:
+            with open(meta_path) as fh:
                 self.meta = json.load(fh)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"checkpoint file {os.path.join(step_dir, 'meta.json')} is corrupt or truncated "
                                   f"({exc}); load an earlier step directory instead") from None
         if self.meta.get("format") != FORMAT_VERSION:
@@ -174,6 +231,9 @@ class CheckpointReader:
         self.index: dict[str, list[tuple[str, dict]]] = {}
         self._verified: set[str] = set()
         for name in self.meta["files"]:
+            if not re.fullmatch(r"rank_\d{5}\.safetensors", name):
+                raise CheckpointError(f"{meta_path} names the file {name[:80]!r}, not a rank_NNNNN.safetensors file "
+                                      "inside the step directory; load an intact step directory instead")
             path = os.path.join(step_dir, name)
             if not os.path.isfile(path):
                 raise CheckpointError(f"checkpoint file {path} is missing")

@@ -132,7 +132,12 @@ class RunArgs:
 class CheckpointArgs:
     save: str = _f(None, "checkpoint directory [runs/<name>/checkpoints]")
     save_interval: int = _f(None, "save every N steps [at the end only]")
-    load: str = _f(None, "resume from the latest complete checkpoint in this directory")
+    load: str = _f(None, "start from this checkpoint (a step directory, or the one a directory's 'latest' names); "
+                         "a path without one is an error")
+    auto_resume: bool = _f(False, "resume from --save's latest checkpoint when it has one (else from --load, else "
+                                  "fresh): the switch for restart loops")
+    overwrite_checkpoints: bool = _f(False, "let this run's checkpoints replace newer ones in --save (`latest` "
+                                            "never moves back to an earlier step otherwise)")
     keep_last: int = _f(None, "keep only the newest K checkpoints [all]")
 
 
@@ -141,6 +146,11 @@ class StabilityArgs:
     spike_factor: float = _f(None, "roll back to the last checkpoint when the loss exceeds F x its running mean, "
                                    "skipping the data consumed since")
     max_rollbacks: int = _f(3, "stop after this many rollbacks")
+    max_skipped_steps: int = _f(5, "stop (exit 1) after this many non-finite steps in a row (a non-finite loss, or "
+                                   "non-finite gradients outside fp16's loss scaling); 0: never")
+    inject_fault: list = _f(None, "fault injection for tests and drills: nan@STEP (non-finite loss and gradients), "
+                                  "spike@STEP (the loss reported x100), kill@STEP:RANK (SIGKILL), hang@STEP:RANK",
+                            nargs="+")
 
 
 GROUPS = {"model": ModelArgs, "parallel": ParallelArgs, "precision": PrecisionArgs, "recompute": RecomputeArgs,
@@ -256,6 +266,20 @@ def _coerce(key, value, f):
     return value
 
 
+FAULTS = ("nan", "spike", "kill", "hang")
+
+
+def parse_fault(spec: str) -> tuple[str, int, int | None]:
+    """'kind@STEP' or 'kind@STEP:RANK' -> (kind, step, rank or None: every rank)."""
+    kind, _, where = spec.partition("@")
+    step, _, rank = where.partition(":")
+    if kind not in FAULTS or not step.isdigit() or int(step) < 1 or (rank and not rank.isdigit()):
+        raise ValueError(f"{spec!r} is not KIND@STEP[:RANK] with KIND one of {', '.join(FAULTS)} and STEP >= 1")
+    if kind in ("kill", "hang") and not rank:
+        raise ValueError(f"{spec!r}: {kind} needs the rank: {kind}@STEP:RANK")
+    return kind, int(step), int(rank) if rank else None
+
+
 def parse_rampup(spec: str) -> tuple[int, int, int]:
     try:
         start, increment, samples = (int(x) for x in spec.split(","))
@@ -263,6 +287,89 @@ def parse_rampup(spec: str) -> tuple[int, int, int]:
         raise ConfigError(f"--rampup-batch-size: {spec!r} must be START,INCREMENT,RAMPUP_SAMPLES, "
                           "three integers such as 16,16,100000") from None
     return start, increment, samples
+
+
+def save_dir(cfg: Config) -> str:
+    """--save, or runs/<run name>/checkpoints (after validate: the default run name names the layout)."""
+    p = cfg.parallel
+    name = cfg.run.run_name or f"{cfg.model.model}-tp{p.tp}-pp{p.pp}-dp{p.dp}"
+    return cfg.checkpoint.save or os.path.join("runs", name, "checkpoints")
+
+
+def checkpoint_to_load(cfg: Config) -> str | None:
+    """The step directory this run starts from: with --auto-resume --save's latest if it has one, else --load's
+    (an error when it holds none), else None (a fresh start)."""
+    from engine.training import checkpoint as ckpt
+    c = cfg.checkpoint
+    try:
+        if c.auto_resume:
+            found = ckpt.resolve(save_dir(cfg)) if os.path.isdir(save_dir(cfg)) else None
+            if found is not None:
+                return found
+        if not c.load:
+            return None
+        found = ckpt.resolve(c.load) if os.path.isdir(c.load) else None
+    except ckpt.CheckpointError as exc:
+        raise ConfigError(f"--load: {exc}") from None
+    if found is None:
+        raise ConfigError(f"--load: no checkpoint in {c.load!r} (neither a step directory with meta.json nor a "
+                          "directory with a 'latest' file); check the path, or use --auto-resume to start fresh "
+                          "when --save holds no checkpoint yet")
+    return found
+
+
+def _check_checkpoints(cfg: Config) -> list[str]:
+    """A mistyped --load is an error, and a run whose saves would move --save's `latest` back to an earlier step
+    needs --overwrite-checkpoints (warned about otherwise)."""
+    import json
+    from engine.training import checkpoint as ckpt
+    try:
+        start_dir = checkpoint_to_load(cfg)
+    except ConfigError as exc:
+        return [str(exc)]
+    start = 0
+    if start_dir is not None:
+        try:
+            with open(os.path.join(start_dir, "meta.json")) as fh:
+                start = int(json.load(fh)["step"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return [f"--load: {start_dir}/meta.json is unreadable ({exc}); load an intact step directory"]
+    newer = ckpt.latest_step(save_dir(cfg))
+    if newer is None or newer <= start:
+        return []
+    interval = cfg.checkpoint.save_interval
+    first_save = min(cfg.run.steps, start + interval) if interval else cfg.run.steps
+    if cfg.checkpoint.overwrite_checkpoints or first_save >= newer:
+        if os.environ.get("RANK", "0") == "0":  # once per job
+            print(f"warning: {save_dir(cfg)} holds step {newer}, newer than this run's start (step {start})"
+                  + ("; --overwrite-checkpoints: this run's saves replace it" if first_save < newer else ""),
+                  file=sys.stderr)
+        return []
+    return [f"--save: {save_dir(cfg)} holds step {newer}, and this run (from step {start}) would save step "
+            f"{first_save} over it; use --auto-resume to continue from step {newer}, --overwrite-checkpoints to "
+            "start over, or another --save / --run-name"]
+
+
+def preflight(cfg: Config) -> None:
+    """Before any process group or step (after validate): --save is created, a probe file written, fsynced and
+    removed there, and its free space checked against twice a checkpoint's estimated size. Raises ConfigError."""
+    import shutil
+    from engine.estimate import count_parameters
+    from engine.training import checkpoint as ckpt
+    path = save_dir(cfg)
+    try:
+        ckpt.probe_writable(path)
+    except OSError as exc:
+        raise ConfigError(f"--save: cannot write checkpoints to {path} ({exc.strerror or exc}); choose a writable "
+                          "directory with --save") from None
+    model = cfg.model_config()
+    if cfg.model.vocab_size is None:
+        model.vocab_size = max(model.vocab_size, 1)
+    need = 2 * 16 * count_parameters(model)["total"]  # weights + AdamW m, v (+ an fp32 master): <= 16 B/param
+    free = shutil.disk_usage(path).free
+    if free < need:
+        raise ConfigError(f"--save: {path} has {free / 2**30:.2f} GiB free, less than twice a checkpoint's estimated "
+                          f"size ({need / 2 / 2**30:.2f} GiB); free space or choose another --save")
 
 
 def validate(cfg: Config, world_size: int) -> None:
@@ -368,6 +475,7 @@ def validate(cfg: Config, world_size: int) -> None:
     r = cfg.recompute
     if r.recompute_layers is not None and (r.recompute != "full" or r.recompute_layers < 0):
         errors.append("--recompute-layers: goes with --recompute full and must be >= 0")
+    errors += _check_checkpoints(cfg)
     d = cfg.data
     for path in d.data or []:
         if not (os.path.exists(path) or (os.path.exists(path + ".bin") and os.path.exists(path + ".idx"))):
@@ -389,6 +497,13 @@ def validate(cfg: Config, world_size: int) -> None:
         errors.append(f"--spike-factor: must be greater than 1, got {st.spike_factor}")
     if st.max_rollbacks < 0:
         errors.append("--max-rollbacks: must be >= 0")
+    if st.max_skipped_steps < 0:
+        errors.append("--max-skipped-steps: must be >= 0")
+    for spec in st.inject_fault or []:
+        try:
+            parse_fault(spec)
+        except ValueError as exc:
+            errors.append(f"--inject-fault: {exc}")
     if errors:
         raise ConfigError("\n".join(errors))
     _check_implemented(cfg)

@@ -28,7 +28,7 @@ from engine.pipeline.executor import PipelineExecutor
 from engine.pipeline.p2p import P2P
 from engine.pipeline.simulate import nccl_deadlock
 from engine.training import checkpoint as ckpt
-from engine.training.config import Config, ConfigError, parse_rampup
+from engine.training.config import Config, ConfigError, checkpoint_to_load, parse_fault, parse_rampup, save_dir
 from engine.training.metrics import MetricsWriter, Progress, peak_memory_bytes, peak_tflops, plot_losses, step_line
 
 SPIKE_WINDOW = 20      # the running mean for spike detection is over this many recent steps
@@ -81,7 +81,7 @@ class Trainer:
         self.precision = cfg.precision.precision
         self.run_name = run.run_name or f"{cfg.model.model}-tp{p.tp}-pp{p.pp}-dp{p.dp}"
         self.run_dir = os.path.join("runs", self.run_name)
-        self.save_dir = cfg.checkpoint.save or os.path.join(self.run_dir, "checkpoints")
+        self.save_dir = save_dir(cfg)
         self.last_checkpoint: str | None = None  # this run's latest saved or resumed step directory (rollbacks)
         self.metrics_path = run.metrics_file or os.path.join(self.run_dir, "metrics.jsonl")
         self.plot_path = run.plot or os.path.join(self.run_dir, "loss.png")
@@ -115,6 +115,8 @@ class Trainer:
         self.peak_tflops = peak_tflops(self.device, self.precision, run.peak_tflops)
         self.activation_bytes = None
         self._stop_requested = False
+        self.faults = [parse_fault(spec) for spec in cfg.stability.inject_fault or []]  # (kind, step, rank)
+        self._nonfinite_in_row = 0
         shape = (b.micro_batch_size, self.model_cfg.seq_length // (p.tp if p.sequence_parallel else 1),
                  self.model_cfg.hidden_size)
         pipe = P2P(self.topo.pipeline_ranks, self.topo.pp_rank, self.device, p.vpp, [(shape, self.param_dtype)],
@@ -281,10 +283,16 @@ class Trainer:
         lr = self.lr_schedule(step)
         start = time.perf_counter()
         micro_batches = self._micro_batches(st.data_position, global_batch)
+        faults = self._faults_at(step)
         self.zero.start_step(len(micro_batches))
         loss = self.forward_backward(micro_batches, global_batch * self.model_cfg.seq_length)
         self.zero.finish_gradients()
+        if "nan" in faults:  # as a diverged step looks: a non-finite loss and gradients
+            loss.fill_(float("nan"))
+            self.zero.grads.tensors()[0].fill_(float("nan"))
         self._share_loss(loss)
+        if "spike" in faults:  # the loss a spike reports (the weights are untouched)
+            loss.mul_(100.0)
         loss_scale = self.scaler.scale if self.scaler else 1.0
         grad_norm = self.grad_norm() / loss_scale
         finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
@@ -312,6 +320,21 @@ class Trainer:
                 "peak_mem_bytes": peak_memory_bytes(self.device),
                 "loss_scale": self.scaler.scale if self.scaler else 1.0, "skipped": not finite,
                 "step_time_s": elapsed}
+
+    def _faults_at(self, step: int) -> set:
+        """--inject-fault: the kinds due at `step` on this rank, each once per run (a rollback replays the step
+        number). kill and hang act here, before the step's work."""
+        due = {f for f in self.faults if f[1] == step and f[2] in (None, self.rank)}
+        self.faults = [f for f in self.faults if f not in due]
+        kinds = {kind for kind, _, _ in due}
+        if "kill" in kinds:
+            print(f"--inject-fault: killing rank {self.rank} at step {step}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if "hang" in kinds:
+            print(f"--inject-fault: rank {self.rank} hangs at step {step}", file=sys.stderr, flush=True)
+            while True:
+                time.sleep(3600)
+        return kinds
 
     def _share_loss(self, loss: torch.Tensor) -> None:
         """In place: the loss of the whole global batch on every rank (summed over the pipeline, where only
@@ -346,6 +369,10 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def save_checkpoint(self) -> str:
+        if not self._all_finite():
+            raise StopTraining(f"the parameters or optimizer state are not finite at step {self.state.step}: not "
+                               f"saving them (the last good checkpoint stays {self.last_checkpoint or 'none'}); "
+                               "lower --lr or set --clip-grad, and resume from it")
         states = self.zero.state_by_name()  # a collective over dp: every rank takes part
         owns = lambda n, q: self.topo.dp_rank == 0 and self.owns(n, q)  # noqa: E731  one copy of every slice
         self.zero.gather_all()  # ZeRO-3: whole parameters for the save
@@ -359,7 +386,7 @@ class Trainer:
                 "optimizer": self.cfg.optimizer.optimizer,
                 "scaler": self.scaler.state_dict() if self.scaler else None}
         self.last_checkpoint = ckpt.save(self.save_dir, self.state.step, self.rank, tensors, slices, meta,
-                                         self.cfg.checkpoint.keep_last)
+                                         self.cfg.checkpoint.keep_last, self.cfg.checkpoint.overwrite_checkpoints)
         return self.last_checkpoint
 
     def _saved_current_step(self) -> bool:
@@ -408,15 +435,16 @@ class Trainer:
             return False
         return loss > factor * (sum(history) / len(history))
 
-    def rollback(self, metrics: MetricsWriter, progress: Progress) -> None:
+    def rollback(self, metrics: MetricsWriter, progress: Progress, reason: str = "loss spike") -> bool:
+        """Back to this run's last checkpoint, skipping the data consumed since; False when there is none."""
         step_dir = self.last_checkpoint  # this run's, not whatever `latest` in --save names
         st = self.state
         if step_dir is None:
-            progress.log(f"warning: loss spike at step {st.step} but no checkpoint in {self.save_dir} to roll "
+            progress.log(f"warning: {reason} at step {st.step} but no checkpoint in {self.save_dir} to roll "
                          "back to; continuing (set --save-interval to enable rollback)")
-            return
+            return False
         if st.rollbacks >= self.cfg.stability.max_rollbacks:
-            raise StopTraining(f"loss spike at step {st.step} after {st.rollbacks} rollbacks (--max-rollbacks "
+            raise StopTraining(f"{reason} at step {st.step} after {st.rollbacks} rollbacks (--max-rollbacks "
                                f"{self.cfg.stability.max_rollbacks}); the run is unstable: lower --lr, raise "
                                "--clip-grad's strictness or --spike-factor, or inspect the data")
         from_step, skip_end, rollbacks = st.step, st.data_position, st.rollbacks + 1
@@ -426,8 +454,39 @@ class Trainer:
         self.state.data_position, self.state.rollbacks = skip_end, rollbacks
         metrics.write({"event": "rollback", "from_step": from_step, "to_step": self.state.step,
                        "skipped_samples": skipped})
-        progress.log(f"loss spike at step {from_step}: rolled back to step {self.state.step}, skipping samples "
+        progress.log(f"{reason} at step {from_step}: rolled back to step {self.state.step}, skipping samples "
                      f"[{skipped[0]}, {skipped[1]}) (rollback {rollbacks}/{self.cfg.stability.max_rollbacks})")
+        self._nonfinite_in_row = 0
+        return True
+
+    def _nonfinite(self, rec: dict) -> bool:
+        """A diverged step: a non-finite loss, or non-finite gradients outside fp16 (where an overflow is the loss
+        scaler's business: it skips the step and backs off)."""
+        loss_bad = not torch.isfinite(torch.tensor(rec["loss"]))
+        return loss_bad or (rec["skipped"] and self.precision != "fp16")
+
+    def _check_divergence(self, rec: dict, metrics: MetricsWriter, progress: Progress) -> bool:
+        """After a step: a non-finite step rolls back like a spike (when a checkpoint exists); --max-skipped-steps
+        of them in a row stop the run. Returns whether it rolled back."""
+        if not self._nonfinite(rec):
+            self._nonfinite_in_row = 0
+            return False
+        self._nonfinite_in_row += 1
+        limit = self.cfg.stability.max_skipped_steps
+        if self.last_checkpoint is None and limit and self._nonfinite_in_row >= limit:
+            raise StopTraining(f"{self._nonfinite_in_row} non-finite steps in a row (the last at step {rec['step']}, "
+                               f"--max-skipped-steps {limit}) and no checkpoint to roll back to: the run diverged; "
+                               "lower --lr, set --clip-grad, or resume from an earlier checkpoint")
+        return self.last_checkpoint is not None and self.rollback(metrics, progress, "non-finite loss or gradients")
+
+    def _all_finite(self) -> bool:
+        """Whether every parameter and optimizer state on every rank is finite (a collective)."""
+        tensors = [pc.shard for pc in self.zero.pieces] + [t for s in self.zero.optimizer.state.values()
+                                                           for t in s.values() if torch.is_tensor(t)]
+        ok = torch.tensor([float(all(bool(torch.isfinite(t).all()) for t in tensors))], device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def memory_event(self) -> dict:
@@ -442,7 +501,10 @@ class Trainer:
             event = events[0]
         return event
 
-    def _on_sigterm(self, signum, frame) -> None:
+    def _on_stop_signal(self, signum, frame) -> None:
+        """SIGTERM or SIGINT: the first finishes the step, saves and exits; a second aborts at once."""
+        if self._stop_requested:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting without a save")
         self._stop_requested = True
 
     def _stop_agreed(self) -> bool:
@@ -456,19 +518,19 @@ class Trainer:
     def train(self) -> TrainState:
         cfg = self.cfg
         resumed = False
-        if cfg.checkpoint.load:
-            step_dir = ckpt.resolve(cfg.checkpoint.load)
-            if step_dir is None:
-                print(f"--load: no checkpoint in {cfg.checkpoint.load} (no 'latest' file); starting fresh")
-            else:
-                self.load_checkpoint(step_dir)
-                resumed = self.state.step > 0
-                print(f"resumed from {step_dir} at step {self.state.step}" if resumed else
-                      f"initialised from the weights in {step_dir}; starting at step 0")
+        step_dir = checkpoint_to_load(cfg)
+        if step_dir is not None:
+            self.load_checkpoint(step_dir)
+            resumed = self.state.step > 0
+            print(f"resumed from {step_dir} at step {self.state.step}" if resumed else
+                  f"initialised from the weights in {step_dir}; starting at step 0")
         metrics = MetricsWriter(self.metrics_path if self.is_logger else None, append=resumed)
         progress = Progress(cfg.run.steps, self.state.step, self.is_logger)
         metrics.write({"event": "layout", **self._layout()})
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        if self.is_logger:
+            for name in ckpt.clean_stale(self.save_dir):
+                progress.log(f"removed {os.path.join(self.save_dir, name)} (left by an interrupted save)")
+        previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         wrote_memory = False
         try:
             while self.state.step < cfg.run.steps:
@@ -480,6 +542,8 @@ class Trainer:
                     metrics.write(rec)
                     progress.log(step_line(rec, cfg.run.steps))
                 progress.advance()
+                if self._check_divergence(rec, metrics, progress):
+                    continue
                 if self._is_spike(rec["loss"]):
                     self.rollback(metrics, progress)
                     continue
@@ -492,14 +556,20 @@ class Trainer:
                         progress.log(f"eval at step {rec['step']}: loss {eval_loss:.4f}")
                 if self._stop_agreed():
                     path = self.save_checkpoint()
-                    progress.log(f"SIGTERM: saved {path} at step {self.state.step}; exiting")
+                    progress.log(f"stop signal (SIGTERM/SIGINT): saved {path} at step {self.state.step}; exiting")
                     return self.state
                 if cfg.checkpoint.save_interval and rec["step"] % cfg.checkpoint.save_interval == 0:
+                    if self._nonfinite_in_row:  # a model that just diverged is no point to come back to
+                        progress.log(f"not saving at step {rec['step']}: the last step was non-finite")
+                        continue
+                    if not self._all_finite() and self.rollback(metrics, progress, "non-finite parameters"):
+                        continue  # (without a checkpoint to go back to, save_checkpoint stops the run)
                     progress.log(f"saved {self.save_checkpoint()}")
             if not self._saved_current_step():
                 progress.log(f"saved {self.save_checkpoint()}")
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             progress.close()
             metrics.close()
         if self.is_logger and plot_losses(self.metrics_path, self.plot_path):

@@ -48,7 +48,8 @@ class GradSync:
         f32 = dict(dtype=torch.float32, device=self.device)
         if not self.sharded:
             self.buffer = torch.zeros(self.layout.total, **f32)
-            self.main_grad = {p: self.buffer[off:off + p.numel()].view_as(p) for p, (_, off) in self.layout.where.items()}
+            where = self.layout.where
+            self.main_grad = {p: self.buffer[off:off + p.numel()].view_as(p) for p, (_, off) in where.items()}
             for p, g in self.main_grad.items():
                 p.grad = g if p.dtype == torch.float32 else None
         else:

@@ -65,8 +65,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         process group (default: the world). grad_reduction: "mean" (DDP's average over the group) or "sum".
         no_weight_decay(name, param): parameters in a second group with weight_decay 0 (default: none).
         units: [(module entered first, module left last, [parameter names], [names of other units' parameters
-        it reads, e.g. a tied head's embedding])] in forward order (stage 3 - default: `default_units` - and
-        stages 1-2 with overlap_param_gather). partial_grad_group(name, param): the one hook for tensor and
+        it reads, e.g. a tied head's embedding])] in forward order, for stage 3 and for stages 1-2 with
+        overlap_param_gather (the step's all-gathers left in flight, each unit's forward waiting for its own);
+        default: `default_units`. partial_grad_group(name, param): the one hook for tensor and
         pipeline parallelism - the process group over which a parameter's gradient is only a partial sum
         (sequence-parallel norm gains: the tensor-parallel group; a tied embedding split across pipeline stages:
         the embedding group), or None; such gradients are summed over it once the backward (the whole pipeline
@@ -92,7 +93,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             if g is not None and _group_size(g) > 1:
                 partial[n] = g
         sharded_params = stage >= 3 and self.dp > 1
-        if units is None and sharded_params:
+        self.overlap_param_gather = overlap_param_gather and stage in (1, 2) and self.dp > 1
+        if units is None and (sharded_params or self.overlap_param_gather):
             units = default_units(modules)
         if units is not None:  # frozen parameters belong to no unit; units left without parameters go
             trainable = {n for n, _ in named}
@@ -117,10 +119,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if sharded_params:
             self.params.install_unit_hooks(units)
             self.params.install_state_dict_hooks(modules)
-        self.overlap_param_gather = overlap_param_gather and stage in (1, 2) and self.dp > 1
         if self.overlap_param_gather:
-            if units is None:
-                raise ValueError("overlap_param_gather needs `units`: the modules whose forward waits for the gathers")
             self.params.install_wait_hooks(units)
 
     def _param_groups(self, no_weight_decay=None) -> list[dict]:
@@ -237,7 +236,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         step = max([float(s["step"]) for s in self.optimizer.state.values() if "step" in s] or [0.0])
         step_t = torch.tensor(step, dtype=torch.float32, device=self.layout.device)
         dist.all_reduce(step_t, op=dist.ReduceOp.MAX, group=self.dp_group)
-        out: dict[str, dict[str, torch.Tensor]] = {name: {"step": step_t.cpu().clone()} for name in self.layout.names.values()}
+        out: dict[str, dict[str, torch.Tensor]] = {name: {"step": step_t.cpu().clone()}
+                                                   for name in self.layout.names.values()}
         for key in keys:
             flat = torch.zeros(self.layout.total, dtype=torch.float32, device=self.layout.device)
             for pc in self.pieces:
