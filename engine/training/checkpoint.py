@@ -5,6 +5,7 @@
                                                shape and the offset of the slice it holds
     DIR/step_00000012/meta.json                step, data position, scheduler/scaler state, config, layout and
                                                the sha256 of every rank file (written last)
+    DIR/step_00000012/meta.json.sha256         the sha256 of meta.json
     DIR/latest                                 the name of the newest complete step directory
 
 A step directory is written under a temporary name and renamed when complete; `latest` is replaced atomically
