@@ -1,0 +1,84 @@
+"""Restart loop for a training job: `python -m engine.launch --nproc-per-node 8 [--max-restarts 3] -- FLAGS`.
+
+Each attempt is a fresh `torchrun -m engine.training FLAGS --auto-resume`: it resumes from `--save`'s latest
+checkpoint (the first attempt starts fresh, or from --load), so a job whose rank died, was killed or was preempted
+continues where its last checkpoint left it, losing at most --save-interval steps. A fresh torchrun per attempt
+works on every torch >= 2.4 (torchrun's own --max-restarts re-rendezvous fails at >= 4 gloo processes on some
+versions). The flags are validated once before the first attempt (a bad flag exits 2 without launching); an
+attempt that ends without moving `latest` forward is not retried (the failure repeats where it stands: a
+diverged run, a broken node). `--inject-fault` applies to the first attempt only (it is for drills).
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+from engine.training import checkpoint as ckpt
+from engine.training.config import exit_on_config_error, parse_config, preflight, save_dir, validate
+
+
+def without_faults(flags: list[str]) -> list[str]:
+    """FLAGS minus --inject-fault and its values."""
+    out, skipping = [], False
+    for token in flags:
+        if token == "--inject-fault":
+            skipping = True
+        elif skipping and not token.startswith("--"):
+            continue
+        else:
+            skipping = False
+            out.append(token)
+    return out
+
+
+def attempt_command(args, flags: list[str]) -> list[str]:
+    run = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc_per_node}"]
+    if args.nnodes == 1:
+        run.append("--standalone")
+    else:
+        run += [f"--nnodes={args.nnodes}", f"--node_rank={args.node_rank}", "--rdzv_backend=c10d",
+                f"--rdzv_endpoint={args.rdzv_endpoint}", f"--rdzv_id={args.rdzv_id}"]
+    return run + ["-m", "engine.training"] + flags + ["--auto-resume"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nproc-per-node", type=int, default=1)
+    ap.add_argument("--nnodes", type=int, default=1)
+    ap.add_argument("--node-rank", type=int, default=0)
+    ap.add_argument("--rdzv-endpoint", default="localhost:29500", help="multi-node: host:port of node 0")
+    ap.add_argument("--rdzv-id", default="engine", help="multi-node: a job id shared by the nodes")
+    ap.add_argument("--max-restarts", type=int, default=3, help="attempts after the first [3]")
+    ap.add_argument("flags", nargs=argparse.REMAINDER, help="-- then the training flags (as for pretrain_llama.py)")
+    args = ap.parse_args(argv)
+    flags = args.flags[1:] if args.flags[:1] == ["--"] else args.flags
+    world = args.nproc_per_node * args.nnodes
+
+    def check():
+        cfg = parse_config(flags + ["--auto-resume"])
+        validate(cfg, world)
+        preflight(cfg)
+        return cfg
+
+    cfg = exit_on_config_error(check)
+    where = save_dir(cfg)
+    for attempt in range(args.max_restarts + 1):
+        before = ckpt.latest_step(where)
+        code = subprocess.call(attempt_command(args, flags if attempt == 0 else without_faults(flags)))
+        if code == 0:
+            return 0
+        after = ckpt.latest_step(where)
+        stalled = attempt > 0 and after == before
+        verdict = ("no progress since the last attempt: not retrying" if stalled else
+                   "out of restarts" if attempt == args.max_restarts else
+                   f"restarting from {where} (step {after or 0}) with --auto-resume")
+        print(f"engine.launch: attempt {attempt + 1} exited with code {code}; latest checkpoint: step "
+              f"{after if after is not None else 'none'}; {verdict}", file=sys.stderr, flush=True)
+        if stalled or attempt == args.max_restarts:
+            return code
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
