@@ -8,13 +8,10 @@ transformers ships for it (config.base_model_tp_plan). The data is the built-in 
 standard library's sources, folded into a 128-token vocabulary. Groups, clipping and the LR schedule are those of
 examples/embed_plain_loop.py.
 """
-import argparse
-import json
 import os
 import sys
 
 import torch
-import torch.distributed as dist
 
 try:
     import transformers
@@ -23,7 +20,7 @@ except ImportError:
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone, uninstalled
 
-from embed_plain_loop import init_distributed, make_groups, warmup_cosine  # noqa: E402
+from embed_plain_loop import finish, log_step, parse_args, setup, warmup_cosine  # noqa: E402
 from engine.data.datasets import stdlib_sources  # noqa: E402
 from engine.optim import FusedAdamW, ZeroOptimizer  # noqa: E402
 from engine.parallel import parallelize  # noqa: E402
@@ -56,22 +53,8 @@ def global_batch(tokens, step, size):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3])
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--global-batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--clip", type=float, default=1.0)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--json", help="write the per-step losses and grad norms here (rank 0)")
-    args = ap.parse_args()
-
-    device = init_distributed(args.device)
-    tp_group, dp_group = make_groups(args.tp)
-    dp, dp_rank = dist.get_world_size(dp_group), dist.get_rank(dp_group)
-    if args.global_batch % dp:
-        sys.exit(f"--global-batch {args.global_batch} is not divisible by the data-parallel size {dp}")
+    args = parse_args(__doc__, zero_stage=2, steps=10)
+    device, tp_group, dp_group, dp, dp_rank = setup(args)
 
     model = small_llama().to(device)
     if args.tp > 1:
@@ -93,20 +76,8 @@ def main():
         opt.step()
         sched.step()
         opt.zero_grad()
-
-        mean_loss = loss.detach().clone()
-        dist.all_reduce(mean_loss, group=dp_group)
-        mean_loss = mean_loss.item() / dp
-        history["loss"].append(mean_loss)
-        history["grad_norm"].append(float(norm))
-        if dist.get_rank() == 0:
-            print(f"step {step + 1:3d}  loss {mean_loss:.5f}  grad_norm {float(norm):.4f}  "
-                  f"lr {sched.get_last_lr()[0]:.2e}", flush=True)
-
-    if args.json and dist.get_rank() == 0:
-        with open(args.json, "w") as fh:
-            json.dump(history, fh)
-    dist.destroy_process_group()
+        log_step(history, step, loss, norm, dp_group, sched)
+    finish(history, args.json)
 
 
 if __name__ == "__main__":

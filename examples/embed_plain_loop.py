@@ -114,23 +114,56 @@ def warmup_cosine(warmup, total):
     return factor
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(description: str, zero_stage: int, steps: int) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2, 3])
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--zero-stage", type=int, default=zero_stage, choices=[0, 1, 2, 3])
+    ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--global-batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--json", help="write the per-step losses and grad norms here (rank 0)")
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def setup(args):
+    """(device, tp group, dp group, dp size, dp rank), after checking that dp splits the global batch."""
     device = init_distributed(args.device)
     tp_group, dp_group = make_groups(args.tp)
     dp, dp_rank = dist.get_world_size(dp_group), dist.get_rank(dp_group)
     if args.global_batch % dp:
         sys.exit(f"--global-batch {args.global_batch} is not divisible by the data-parallel size {dp}")
+    return device, tp_group, dp_group, dp, dp_rank
+
+
+def log_step(history: dict, step: int, loss: torch.Tensor, norm: torch.Tensor, dp_group, sched) -> None:
+    """Records the global-batch loss (each dp rank's share is the same size: the mean of the means)."""
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss, group=dp_group)
+    mean_loss = mean_loss.item() / dist.get_world_size(dp_group)
+    history["loss"].append(mean_loss)
+    history["grad_norm"].append(float(norm))
+    if dist.get_rank() == 0:
+        print(f"step {step + 1:3d}  loss {mean_loss:.5f}  grad_norm {float(norm):.4f}  "
+              f"lr {sched.get_last_lr()[0]:.2e}", flush=True)
+
+
+def finish(history: dict, json_path: str | None) -> None:
+    if json_path and dist.get_rank() == 0:
+        with open(json_path, "w") as fh:
+            json.dump(history, fh)
+    dist.destroy_process_group()
+    # Leave without the interpreter's teardown: gloo's worker threads can abort it (SIGABRT, "terminate called
+    # without an active exception") after the run has finished; the engine's own entry points leave the same way.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def main():
+    args = parse_args(__doc__, zero_stage=1, steps=20)
+    device, tp_group, dp_group, dp, dp_rank = setup(args)
 
     torch.manual_seed(0)  # the same initial weights on every rank; parallelize keeps this rank's slices
     model = TinyNet().to(device)
@@ -151,20 +184,8 @@ def main():
         opt.step()
         sched.step()
         opt.zero_grad()
-
-        mean_loss = loss.detach().clone()
-        dist.all_reduce(mean_loss, group=dp_group)  # each dp rank's share is the same size: mean of means
-        mean_loss = mean_loss.item() / dp
-        history["loss"].append(mean_loss)
-        history["grad_norm"].append(float(norm))
-        if dist.get_rank() == 0:
-            print(f"step {step + 1:3d}  loss {mean_loss:.5f}  grad_norm {float(norm):.4f}  "
-                  f"lr {sched.get_last_lr()[0]:.2e}", flush=True)
-
-    if args.json and dist.get_rank() == 0:
-        with open(args.json, "w") as fh:
-            json.dump(history, fh)
-    dist.destroy_process_group()
+        log_step(history, step, loss, norm, dp_group, sched)
+    finish(history, args.json)
 
 
 if __name__ == "__main__":

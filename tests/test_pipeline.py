@@ -223,12 +223,33 @@ def test_a_coalesced_batch_is_waited_for_when_it_holds_a_receive(monkeypatch):
     assert handed_out[-1].waited and not p2p.pending_sends
 
 
-@pytest.mark.parametrize("name", ["1f1b", "gpipe"])
-@pytest.mark.parametrize("pp", [2, 3, 4, 8])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 16])
-def test_batches_complete_under_nccl_group_rules(name, pp, m):
+def test_every_schedule_completes_under_nccl_group_rules():
+    """Issue 11's grid: every schedule, pp <= 16, vpp <= 4 (interleaved), micro-batches from pp to 4 pp (the
+    multiples of pp for interleaved): every communication batch completes as one NCCL group."""
     from engine.pipeline.simulate import nccl_deadlock
-    assert nccl_deadlock(build(name, pp, m), pp) is None
+    checked = 0
+    for pp in range(2, 17):
+        for m in range(pp, 4 * pp + 1):
+            cases = [("1f1b", 1), ("gpipe", 1)] + ([("interleaved", v) for v in (2, 3, 4)] if m % pp == 0 else [])
+            for name, vpp in cases:
+                assert nccl_deadlock(build(name, pp, m, vpp), pp) is None, (name, pp, vpp, m)
+                checked += 1
+    assert checked == 1020
+
+
+def test_a_schedule_that_would_deadlock_is_refused_before_launch(monkeypatch):
+    """The interleaved schedule with each transfer batched next to its own compute (the engine's earlier
+    batching: fine on gloo, stuck under NCCL) is refused by validate, whatever the backend."""
+    from engine.pipeline import schedules
+    from engine.training.config import ConfigError, parse_config, validate
+    def unpaired(name, pp, m, vpp=1):
+        return schedules.with_communication(schedules.SCHEDULES[name](pp, m, vpp), pp, vpp)
+
+    monkeypatch.setattr(schedules, "build", unpaired)
+    cfg = parse_config(["--pp", "2", "--vpp", "2", "--num-layers", "4", "--micro-batch-size", "1",
+                        "--global-batch-size", "4"])
+    with pytest.raises(ConfigError, match="would deadlock under NCCL"):
+        validate(cfg, 2)
 
 
 def test_the_nccl_check_finds_a_deadlock():

@@ -30,26 +30,22 @@ class Pipeline:
         self.pp = dist.get_world_size(pp_group) if pp_group is not None else 1
         self.rank = dist.get_rank(pp_group) if pp_group is not None else 0
         vpp = len(self.stages)
-        self.actions = schedules.build(schedule, self.pp, microbatches, vpp)[self.rank]
+        lists = schedules.build(schedule, self.pp, microbatches, vpp)
+        stuck = nccl_deadlock(lists, self.pp)
+        if stuck:  # (none of the engine's schedules, for pp <= 16, vpp <= 4 and up to 4 pp micro-batches)
+            raise ValueError(f"Pipeline(schedule={schedule!r}, microbatches={microbatches}): its transfers would "
+                             f"deadlock under NCCL's group rules ({stuck})")
+        self.actions = lists[self.rank]
         device = next((p.device for s in self.stages for p in s.parameters()), torch.device("cpu"))
         p2p = None
         if self.pp > 1:
             ranks = dist.get_process_group_ranks(pp_group)
             p2p = P2P(ranks, self.rank, device, vpp, shapes, timeout_s)
-            if dist.get_backend(pp_group) == "nccl" and self.rank == 0:
-                self._check_nccl(schedule, microbatches, vpp, shapes)
+            if dist.get_backend(pp_group) == "nccl" and shapes is None and self.rank == 0:
+                warnings.warn(f"Pipeline(schedule={schedule!r}) on NCCL without shapes=: each forward transfer "
+                              "sends a header batch first, which NCCL's group rules may not complete; declare "
+                              "shapes=", stacklevel=2)
         self.executor = PipelineExecutor(self.stages, self.rank, self.pp, p2p)
-
-    def _check_nccl(self, schedule, microbatches, vpp, shapes) -> None:
-        """NCCL completes a batch of transfers only when the peer's batch in flight matches it: warn where the
-        engine's simulation of that rule finds these action lists stuck (the interleaved schedule, today), and
-        where headers add batches the simulation does not model."""
-        stuck = nccl_deadlock(schedules.build(schedule, self.pp, microbatches, vpp), self.pp)
-        if stuck or shapes is None:
-            why = f"its transfers do not complete under NCCL's group rules ({stuck})" if stuck else \
-                "shapes are not declared, so each forward transfer sends a header batch first"
-            warnings.warn(f"Pipeline(schedule={schedule!r}) on NCCL: {why}; declare shapes= and prefer 1f1b or "
-                          "gpipe if it hangs", stacklevel=3)
 
     def step(self, inputs, target=None) -> torch.Tensor:
         """Runs the schedule over the batch split into micro-batches along dim 0: `inputs` (a tensor or a tuple)

@@ -52,9 +52,10 @@ def one_f_one_b(pp: int, m: int, vpp: int = 1) -> list[list[Action]]:
     return lists
 
 
-def interleaved(pp: int, m: int, vpp: int) -> list[list[Action]]:
-    """Megatron's interleaved 1F1B: each rank holds vpp model chunks; micro-batches advance through the chunks
-    in groups of pp. Needs m to be a multiple of pp (the constraint of Narayanan et al. 2021's schedule)."""
+def interleaved_slots(pp: int, m: int, vpp: int) -> list[list[list[Action]]]:
+    """Megatron's interleaved 1F1B per rank as slots: each warm-up forward alone, then forward + backward pairs
+    (the steady state), then each cool-down backward alone. Micro-batches advance through the chunks in groups of
+    pp; m must be a multiple of pp (the constraint of Narayanan et al. 2021's schedule)."""
     _check(pp, m, vpp, "interleaved")
     total = m * vpp
 
@@ -65,12 +66,16 @@ def interleaved(pp: int, m: int, vpp: int) -> list[list[Action]]:
     lists = []
     for rank in range(pp):
         warmup = min((pp - rank - 1) * 2 + (vpp - 1) * pp, total)
-        actions = [Action(F, *unit(k, False)) for k in range(warmup)]
-        for i in range(total - warmup):
-            actions += [Action(F, *unit(warmup + i, False)), Action(B, *unit(i, True))]
-        actions += [Action(B, *unit(k, True)) for k in range(total - warmup, total)]
-        lists.append(actions)
+        slots = [[Action(F, *unit(k, False))] for k in range(warmup)]
+        slots += [[Action(F, *unit(warmup + i, False)), Action(B, *unit(i, True))] for i in range(total - warmup)]
+        slots += [[Action(B, *unit(k, True))] for k in range(total - warmup, total)]
+        lists.append(slots)
     return lists
+
+
+def interleaved(pp: int, m: int, vpp: int) -> list[list[Action]]:
+    """Megatron's interleaved 1F1B: each rank holds vpp model chunks (see interleaved_slots)."""
+    return [[a for slot in slots for a in slot] for slots in interleaved_slots(pp, m, vpp)]
 
 
 SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b, "interleaved": interleaved}
@@ -115,8 +120,36 @@ def with_communication(compute: list[list[Action]], pp: int, vpp: int) -> list[l
     return lists
 
 
+def _transfers(a: Action, rank: int, pp: int, vpp: int) -> tuple[list[Action], list[Action]]:
+    """(receives before, sends after) compute action `a` on `rank`."""
+    v, last = virtual_stage(rank, a.chunk, pp), pp * vpp - 1
+    if a.op == F:
+        return ([Action(RECV_F, a.microbatch, a.chunk)] if v > 0 else [],
+                [Action(SEND_F, a.microbatch, a.chunk)] if v < last else [])
+    return ([Action(RECV_B, a.microbatch, a.chunk)] if v < last else [],
+            [Action(SEND_B, a.microbatch, a.chunk)] if v > 0 else [])
+
+
+def with_paired_communication(slots: list[list[list[Action]]], pp: int, vpp: int) -> list[list[Action]]:
+    """Megatron's batching for the interleaved schedule, which NCCL needs: between two slots one batch holds the
+    sends of the slot before and the receives of the slot after (a steady-state slot's forward and backward
+    exchange in one batch). Every rank's batches then pair with its neighbours' in order, so each completes as
+    one NCCL group (`simulate.nccl_deadlock` checks it, for every pp <= 16, vpp <= 4, m <= 4 pp in the tests)."""
+    lists = []
+    for rank, rank_slots in enumerate(slots):
+        out, pending = [], []
+        for slot in rank_slots:
+            receives = [r for a in slot for r in _transfers(a, rank, pp, vpp)[0]]
+            out += pending + receives + slot
+            pending = [t for a in slot for t in _transfers(a, rank, pp, vpp)[1]]
+        lists.append(out + pending)
+    return lists
+
+
 def build(name: str, pp: int, m: int, vpp: int = 1) -> list[list[Action]]:
     """Every rank's full action list (compute and communication) for one step."""
+    if name == "interleaved":
+        return with_paired_communication(interleaved_slots(pp, m, vpp), pp, vpp)
     return with_communication(SCHEDULES[name](pp, m, vpp), pp, vpp)
 
 

@@ -372,6 +372,27 @@ def preflight(cfg: Config) -> None:
                           f"size ({need / 2 / 2**30:.2f} GiB); free space or choose another --save")
 
 
+def _check_schedule(cfg: Config, per_step: int) -> list[str]:
+    """Every pipeline schedule the run will use (each global batch size of a ramp-up) must complete under NCCL's
+    group rules, whatever the backend: a schedule that would deadlock is refused, naming where it stops."""
+    from engine.pipeline import schedules
+    from engine.pipeline.simulate import nccl_deadlock
+    p, b = cfg.parallel, cfg.batch
+    sizes = {b.global_batch_size}
+    if b.rampup_batch_size is not None:
+        start, inc, _ = parse_rampup(b.rampup_batch_size)
+        sizes.update(range(start, b.global_batch_size, inc))
+    for m in sorted(size // per_step for size in sizes):
+        try:
+            stuck = nccl_deadlock(schedules.build(p.schedule, p.pp, m, p.vpp), p.pp)
+        except schedules.ScheduleError as exc:
+            return [str(exc)]
+        if stuck:
+            return [f"--schedule {p.schedule}: with pp {p.pp}, vpp {p.vpp} and {m} micro-batches its transfers would "
+                    f"deadlock under NCCL ({stuck}); use --schedule 1f1b"]
+    return []
+
+
 def validate(cfg: Config, world_size: int) -> None:
     """Fills derived defaults and raises ConfigError listing every problem (one per line)."""
     errors: list[str] = []
@@ -447,6 +468,8 @@ def validate(cfg: Config, world_size: int) -> None:
             elif p.schedule == "interleaved" and ((start // per_step) % p.pp or (inc // per_step) % p.pp):
                 errors.append(f"--rampup-batch-size: with --schedule interleaved START and INCREMENT must give "
                               f"micro-batch counts that are multiples of --pp {p.pp}")
+    if not errors and p.pp > 1:
+        errors += _check_schedule(cfg, per_step)
     if o.lr <= 0:
         errors.append(f"--lr: must be positive, got {o.lr}")
     if o.min_lr is None:

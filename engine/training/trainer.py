@@ -26,7 +26,6 @@ from engine.parallel.recompute import SavedTensorCounter
 from engine.pipeline import schedules
 from engine.pipeline.executor import PipelineExecutor
 from engine.pipeline.p2p import P2P
-from engine.pipeline.simulate import nccl_deadlock
 from engine.training import checkpoint as ckpt
 from engine.training.config import Config, ConfigError, checkpoint_to_load, parse_fault, parse_rampup, save_dir
 from engine.training.metrics import MetricsWriter, Progress, peak_memory_bytes, peak_tflops, plot_losses, step_line
@@ -197,14 +196,8 @@ class Trainer:
     def schedule(self, num_microbatches: int) -> list:
         if num_microbatches not in self._schedules:
             p = self.cfg.parallel
-            lists = schedules.build(p.schedule, p.pp, num_microbatches, p.vpp)
-            self._schedules[num_microbatches] = lists[self.topo.pp_rank]
-            if p.pp > 1 and self.rank == 0 and dist.get_backend(self.topo.pp_group) == "nccl":
-                stuck = nccl_deadlock(lists, p.pp)
-                if stuck:
-                    print(f"warning: --schedule {p.schedule} with {num_microbatches} micro-batches: its communication "
-                          f"batches do not complete under NCCL's group rules in the engine's simulation ({stuck}); "
-                          "if the run hangs, use --schedule 1f1b", file=sys.stderr, flush=True)
+            self._schedules[num_microbatches] = schedules.build(p.schedule, p.pp, num_microbatches,
+                                                                p.vpp)[self.topo.pp_rank]
         return self._schedules[num_microbatches]
 
     # ---- setup -------------------------------------------------------------------------------------------
