@@ -451,3 +451,42 @@ def test_a_diverged_run_stops_nonzero_without_writing_a_checkpoint(run_dir, corp
                               "--max-rollbacks", "1", "--inject-fault"] + [f"nan@{s}" for s in range(3, 9)]).train()
     assert list_checkpoints("runs/late/checkpoints") == ["step_00000002"]
     assert _checkpoint_is_finite("runs/late/checkpoints/step_00000002")
+
+
+def test_async_save_writes_what_a_synchronous_save_writes(run_dir, corpus, capsys):
+    """--async-save: the same step directories, tensor for tensor, as synchronous saves, and a run resumed from
+    one continues exactly like the uninterrupted run."""
+    base = SMALL + ["--data", corpus, "--steps", "6", "--save-interval", "2"]
+    assert main(base + ["--run-name", "sync"]) == 0
+    assert main(base + ["--run-name", "async", "--async-save"]) == 0
+    assert "background save published" in capsys.readouterr().out
+    assert list_checkpoints("runs/async/checkpoints") == list_checkpoints("runs/sync/checkpoints") == [
+        "step_00000002", "step_00000004", "step_00000006"]
+    for step_dir in list_checkpoints("runs/sync/checkpoints"):
+        a = CheckpointReader(f"runs/sync/checkpoints/{step_dir}")
+        b = CheckpointReader(f"runs/async/checkpoints/{step_dir}")
+        assert a.keys() == b.keys() and a.meta["state"] == b.meta["state"]
+        assert all(torch.equal(a.read(k), b.read(k)) for k in a.keys())
+    assert resolve("runs/async/checkpoints").endswith("step_00000006")
+    assert main(base + ["--run-name", "resumed", "--load", "runs/async/checkpoints/step_00000004"]) == 0
+    expected = step_losses("runs/sync/metrics.jsonl")
+    assert step_losses("runs/resumed/metrics.jsonl") == {s: expected[s] for s in (5, 6)}
+
+
+def test_a_failed_background_save_keeps_the_previous_checkpoint(run_dir, corpus, monkeypatch, capsys):
+    from engine.training import checkpoint as ckpt
+    original = ckpt.write_rank_file
+
+    def failing(tmp_dir, *args):
+        if "step_00000004" in tmp_dir:
+            raise OSError(28, "No space left on device")
+        return original(tmp_dir, *args)
+
+    monkeypatch.setattr(ckpt, "write_rank_file", failing)
+    trainer = make_trainer(SMALL + ["--data", corpus, "--steps", "6", "--save-interval", "2", "--async-save",
+                                    "--run-name", "full"])
+    trainer.train()
+    assert "the background save of step 4 failed (rank 0: OSError: [Errno 28] No space left on device)" in \
+        capsys.readouterr().err
+    assert list_checkpoints("runs/full/checkpoints") == ["step_00000002", "step_00000006"]
+    assert not os.path.exists("runs/full/checkpoints/step_00000004.tmp")

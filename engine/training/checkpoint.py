@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -130,28 +131,79 @@ def prepare_tmp_dir(save_dir: str, step: int) -> str:
     return tmp
 
 
+def _distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+class PendingSave:
+    """One save in progress: every rank writes its file (now, or on a background thread), then `finish()` - a
+    collective - gathers the checksums and rank 0 publishes the step (meta.json, rename, `latest`). A rank whose
+    write failed makes every rank drop the step: the previous checkpoint stays the newest."""
+
+    def __init__(self, save_dir: str, step: int, rank: int, tensors: dict, slices: dict, meta: dict,
+                 keep_last: int | None = None, overwrite: bool = False, background: bool = False):
+        self.save_dir, self.step, self.rank, self.meta = save_dir, step, rank, meta
+        self.keep_last, self.overwrite = keep_last, overwrite
+        self.final = os.path.join(save_dir, step_dir_name(step))
+        self.result: tuple | None = None  # ("ok", name, digest) or ("error", message)
+        if rank == 0:
+            prepare_tmp_dir(save_dir, step)
+        if _distributed():
+            dist.barrier()
+        write = lambda: self._write(tensors, slices)  # noqa: E731
+        self.thread = threading.Thread(target=write, name=f"checkpoint-{step}", daemon=True) if background else None
+        if self.thread is not None:
+            self.thread.start()
+        else:
+            write()
+
+    def _write(self, tensors: dict, slices: dict) -> None:
+        try:
+            if self.thread is not None and not all(bool(torch.isfinite(t).all()) for t in tensors.values()
+                                                   if t.is_floating_point()):
+                raise ValueError("the parameters or optimizer state are not finite: not saved")
+            name, digest = write_rank_file(self.final + ".tmp", self.rank, tensors, slices)
+            self.result = ("ok", name, digest)
+        except Exception as exc:  # noqa: BLE001 - reported by finish(), on every rank
+            self.result = ("error", f"rank {self.rank}: {type(exc).__name__}: {exc}")
+
+    def written(self) -> bool:
+        """Whether this rank's file is written (or failed): local, no collective."""
+        return self.thread is None or not self.thread.is_alive()
+
+    def finish(self) -> str | None:
+        """Waits for this rank's write, then publishes the step on rank 0 (every rank calls it). Returns the step
+        directory, or None when a rank's write failed (the error is raised on a synchronous save)."""
+        if self.thread is not None:
+            self.thread.join()
+        results = [self.result]
+        if _distributed():
+            results = [None] * dist.get_world_size()
+            dist.all_gather_object(results, self.result)
+        errors = [r[1] for r in results if r[0] != "ok"]
+        if errors:
+            if self.rank == 0:
+                shutil.rmtree(self.final + ".tmp", ignore_errors=True)
+            if _distributed():
+                dist.barrier()
+            if self.thread is None:
+                raise CheckpointError(f"saving step {self.step} failed ({'; '.join(errors)})")
+            print(f"warning: the background save of step {self.step} failed ({'; '.join(errors)}); the previous "
+                  "checkpoint stays the newest, training continues", file=sys.stderr, flush=True)
+            return None
+        if self.rank == 0:
+            finalize(self.save_dir, self.step, self.meta, {r[1]: r[2] for r in results}, self.keep_last,
+                     self.overwrite)
+        if _distributed():
+            dist.barrier()
+        return self.final
+
+
 def save(save_dir: str, step: int, rank: int, tensors: dict, slices: dict, meta: dict,
          keep_last: int | None = None, overwrite: bool = False) -> str:
     """Every rank calls this with its own tensors; rank 0 writes meta.json and publishes the step once every
     rank file is on disk. Returns the step directory."""
-    distributed = dist.is_initialized() and dist.get_world_size() > 1
-    tmp = os.path.join(save_dir, step_dir_name(step) + ".tmp")
-    if rank == 0:
-        prepare_tmp_dir(save_dir, step)
-    if distributed:
-        dist.barrier()
-    name, digest = write_rank_file(tmp, rank, tensors, slices)
-    files = [(name, digest)]
-    if distributed:
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (name, digest))
-        files = gathered
-    final = os.path.join(save_dir, step_dir_name(step))
-    if rank == 0:
-        finalize(save_dir, step, meta, dict(files), keep_last, overwrite)
-    if distributed:
-        dist.barrier()
-    return final
+    return PendingSave(save_dir, step, rank, tensors, slices, meta, keep_last, overwrite).finish()
 
 
 def list_checkpoints(save_dir: str) -> list[str]:

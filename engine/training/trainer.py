@@ -82,6 +82,7 @@ class Trainer:
         self.run_dir = os.path.join("runs", self.run_name)
         self.save_dir = save_dir(cfg)
         self.last_checkpoint: str | None = None  # this run's latest saved or resumed step directory (rollbacks)
+        self.pending_save: ckpt.PendingSave | None = None  # an --async-save still being written
         self.metrics_path = run.metrics_file or os.path.join(self.run_dir, "metrics.jsonl")
         self.plot_path = run.plot or os.path.join(self.run_dir, "loss.png")
         self.is_logger = self.rank == 0
@@ -361,8 +362,12 @@ class Trainer:
         return total.item() / (self.cfg.data.eval_iters * gbs * seq)
 
     # ---- checkpoints -------------------------------------------------------------------------------------
-    def save_checkpoint(self) -> str:
-        if not self._all_finite():
+    def save_checkpoint(self, background: bool = False) -> str:
+        """Saves the current step (every rank calls it). background (--async-save): the state is copied to host
+        memory here and written by a thread; the step is published later (`finish_pending_save`, polled after
+        every step), so `latest` and last_checkpoint move only once every rank's file is on disk."""
+        self.finish_pending_save()
+        if not background and not self._all_finite():  # (a background save checks its copy on its thread)
             raise StopTraining(f"the parameters or optimizer state are not finite at step {self.state.step}: not "
                                f"saving them (the last good checkpoint stays {self.last_checkpoint or 'none'}); "
                                "lower --lr or set --clip-grad, and resume from it")
@@ -378,9 +383,34 @@ class Trainer:
                 "model_config": dataclasses.asdict(self.model_cfg), "layout": self._layout(),
                 "optimizer": self.cfg.optimizer.optimizer,
                 "scaler": self.scaler.state_dict() if self.scaler else None}
-        self.last_checkpoint = ckpt.save(self.save_dir, self.state.step, self.rank, tensors, slices, meta,
-                                         self.cfg.checkpoint.keep_last, self.cfg.checkpoint.overwrite_checkpoints)
+        c = self.cfg.checkpoint
+        if background:  # host copies: the training goes on changing the device tensors
+            tensors = {k: v.detach().to("cpu") for k, v in tensors.items()}
+        pending = ckpt.PendingSave(self.save_dir, self.state.step, self.rank, tensors, slices, meta, c.keep_last,
+                                   c.overwrite_checkpoints, background)
+        if background:
+            self.pending_save = pending
+            return pending.final + " (writing in the background)"
+        self.last_checkpoint = pending.finish()
         return self.last_checkpoint
+
+    def finish_pending_save(self, when_written: bool = False) -> str | None:
+        """Publishes a background save (a collective). when_written: only if every rank's file is already written
+        (a one-number all-reduce decides, so all ranks agree); else waits for it."""
+        pending = self.pending_save
+        if pending is None:
+            return None
+        if when_written:
+            done = torch.tensor([float(pending.written())], device=self.device)
+            if self.world_size > 1:
+                dist.all_reduce(done, op=dist.ReduceOp.MIN)
+            if not done.item():
+                return None
+        self.pending_save = None
+        step_dir = pending.finish()
+        if step_dir is not None:
+            self.last_checkpoint = step_dir
+        return step_dir
 
     def _saved_current_step(self) -> bool:
         """Whether this run saved (or resumed from) the current step in --save already."""
@@ -430,6 +460,7 @@ class Trainer:
 
     def rollback(self, metrics: MetricsWriter, progress: Progress, reason: str = "loss spike") -> bool:
         """Back to this run's last checkpoint, skipping the data consumed since; False when there is none."""
+        self.finish_pending_save()
         step_dir = self.last_checkpoint  # this run's, not whatever `latest` in --save names
         st = self.state
         if step_dir is None:
@@ -555,9 +586,18 @@ class Trainer:
                     if self._nonfinite_in_row:  # a model that just diverged is no point to come back to
                         progress.log(f"not saving at step {rec['step']}: the last step was non-finite")
                         continue
-                    if not self._all_finite() and self.rollback(metrics, progress, "non-finite parameters"):
+                    if not cfg.checkpoint.async_save and not self._all_finite() and \
+                            self.rollback(metrics, progress, "non-finite parameters"):
                         continue  # (without a checkpoint to go back to, save_checkpoint stops the run)
-                    progress.log(f"saved {self.save_checkpoint()}")
+                    progress.log(f"saved {self.save_checkpoint(background=cfg.checkpoint.async_save)}")
+                elif self.pending_save is not None:
+                    published = self.finish_pending_save(when_written=True)
+                    if published:
+                        progress.log(f"saved {published} (background save published)")
+            if self.pending_save is not None:
+                published = self.finish_pending_save()
+                if published:
+                    progress.log(f"saved {published} (background save published)")
             if not self._saved_current_step():
                 progress.log(f"saved {self.save_checkpoint()}")
         finally:
