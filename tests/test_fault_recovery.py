@@ -3,6 +3,7 @@
 loss and gradient norm identical to an uninterrupted run, losing at most the save interval."""
 import os
 import subprocess
+import time
 import sys
 
 import pytest
@@ -45,3 +46,27 @@ def test_a_killed_rank_is_restarted_and_the_run_matches_an_uninterrupted_one(tmp
 def test_a_bad_flag_is_refused_before_any_launch(tmp_path):
     proc = run([sys.executable, "-m", "engine.launch", "--nproc-per-node", "8", "--", "--tp", "3"], tmp_path)
     assert proc.returncode == 2 and "error: --tp" in proc.stderr and "engine.launch: attempt" not in proc.stderr
+
+
+@pytest.mark.parametrize("fault,expected", [
+    (["--inject-fault", "kill@4:5"], "error: rank 5 stopped without a word (killed or crashed)"),
+    (["--inject-fault", "hang@4:5", "--step-timeout", "10"], "error: rank 5 stalled at step 4 (starting the step)"),
+])
+def test_a_dead_or_stalled_rank_ends_the_job_with_one_line_naming_it(tmp_path, fault, expected):
+    """A killed rank, or a hung one past --step-timeout (not the 600 s collective timeout), ends the 8-process job
+    with exit 3 and one line from one rank: which rank, what the others were in, how to resume."""
+    from engine.data.datasets import stdlib_sources
+    (tmp_path / "corpus").mkdir()
+    for i, path in enumerate(stdlib_sources()[:40]):
+        (tmp_path / "corpus" / f"doc{i:03d}.py").write_bytes(open(path, "rb").read())
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8", "-m",
+                "engine.training"]
+    start = time.monotonic()
+    proc = run(torchrun + FLAGS + ["--run-name", "fault"] + fault, tmp_path)
+    elapsed = time.monotonic() - start
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(ours) == 1, proc.stderr[-4000:]
+    assert ours[0].startswith(expected) and "--auto-resume" in ours[0], ours
+    assert "Traceback" not in "\n".join(line for line in proc.stderr.splitlines() if line.startswith("[rank"))
+    assert elapsed < 10 + 30 + 60  # the launch and 3 steps take well under a minute
+    assert os.listdir(tmp_path / "runs" / "fault" / "failures") if "kill" in fault[1] else True

@@ -52,6 +52,7 @@ class PipelineExecutor:
         self.last_stage = pp * len(chunks) - 1
         self.device = next((p.device for c in chunks for p in c.parameters()), torch.device("cpu"))
         self.peak_inflight = 0
+        self.on_action = None  # on_action(description) before each run of the list (progress for hang reports)
 
     def run(self, actions: list[Action], inputs: list, targets: list, loss_fn, loss_scale: float = 1.0,
             forward_only: bool = False, first_forward_context=contextlib.nullcontext) -> torch.Tensor:
@@ -62,6 +63,9 @@ class PipelineExecutor:
         total = torch.zeros((), device=self.device)
         inflight = set()
         for batch in runs(actions):
+            if self.on_action is not None:
+                self.on_action(" ".join(str(a) for a in batch) + (" (pipeline transfers)" if batch[0].op in
+                                                                  COMMUNICATION else ""))
             if batch[0].op in COMMUNICATION:  # consecutive transfers are posted together
                 outgoing = {}
                 for a in batch:

@@ -29,7 +29,23 @@ def main(argv: list[str] | None = None) -> int:
     except (StopTraining, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except RuntimeError as exc:  # a collective or pipeline transfer failed: a peer died, or the network
+        if trainer.world_size == 1:
+            raise
+        _keep_traceback(trainer.monitor.failures_dir, trainer.rank)
+        trainer.monitor.report("failed", f"{type(exc).__name__}: {exc}")  # one line for the job; exits
     return 0
+
+
+def _keep_traceback(directory: str, rank: int) -> None:
+    """This rank's traceback in DIRECTORY/rank<r>.txt (the job prints one line, not one traceback per rank)."""
+    import traceback
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, f"rank{rank}.txt"), "w") as fh:
+            fh.write(traceback.format_exc())
+    except OSError:
+        traceback.print_exc()
 
 
 __all__ = ["Config", "ConfigError", "main", "parse_config", "validate"]

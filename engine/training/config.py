@@ -124,6 +124,8 @@ class RunArgs:
     peak_tflops: float = _f(None, "peak TFLOP/s per device for MFU [known for A100/H100/H200]")
     device: str = _f(None, "cpu or cuda [cuda when available]", choices=["cpu", "cuda"])
     collective_timeout: float = _f(600.0, "seconds a collective may wait before the job fails naming it")
+    step_timeout: float = _f(None, "seconds a training step may take: past it the job ends (exit 3) with one line "
+                                   "naming the stalled rank [off]")
     bucket_size: int = _f(4_000_000, "elements per gradient bucket: each bucket's data-parallel reduction starts "
                                      "as soon as its gradients are final, overlapping the rest of backward")
 
@@ -522,6 +524,8 @@ def validate(cfg: Config, world_size: int) -> None:
         errors.append(f"--spike-factor: must be greater than 1, got {st.spike_factor}")
     if st.max_rollbacks < 0:
         errors.append("--max-rollbacks: must be >= 0")
+    if cfg.run.step_timeout is not None and cfg.run.step_timeout <= 0:
+        errors.append(f"--step-timeout: must be positive, got {cfg.run.step_timeout}")
     if st.max_skipped_steps < 0:
         errors.append("--max-skipped-steps: must be >= 0")
     for spec in st.inject_fault or []:

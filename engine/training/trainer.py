@@ -21,14 +21,34 @@ from engine.models.llama import Llama, ModelConfig, Parallelism
 from engine.optim import Adafactor, LossScaler, LRSchedule
 from engine.optim.adamw import FusedAdamW
 from engine.optim.zero import ZeroOptimizer
-from engine.parallel import RNGTracker, TPContext, Topology, vocab_parallel_cross_entropy
+from engine.parallel import (
+    RNGTracker,
+    Topology,
+    TPContext,
+    vocab_parallel_cross_entropy,
+)
 from engine.parallel.recompute import SavedTensorCounter
 from engine.pipeline import schedules
 from engine.pipeline.executor import PipelineExecutor
 from engine.pipeline.p2p import P2P
 from engine.training import checkpoint as ckpt
-from engine.training.config import Config, ConfigError, checkpoint_to_load, parse_fault, parse_rampup, save_dir
-from engine.training.metrics import MetricsWriter, Progress, peak_memory_bytes, peak_tflops, plot_losses, step_line
+from engine.training.config import (
+    Config,
+    ConfigError,
+    checkpoint_to_load,
+    parse_fault,
+    parse_rampup,
+    save_dir,
+)
+from engine.training.metrics import (
+    MetricsWriter,
+    Progress,
+    peak_memory_bytes,
+    peak_tflops,
+    plot_losses,
+    step_line,
+)
+from engine.training.watchdog import JobMonitor
 
 SPIKE_WINDOW = 20      # the running mean for spike detection is over this many recent steps
 SPIKE_MIN_HISTORY = 5  # no spike detection before this many steps of history
@@ -122,6 +142,10 @@ class Trainer:
         pipe = P2P(self.topo.pipeline_ranks, self.topo.pp_rank, self.device, p.vpp, [(shape, self.param_dtype)],
                    run.collective_timeout) if p.pp > 1 else None
         self.executor = PipelineExecutor(self.chunks, self.topo.pp_rank, self.topo.pp, pipe)
+        self.monitor = JobMonitor(self.rank, self.world_size, run.step_timeout,
+                                  f"resume with --auto-resume from {self.save_dir} (python -m engine.launch "
+                                  "restarts by itself)", os.path.join(self.run_dir, "failures"))
+        self.executor.on_action = self.monitor.action
         self._schedules: dict[int, list] = {}
 
     def _build_chunks(self, par: Parallelism) -> list[Llama]:
@@ -276,10 +300,12 @@ class Trainer:
         global_batch = self.rampup.global_batch_size(st.consumed_samples)
         lr = self.lr_schedule(step)
         start = time.perf_counter()
+        self.monitor.begin_step(step)
         micro_batches = self._micro_batches(st.data_position, global_batch)
         faults = self._faults_at(step)
         self.zero.start_step(len(micro_batches))
         loss = self.forward_backward(micro_batches, global_batch * self.model_cfg.seq_length)
+        self.monitor.phase("gradient reduction and norm")
         self.zero.finish_gradients()
         if "nan" in faults:  # as a diverged step looks: a non-finite loss and gradients
             loss.fill_(float("nan"))
@@ -555,6 +581,7 @@ class Trainer:
             for name in ckpt.clean_stale(self.save_dir):
                 progress.log(f"removed {os.path.join(self.save_dir, name)} (left by an interrupted save)")
         previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.monitor.start()
         wrote_memory = False
         try:
             while self.state.step < cfg.run.steps:
@@ -601,6 +628,7 @@ class Trainer:
             if not self._saved_current_step():
                 progress.log(f"saved {self.save_checkpoint()}")
         finally:
+            self.monitor.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             progress.close()
