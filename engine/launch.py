@@ -4,13 +4,15 @@ Each attempt is a fresh `torchrun -m engine.training FLAGS --auto-resume`: it re
 checkpoint (the first attempt starts fresh, or from --load), so a job whose rank died, was killed or was preempted
 continues where its last checkpoint left it, losing at most --save-interval steps. A fresh torchrun per attempt
 works on every torch >= 2.4 (torchrun's own --max-restarts re-rendezvous fails at >= 4 gloo processes on some
-versions). The flags are validated once before the first attempt (a bad flag exits 2 without launching); an
-attempt that ends without moving `latest` forward is not retried (the failure repeats where it stands: a
-diverged run, a broken node). `--inject-fault` applies to the first attempt only (it is for drills).
+versions). The flags are validated once before the first attempt (a bad flag exits 2 without launching). The
+first failed attempt is always retried; a later one that ends without moving `latest` forward is not (the
+failure repeats where it stands: a diverged run, a broken node). SIGTERM / SIGINT are passed on to the running
+attempt (it saves and exits) and end the loop. `--inject-fault` applies to the first attempt only (drills).
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 
@@ -22,6 +24,8 @@ def without_faults(flags: list[str]) -> list[str]:
     """FLAGS minus --inject-fault and its values."""
     out, skipping = [], False
     for token in flags:
+        if token.startswith("--inject-fault="):
+            continue
         if token == "--inject-fault":
             skipping = True
         elif skipping and not token.startswith("--"):
@@ -40,6 +44,27 @@ def attempt_command(args, flags: list[str]) -> list[str]:
         run += [f"--nnodes={args.nnodes}", f"--node_rank={args.node_rank}", "--rdzv_backend=c10d",
                 f"--rdzv_endpoint={args.rdzv_endpoint}", f"--rdzv_id={args.rdzv_id}"]
     return run + ["-m", "engine.training"] + flags + ["--auto-resume"]
+
+
+stopping = False  # a SIGTERM / SIGINT reached the launcher: passed on to the attempt, and no restart after it
+
+
+def run_attempt(command: list[str]) -> int:
+    """Runs one attempt; SIGTERM and SIGINT are passed on to it (the job saves and exits), and waited for."""
+    global stopping
+    child = subprocess.Popen(command)
+
+    def forward(signum, frame):
+        global stopping
+        stopping = True
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     where = save_dir(cfg)
     for attempt in range(args.max_restarts + 1):
         before = ckpt.latest_step(where)
-        code = subprocess.call(attempt_command(args, flags if attempt == 0 else without_faults(flags)))
+        code = run_attempt(attempt_command(args, flags if attempt == 0 else without_faults(flags)))
+        if code in (-signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGINT) or stopping:
+            return code  # stopped on purpose: the job has saved
         if code == 0:
             return 0
         after = ckpt.latest_step(where)

@@ -490,3 +490,53 @@ def test_a_failed_background_save_keeps_the_previous_checkpoint(run_dir, corpus,
         capsys.readouterr().err
     assert list_checkpoints("runs/full/checkpoints") == ["step_00000002", "step_00000006"]
     assert not os.path.exists("runs/full/checkpoints/step_00000004.tmp")
+
+
+def test_trainer_on_an_iterable_reads_it_in_order_and_resumes(run_dir):
+    """Trainer(cfg, train_data=<iterable>): the same steps as the map-style dataset whose sampler order the
+    iterable follows; a checkpoint resumes by reading forward; a one-shot generator cannot go back (a rollback)."""
+    from engine.data.sampler import GlobalBatchSampler
+    g = torch.Generator().manual_seed(0)
+    items = [torch.randint(0, 259, (33,), generator=g) for _ in range(64)]
+    order = GlobalBatchSampler(len(items), 1234).indices(0, 48)
+    base = SMALL + ["--steps", "6", "--save-interval", "3"]
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return (items[i] for i in order)
+
+    def trainer(data, name, extra=()):
+        cfg = parse_config(base + ["--run-name", name, *extra])
+        validate(cfg, 1)
+        return Trainer(cfg, train_data=data)
+
+    def run(data, name, extra=()):
+        trainer(data, name, extra).train()
+        return step_losses(f"runs/{name}/metrics.jsonl")
+
+    mapped = run(items, "map")
+    assert run(Stream(), "iterable") == mapped
+    resumed = run(Stream(), "resumed", ["--load", "runs/iterable/checkpoints/step_00000003"])
+    assert resumed == {s: mapped[s] for s in (4, 5, 6)}
+    with pytest.raises(StopTraining, match="ended after 10 samples"):
+        run((items[i] for i in order[:10]), "short")
+    one_shot = trainer((items[i] for i in order), "oneshot")
+    one_shot._micro_batches(8, 4)
+    with pytest.raises(StopTraining, match="one-shot iterator"):
+        one_shot._micro_batches(0, 4)
+
+
+def test_fault_specs_and_a_failed_publish(run_dir, corpus, monkeypatch):
+    from engine.training import checkpoint as ckpt
+    from engine.training.config import parse_fault
+    assert parse_fault("kill@8:3") == ("kill", 8, 3) and parse_fault("nan@2") == ("nan", 2, None)
+    for bad in ("nan@2:1", "spike@3:0", "kill@8", "hang@0:1", "oops@1"):
+        with pytest.raises(ValueError):
+            parse_fault(bad)
+    # rank 0 cannot publish (a full disk while writing meta.json): the save fails by name, nothing half-written
+    monkeypatch.setattr(ckpt, "finalize", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    trainer = make_trainer(SMALL + ["--data", corpus, "--steps", "1", "--run-name", "nospace"])
+    trainer.train_step()
+    with pytest.raises(CheckpointError, match="saving step 1 failed .rank 0 publishing: OSError"):
+        trainer.save_checkpoint()
+    assert os.listdir("runs/nospace/checkpoints") == []

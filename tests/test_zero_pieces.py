@@ -184,3 +184,17 @@ def _param_gather(rank, world):
 
 def test_param_gather_equals_a_plain_all_gather():
     distributed.run(_param_gather, world=2)
+
+
+def test_the_layout_refuses_mixed_dtypes_and_unknown_unit_names():
+    import pytest
+    model = Toy()
+    model.head.to(torch.float64)
+    with pytest.raises(ValueError, match="share one dtype"):
+        FlatLayout(layout_buckets(list(reversed(named(model))), 2, 100, set()), 2, 0, shard_optimizer=True,
+                   shard_params=False)
+    model = Toy()
+    layout = FlatLayout(layout_buckets(list(reversed(named(model))), 2, 100, set()), 2, 0, shard_optimizer=True,
+                        shard_params=False)
+    with pytest.raises(ValueError, match="not trainable parameters"):
+        layout.buckets_holding(["embed.weight", "embed.wieght"])

@@ -53,3 +53,32 @@ class BatchSizeRampup:
             return self.final
         steps = int(consumed_samples / self.samples_per_increment)
         return min(self.start + steps * self.increment, self.final)
+
+
+class IterableSamples:
+    """A user's iterable of samples (a generator, an IterableDataset, a stream reader), read in its own order:
+    position k is the k-th item it yields, so the global batch is still the same whatever the layout, and resuming
+    (or a rollback's skip) reads forward to the position. Going back to an earlier position iterates again from
+    the start, which a re-iterable source (a list, an IterableDataset) allows and a one-shot iterator does not."""
+
+    def __init__(self, iterable):
+        self.iterable, self.iterator, self.position = iterable, None, 0
+
+    def take(self, position: int, count: int) -> list:
+        """The items at positions [position, position + count)."""
+        if self.iterator is None or position < self.position:
+            if self.iterator is not None and iter(self.iterable) is self.iterable:
+                raise ValueError(f"train_data is a one-shot iterator: it cannot go back from sample {self.position} "
+                                 f"to {position} (a resume or rollback); pass a re-iterable source (a list, an "
+                                 "IterableDataset) instead")
+            self.iterator, self.position = iter(self.iterable), 0
+        for _ in range(position - self.position):
+            if next(self.iterator, None) is None:
+                raise ValueError(f"train_data ended at sample {self.position}, before position {position}")
+            self.position += 1
+        items = [item for _, item in zip(range(count), self.iterator)]
+        self.position += len(items)
+        if len(items) < count:
+            raise ValueError(f"train_data ended after {self.position} samples (a step needs {count} more from "
+                             f"position {position}); give a longer or repeating iterable, or fewer --steps")
+        return items

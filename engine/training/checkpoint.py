@@ -181,19 +181,28 @@ class PendingSave:
             results = [None] * dist.get_world_size()
             dist.all_gather_object(results, self.result)
         errors = [r[1] for r in results if r[0] != "ok"]
+        if not errors:  # rank 0 publishes; every rank learns whether that worked (a full disk, ...)
+            outcome = [None]
+            if self.rank == 0:
+                try:
+                    finalize(self.save_dir, self.step, self.meta, {r[1]: r[2] for r in results}, self.keep_last,
+                             self.overwrite)
+                except OSError as exc:
+                    outcome = [f"rank 0 publishing: {type(exc).__name__}: {exc}"]
+            if _distributed():
+                dist.broadcast_object_list(outcome, src=0)
+            errors = [e for e in outcome if e is not None]
         if errors:
             if self.rank == 0:
                 shutil.rmtree(self.final + ".tmp", ignore_errors=True)
             if _distributed():
                 dist.barrier()
             if self.thread is None:
-                raise CheckpointError(f"saving step {self.step} failed ({'; '.join(errors)})")
+                raise CheckpointError(f"saving step {self.step} failed ({'; '.join(errors)}); the previous "
+                                      "checkpoint stays the newest")
             print(f"warning: the background save of step {self.step} failed ({'; '.join(errors)}); the previous "
                   "checkpoint stays the newest, training continues", file=sys.stderr, flush=True)
             return None
-        if self.rank == 0:
-            finalize(self.save_dir, self.step, self.meta, {r[1]: r[2] for r in results}, self.keep_last,
-                     self.overwrite)
         if _distributed():
             dist.barrier()
         return self.final

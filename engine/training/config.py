@@ -124,8 +124,8 @@ class RunArgs:
     peak_tflops: float = _f(None, "peak TFLOP/s per device for MFU [known for A100/H100/H200]")
     device: str = _f(None, "cpu or cuda [cuda when available]", choices=["cpu", "cuda"])
     collective_timeout: float = _f(600.0, "seconds a collective may wait before the job fails naming it")
-    step_timeout: float = _f(None, "seconds a training step may take: past it the job ends (exit 3) with one line "
-                                   "naming the stalled rank [off]")
+    step_timeout: float = _f(None, "seconds a training step (or an evaluation, a save, a rollback) may take: past "
+                                   "it the job ends (exit 3) with one line naming the stalled rank [off]")
     bucket_size: int = _f(4_000_000, "elements per gradient bucket: each bucket's data-parallel reduction starts "
                                      "as soon as its gradients are final, overlapping the rest of backward")
 
@@ -152,8 +152,9 @@ class StabilityArgs:
     max_rollbacks: int = _f(3, "stop after this many rollbacks")
     max_skipped_steps: int = _f(5, "stop (exit 1) after this many non-finite steps in a row (a non-finite loss, or "
                                    "non-finite gradients outside fp16's loss scaling); 0: never")
-    inject_fault: list = _f(None, "fault injection for tests and drills: nan@STEP (non-finite loss and gradients), "
-                                  "spike@STEP (the loss reported x100), kill@STEP:RANK (SIGKILL), hang@STEP:RANK",
+    inject_fault: list = _f(None, "fault injection for tests and drills, each once per run: nan@STEP (non-finite loss "
+                                  "and gradients), spike@STEP (the loss reported x100), kill@STEP:RANK (SIGKILL), "
+                                  "hang@STEP:RANK",
                             nargs="+")
 
 
@@ -281,6 +282,8 @@ def parse_fault(spec: str) -> tuple[str, int, int | None]:
         raise ValueError(f"{spec!r} is not KIND@STEP[:RANK] with KIND one of {', '.join(FAULTS)} and STEP >= 1")
     if kind in ("kill", "hang") and not rank:
         raise ValueError(f"{spec!r}: {kind} needs the rank: {kind}@STEP:RANK")
+    if kind in ("nan", "spike") and rank:
+        raise ValueError(f"{spec!r}: {kind} acts on every rank (the loss is the job's): {kind}@STEP")
     return kind, int(step), int(rank) if rank else None
 
 

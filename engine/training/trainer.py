@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import signal
 import sys
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from engine.data.datasets import load_stream, train_valid_split
-from engine.data.sampler import BatchSizeRampup, GlobalBatchSampler
+from engine.data.sampler import BatchSizeRampup, GlobalBatchSampler, IterableSamples
 from engine.data.tokenizers import build_tokenizer
 from engine.estimate import model_flops_per_token
 from engine.models.llama import Llama, ModelConfig, Parallelism
@@ -80,6 +81,10 @@ def _shifted(micro_batches) -> tuple[list, list]:
     return [mb[:, :-1] for mb in micro_batches], [mb[:, 1:] for mb in micro_batches]
 
 
+def _map_style(data) -> bool:
+    return hasattr(data, "__len__") and hasattr(data, "__getitem__")
+
+
 def _dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
@@ -87,8 +92,10 @@ def _dtype(precision: str) -> torch.dtype:
 class Trainer:
     """Trains one rank's part of the model. `topology` holds the process groups (built from the config when
     not given; a single process needs no process group). `train_data` / `valid_data`: the caller's own samples
-    instead of --data - map-style datasets (len() and [i], like torch.utils.data.Dataset) whose items are
-    `seq_length + 1` token ids; the engine's sampler orders them (seeded, layout-independent, resumable)."""
+    instead of --data, items of `seq_length + 1` token ids: a map-style dataset (len() and [i], like
+    torch.utils.data.Dataset), which the engine's sampler orders (seeded, layout-independent, resumable), or an
+    iterable (a generator, an IterableDataset), read in its own order (layout-independent; resuming reads forward
+    to the position; a rollback or resume to an earlier position needs a re-iterable source)."""
 
     def __init__(self, cfg: Config, topology: Topology | None = None, train_data=None, valid_data=None):
         p, run = cfg.parallel, cfg.run
@@ -231,12 +238,18 @@ class Trainer:
         self.tokenizer = build_tokenizer(d.tokenizer)
         if valid_data is not None and train_data is None:
             raise ConfigError("Trainer(valid_data=...) needs train_data=... too (else both come from --data)")
+        self.stream = None  # a user's iterable (read in its own order) instead of a map-style dataset
         if train_data is not None:
+            if not _map_style(train_data):
+                if not hasattr(train_data, "__iter__"):
+                    raise ConfigError("Trainer(train_data=...): needs len() and indexing (a map-style dataset, e.g. "
+                                      "a list of token tensors) or iteration (a generator, an IterableDataset)")
+                self.stream = IterableSamples(train_data)
+            if valid_data is not None and not _map_style(valid_data):  # the same batches at every evaluation
+                valid_data = list(itertools.islice(valid_data, d.eval_iters * self.cfg.batch.global_batch_size))
             for name, data in (("train_data", train_data), ("valid_data", valid_data)):
-                if data is not None and not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
-                    raise ConfigError(f"Trainer({name}=...): needs len() and indexing (a map-style dataset, e.g. a "
-                                      "torch.utils.data.Dataset or a list of token tensors)")
-                if data is not None and (len(data) == 0 or tuple(torch.as_tensor(data[0]).shape) != (seq + 1,)):
+                if data is not None and _map_style(data) and (len(data) == 0 or
+                                                               tuple(torch.as_tensor(data[0]).shape) != (seq + 1,)):
                     raise ConfigError(f"Trainer({name}=...): items must be {seq + 1} token ids (--seq-length + 1)")
             self.train_data, self.valid_data = train_data, valid_data
         else:
@@ -245,7 +258,7 @@ class Trainer:
                 self.train_data, self.valid_data = train_valid_split(stream, seq, d.valid_fraction)
             except (OSError, ValueError) as exc:
                 raise ConfigError(str(exc)) from None
-        self.sampler = GlobalBatchSampler(len(self.train_data), self.cfg.run.seed)
+        self.sampler = None if self.stream else GlobalBatchSampler(len(self.train_data), self.cfg.run.seed)
 
     def _model_config(self) -> ModelConfig:
         cfg = self.cfg.model_config()
@@ -258,9 +271,21 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------------------------
     def _micro_batches(self, position: int, global_batch: int) -> list[torch.Tensor]:
-        indices = self.sampler.rank_slice(position, global_batch, self.topo.dp_rank, self.topo.dp)
-        samples = torch.stack([torch.as_tensor(self.train_data[i]).long() for i in indices])
-        return list(samples.to(self.device).split(self.cfg.batch.micro_batch_size))
+        if self.stream is None:
+            indices = self.sampler.rank_slice(position, global_batch, self.topo.dp_rank, self.topo.dp)
+            items = [self.train_data[i] for i in indices]
+        else:  # every rank reads the global batch and keeps its slice
+            per_rank = global_batch // self.topo.dp
+            try:
+                items = self.stream.take(position, global_batch)[self.topo.dp_rank * per_rank:][:per_rank]
+            except ValueError as exc:
+                raise StopTraining(str(exc)) from None
+        samples = [torch.as_tensor(item).long() for item in items]
+        seq = self.model_cfg.seq_length
+        if any(tuple(x.shape) != (seq + 1,) for x in samples):
+            raise StopTraining(f"train_data: an item at sample position {position}.. is not {seq + 1} token ids "
+                               "(--seq-length + 1)")
+        return list(torch.stack(samples).to(self.device).split(self.cfg.batch.micro_batch_size))
 
     def _loss_fn(self, num_tokens: int):
         """A micro-batch's summed token cross-entropy (fp32, from vocabulary-parallel logits) / num_tokens."""
@@ -370,6 +395,7 @@ class Trainer:
         every evaluation, split across data-parallel ranks like training batches)."""
         if self.valid_data is None:
             return None
+        self.monitor.phase(f"evaluation after step {self.state.step}", restart_clock=True)
         for chunk in self.chunks:
             chunk.eval()
         gbs, mbs, p = self.cfg.batch.global_batch_size, self.cfg.batch.micro_batch_size, self.cfg.parallel
@@ -393,6 +419,7 @@ class Trainer:
         memory here and written by a thread; the step is published later (`finish_pending_save`, polled after
         every step), so `latest` and last_checkpoint move only once every rank's file is on disk."""
         self.finish_pending_save()
+        self.monitor.phase(f"saving step {self.state.step}", restart_clock=True)
         if not background and not self._all_finite():  # (a background save checks its copy on its thread)
             raise StopTraining(f"the parameters or optimizer state are not finite at step {self.state.step}: not "
                                f"saving them (the last good checkpoint stays {self.last_checkpoint or 'none'}); "
@@ -433,6 +460,7 @@ class Trainer:
             if not done.item():
                 return None
         self.pending_save = None
+        self.monitor.phase(f"publishing the background save of step {pending.step}", restart_clock=True)
         step_dir = pending.finish()
         if step_dir is not None:
             self.last_checkpoint = step_dir
@@ -487,6 +515,7 @@ class Trainer:
     def rollback(self, metrics: MetricsWriter, progress: Progress, reason: str = "loss spike") -> bool:
         """Back to this run's last checkpoint, skipping the data consumed since; False when there is none."""
         self.finish_pending_save()
+        self.monitor.phase(f"rolling back from step {self.state.step}", restart_clock=True)
         step_dir = self.last_checkpoint  # this run's, not whatever `latest` in --save names
         st = self.state
         if step_dir is None:
@@ -522,6 +551,7 @@ class Trainer:
             self._nonfinite_in_row = 0
             return False
         self._nonfinite_in_row += 1
+        self.finish_pending_save()  # a background save being written is a checkpoint to come back to
         limit = self.cfg.stability.max_skipped_steps
         if self.last_checkpoint is None and limit and self._nonfinite_in_row >= limit:
             raise StopTraining(f"{self._nonfinite_in_row} non-finite steps in a row (the last at step {rec['step']}, "

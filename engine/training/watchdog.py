@@ -57,6 +57,7 @@ class JobMonitor:
         self.store = _job_store() if world > 1 else None
         self._stop = threading.Event()
         self._reporting = threading.Lock()
+        self.alone = False  # the report could not reach the other ranks
         self.thread = None
 
     # ---- progress (called by the trainer and the pipeline executor; cheap, no communication) --------------
@@ -67,8 +68,12 @@ class JobMonitor:
         self.actions += 1
         self.doing = what
 
-    def phase(self, what: str) -> None:
+    def phase(self, what: str, restart_clock: bool = False) -> None:
+        """What this rank does now; restart_clock: a piece of work with its own --step-timeout (an evaluation, a
+        save, a rollback), timed from here."""
         self.doing = what
+        if restart_clock:
+            self.step_started = time.monotonic()
 
     # ---- the watchdog --------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -82,8 +87,14 @@ class JobMonitor:
     def _watch(self) -> None:
         while not self._stop.wait(POLL_S):
             if self.step_timeout and time.monotonic() - self.step_started > self.step_timeout:
-                self.report("stalled", f"step {self.step} ran past --step-timeout {self.step_timeout:g} s")
-            if self.store is not None and self.store.check(["flag"]):
+                self.report("stalled", f"step {self.step} ({self.doing}) ran past --step-timeout "
+                                       f"{self.step_timeout:g} s")
+            try:
+                flagged = self.store is not None and self.store.check(["flag"])
+            except Exception as exc:  # noqa: BLE001 - the store's host is gone: report what this rank knows
+                self.store = None
+                self.report("failed", f"the job's store is unreachable ({type(exc).__name__}: {exc})")
+            if flagged:
                 self.report("waiting", "another rank reported a fault")
 
     # ---- the report ----------------------------------------------------------------------------------------
@@ -102,8 +113,15 @@ class JobMonitor:
             os._exit(EXIT_FAULT)
 
     def _exchange(self, mine: dict) -> dict[int, dict]:
-        if self.store is None:
+        try:
+            return self._exchange_through_store(mine)
+        except Exception:  # noqa: BLE001 - no store (or it is gone): this rank speaks for itself
+            self.alone = True
             return {self.rank: mine}
+
+    def _exchange_through_store(self, mine: dict) -> dict[int, dict]:
+        if self.store is None:
+            raise RuntimeError("no store")
         self.store.set(f"rank{self.rank}", json.dumps(mine))
         self.store.set("flag", "1")
         deadline = time.monotonic() + GRACE_S
@@ -117,6 +135,10 @@ class JobMonitor:
             time.sleep(0.1)
 
     def _summary(self, states: dict[int, dict]) -> str:
+        if self.alone:
+            mine = states[self.rank]
+            return (f"rank {self.rank} at step {mine['step']} ({mine['doing']}): {mine['error']} (no word from the "
+                    "other ranks: the job's store is unreachable)").replace("\n", " ")
         silent = [r for r in range(self.world) if r not in states]
         waiting = sorted(states)
         if silent:  # no post from them: they died (or hang where even the watchdog cannot run)

@@ -97,6 +97,10 @@ class FlatLayout:
         self.names = {p: n for b in buckets for p, n in zip(b.params, b.names)}
         first = buckets[0].params[0]
         self.dtype, self.device = first.dtype, first.device
+        mixed = sorted({f"{n}: {p.dtype}" for b in buckets for n, p in zip(b.names, b.params) if p.dtype != self.dtype})
+        if mixed:
+            raise ValueError(f"ZeroOptimizer: the trainable parameters must share one dtype (one flat buffer); "
+                             f"{first.dtype} and {', '.join(mixed[:3])}: cast the module first")
         self._place_parameters()
 
     def _place_parameters(self) -> None:
@@ -152,4 +156,7 @@ class FlatLayout:
     def buckets_holding(self, names: list[str]) -> list[Bucket]:
         """The buckets that hold these parameters, each once, in the order first met."""
         by_name = {n: b for b in self.buckets for n in b.names}
-        return list({id(b): b for b in (by_name[n] for n in names if n in by_name)}.values())
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise ValueError(f"ZeroOptimizer units: {unknown[:3]} are not trainable parameters of the module")
+        return list({id(b): b for b in (by_name[n] for n in names)}.values())

@@ -98,7 +98,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             units = default_units(modules)
         if units is not None:  # frozen parameters belong to no unit; units left without parameters go
             trainable = {n for n, _ in named}
-            units = [(first, last, [n for n in names if n in trainable], borrowed)
+            units = [(first, last, [n for n in names if n in trainable], [n for n in borrowed if n in trainable])
                      for first, last, names, borrowed in units]
             units = [u for u in units if u[2]]
         buckets = layout_units(units, dict(named), self.dp, set(partial)) if sharded_params else \
@@ -173,7 +173,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def clip_grad_norm_(self, max_norm: float, model_parallel_group=None) -> torch.Tensor:
         """Scales the reduced gradients so that their global L2 norm is at most max_norm; returns the norm before.
         The norm is over the data-parallel group and, for a model split by tensor (or pipeline) parallelism, over
-        `model_parallel_group` too, a tensor-parallel replica (tagged `tp_duplicate`) counted once."""
+        `model_parallel_group` too, a tensor-parallel replica (tagged `tp_duplicate`) counted once. (A weight tied
+        across pipeline stages has a copy on each: tag one copy `tp_duplicate` too, or it counts twice.)"""
         squared = self.grad_norm_squared(lambda name, p: not getattr(p, "tp_duplicate", False))
         if model_parallel_group is not None:
             dist.all_reduce(squared, group=model_parallel_group)
