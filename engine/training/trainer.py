@@ -598,7 +598,11 @@ class Trainer:
     def train(self) -> TrainState:
         cfg = self.cfg
         resumed = False
-        step_dir = checkpoint_to_load(cfg)
+        step_dir = checkpoint_to_load(cfg) if self.rank == 0 else None
+        if self.world_size > 1:  # rank 0's reading of `latest` for all (a shared filesystem may lag on others)
+            chosen = [step_dir]
+            dist.broadcast_object_list(chosen, src=0)
+            step_dir = chosen[0]
         if step_dir is not None:
             self.load_checkpoint(step_dir)
             resumed = self.state.step > 0

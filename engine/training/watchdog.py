@@ -19,7 +19,7 @@ import time
 import torch.distributed as dist
 
 EXIT_FAULT = 3  # a rank died or stalled: restart with --auto-resume (python -m engine.launch does)
-GRACE_S = 5.0   # how long a reporter waits for the other ranks' posts
+GRACE_S = 10.0  # how long a reporter waits for the other ranks' posts (live ones post within ~POLL_S)
 POLL_S = 0.5    # how often each rank's monitor thread looks for the flag
 
 
@@ -105,12 +105,21 @@ class JobMonitor:
         with self._reporting:  # the watchdog and the training thread may both get here
             states = self._exchange({"kind": kind, "step": self.step, "actions": self.actions,
                                      "doing": self.doing, "error": error[:300]})
-            reporters = sorted(states)
-            if self.rank == min(reporters):
+            if self._claim_the_line():
                 print(f"error: {self._summary(states)}; {self.resume_hint}", file=sys.stderr, flush=True)
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(EXIT_FAULT)
+
+    def _claim_the_line(self) -> bool:
+        """Whether this rank prints the job's line: the first to claim it in the store (ranks whose grace periods
+        ended at different moments may have seen different posts), or this rank when the store is gone."""
+        if self.alone:
+            return True
+        try:
+            return self.store.add("printer", 1) == 1
+        except Exception:  # noqa: BLE001
+            return True
 
     def _exchange(self, mine: dict) -> dict[int, dict]:
         try:
