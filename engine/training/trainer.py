@@ -581,6 +581,11 @@ class Trainer:
             event = events[0]
         return event
 
+    @staticmethod
+    def _log_published(progress: Progress, step_dir: str | None) -> None:
+        if step_dir is not None:
+            progress.log(f"saved {step_dir} (background save published)")
+
     def _on_stop_signal(self, signum, frame) -> None:
         """SIGTERM or SIGINT: the first finishes the step, saves and exits; a second aborts at once."""
         if self._stop_requested:
@@ -651,14 +656,9 @@ class Trainer:
                             self.rollback(metrics, progress, "non-finite parameters"):
                         continue  # (without a checkpoint to go back to, save_checkpoint stops the run)
                     progress.log(f"saved {self.save_checkpoint(background=cfg.checkpoint.async_save)}")
-                elif self.pending_save is not None:
-                    published = self.finish_pending_save(when_written=True)
-                    if published:
-                        progress.log(f"saved {published} (background save published)")
-            if self.pending_save is not None:
-                published = self.finish_pending_save()
-                if published:
-                    progress.log(f"saved {published} (background save published)")
+                else:
+                    self._log_published(progress, self.finish_pending_save(when_written=True))
+            self._log_published(progress, self.finish_pending_save())
             if not self._saved_current_step():
                 progress.log(f"saved {self.save_checkpoint()}")
         finally:
