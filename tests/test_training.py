@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -453,12 +454,24 @@ def test_a_diverged_run_stops_nonzero_without_writing_a_checkpoint(run_dir, corp
     assert _checkpoint_is_finite("runs/late/checkpoints/step_00000002")
 
 
-def test_async_save_writes_what_a_synchronous_save_writes(run_dir, corpus, capsys):
+def test_async_save_writes_what_a_synchronous_save_writes(run_dir, corpus, capsys, monkeypatch):
     """--async-save: the same step directories, tensor for tensor, as synchronous saves, and a run resumed from
-    one continues exactly like the uninterrupted run."""
+    one continues exactly like the uninterrupted run - even when the writer's host copy of the live state is
+    slow (the next optimizer step must wait for it, or the file would hold a later step's weights)."""
+    from engine.training import checkpoint as ckpt
     base = SMALL + ["--data", corpus, "--steps", "6", "--save-interval", "2"]
     assert main(base + ["--run-name", "sync"]) == 0
+    original, slowed = ckpt._host_copy, []
+
+    def slow_copy(t):
+        if threading.current_thread() is not threading.main_thread() and not slowed:
+            slowed.append(t)
+            time.sleep(1.0)  # several training steps' time: without the wait they would change the state
+        return original(t)
+
+    monkeypatch.setattr(ckpt, "_host_copy", slow_copy)
     assert main(base + ["--run-name", "async", "--async-save"]) == 0
+    assert slowed
     assert "background save published" in capsys.readouterr().out
     assert list_checkpoints("runs/async/checkpoints") == list_checkpoints("runs/sync/checkpoints") == [
         "step_00000002", "step_00000004", "step_00000006"]

@@ -21,6 +21,7 @@ import re
 import shutil
 import sys
 import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -131,6 +132,13 @@ def prepare_tmp_dir(save_dir: str, step: int) -> str:
     return tmp
 
 
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of t that nothing else references (pinned when t is on a GPU)."""
+    if t.device.type == "cpu":
+        return t.clone()
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+
+
 def _distributed() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
@@ -141,24 +149,33 @@ class PendingSave:
     write failed makes every rank drop the step: the previous checkpoint stays the newest."""
 
     def __init__(self, save_dir: str, step: int, rank: int, tensors: dict, slices: dict, meta: dict,
-                 keep_last: int | None = None, overwrite: bool = False, background: bool = False):
+                 keep_last: int | None = None, overwrite: bool = False, background: bool = False,
+                 copy_first: set[str] | None = None):
+        """copy_first: the keys of tensors that are still live (views of the training's own parameters and
+        optimizer state) or on a device; the writer first copies them to host memory, then sets `snapshot_taken`.
+        A background save's caller must `wait_snapshot()` before it next changes them (the optimizer step)."""
         self.save_dir, self.step, self.rank, self.meta = save_dir, step, rank, meta
         self.keep_last, self.overwrite = keep_last, overwrite
         self.final = os.path.join(save_dir, step_dir_name(step))
         self.result: tuple | None = None  # ("ok", name, digest) or ("error", message)
+        self.snapshot_taken = threading.Event()
         if rank == 0:
             prepare_tmp_dir(save_dir, step)
         if _distributed():
             dist.barrier()
-        write = lambda: self._write(tensors, slices)  # noqa: E731
+        write = lambda: self._write(tensors, slices, copy_first or set())  # noqa: E731
         self.thread = threading.Thread(target=write, name=f"checkpoint-{step}", daemon=True) if background else None
         if self.thread is not None:
             self.thread.start()
         else:
             write()
 
-    def _write(self, tensors: dict, slices: dict) -> None:
+    def _write(self, tensors: dict, slices: dict, copy_first: set[str]) -> None:
         try:
+            try:
+                tensors = {k: _host_copy(t) if k in copy_first else t for k, t in tensors.items()}
+            finally:
+                self.snapshot_taken.set()
             if self.thread is not None and not all(bool(torch.isfinite(t).all()) for t in tensors.values()
                                                    if t.is_floating_point()):
                 raise ValueError("the parameters or optimizer state are not finite: not saved")
@@ -166,6 +183,14 @@ class PendingSave:
             self.result = ("ok", name, digest)
         except Exception as exc:  # noqa: BLE001 - reported by finish(), on every rank
             self.result = ("error", f"rank {self.rank}: {type(exc).__name__}: {exc}")
+
+    def wait_snapshot(self) -> float:
+        """Blocks until the writer holds its own copy of the state; returns the seconds waited."""
+        if self.snapshot_taken.is_set():
+            return 0.0
+        start = time.perf_counter()
+        self.snapshot_taken.wait()
+        return time.perf_counter() - start
 
     def written(self) -> bool:
         """Whether this rank's file is written (or failed): local, no collective."""

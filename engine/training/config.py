@@ -141,8 +141,8 @@ class CheckpointArgs:
     overwrite_checkpoints: bool = _f(False, "let this run's checkpoints replace newer ones in --save (`latest` "
                                             "never moves back to an earlier step otherwise)")
     keep_last: int = _f(None, "keep only the newest K checkpoints [all]")
-    async_save: bool = _f(False, "periodic saves copy the state to host memory and write it on a background thread; "
-                                 "the step is published (`latest`) once every rank's file is on disk")
+    async_save: bool = _f(False, "periodic saves are copied to host memory and written by a background thread "
+                                 "while training goes on; the step is published (`latest`) once every rank's file is on disk")
 
 
 @dataclass

@@ -110,6 +110,7 @@ class Trainer:
         self.save_dir = save_dir(cfg)
         self.last_checkpoint: str | None = None  # this run's latest saved or resumed step directory (rollbacks)
         self.pending_save: ckpt.PendingSave | None = None  # an --async-save still being written
+        self.snapshot_wait_s = 0.0  # time optimizer steps waited for a background save's copy of the state
         self.metrics_path = run.metrics_file or os.path.join(self.run_dir, "metrics.jsonl")
         self.plot_path = run.plot or os.path.join(self.run_dir, "loss.png")
         self.is_logger = self.rank == 0
@@ -344,6 +345,8 @@ class Trainer:
         max_norm = self.cfg.optimizer.clip_grad
         clip = max_norm / (grad_norm.item() + 1e-6) if finite and max_norm > 0 and grad_norm.item() > max_norm else 1.0
         if finite:  # unscaling and clipping are folded into the optimizer's pass over the gradients
+            if self.pending_save is not None:  # a background save's writer must hold its copy of the state first
+                self.snapshot_wait_s += self.pending_save.wait_snapshot()
             for group in self.zero.param_groups:
                 group["lr"] = lr
             self.zero.step(grad_scale=clip / loss_scale)
@@ -415,8 +418,8 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def save_checkpoint(self, background: bool = False) -> str:
-        """Saves the current step (every rank calls it). background (--async-save): the state is copied to host
-        memory here and written by a thread; the step is published later (`finish_pending_save`, polled after
+        """Saves the current step (every rank calls it). background (--async-save): a thread copies the state to host
+        memory (before the next optimizer step changes it) and writes it; the step is published later (`finish_pending_save`, polled after
         every step), so `latest` and last_checkpoint move only once every rank's file is on disk."""
         self.finish_pending_save()
         self.monitor.phase(f"saving step {self.state.step}", restart_clock=True)
@@ -424,11 +427,13 @@ class Trainer:
             raise StopTraining(f"the parameters or optimizer state are not finite at step {self.state.step}: not "
                                f"saving them (the last good checkpoint stays {self.last_checkpoint or 'none'}); "
                                "lower --lr or set --clip-grad, and resume from it")
-        states = self.zero.state_by_name()  # a collective over dp: every rank takes part
+        states = self.zero.state_by_name(copy=False)  # a collective over dp: every rank takes part
         owns = lambda n, q: self.topo.dp_rank == 0 and self.owns(n, q)  # noqa: E731  one copy of every slice
         self.zero.gather_all()  # ZeRO-3: whole parameters for the save
         tensors, slices = ckpt.shard_tensors(self.named_params, states, owns)
-        tensors = {k: v.clone() if k.startswith("model/") else v for k, v in tensors.items()}
+        params_live = self.zero.stage < 3  # ZeRO-3's gathered parameters are released next: copy them now
+        if not params_live:
+            tensors = {k: v.clone() if k.startswith("model/") else v for k, v in tensors.items()}
         self.zero.release_all()
         for name, state in self.rng.get_states().items():
             tensors[f"rng/rank{self.rank}/{name}"] = state
@@ -437,10 +442,14 @@ class Trainer:
                 "optimizer": self.cfg.optimizer.optimizer,
                 "scaler": self.scaler.state_dict() if self.scaler else None}
         c = self.cfg.checkpoint
-        if background:  # host copies: the training goes on changing the device tensors
-            tensors = {k: v.detach().to("cpu") for k, v in tensors.items()}
+        # the writer copies what training will change (views of live buffers) or what sits on a device to host
+        # memory first; in the background that overlaps the next forward/backward, and the next optimizer step
+        # waits for the copy
+        live = lambda k: (k.startswith("model/") and params_live) or (  # noqa: E731
+            k.startswith("optim/") and self.zero.states_are_live)
+        copy_first = {k for k, t in tensors.items() if live(k) or t.device.type != "cpu"}
         pending = ckpt.PendingSave(self.save_dir, self.state.step, self.rank, tensors, slices, meta, c.keep_last,
-                                   c.overwrite_checkpoints, background)
+                                   c.overwrite_checkpoints, background, copy_first)
         if background:
             self.pending_save = pending
             return pending.final + " (writing in the background)"

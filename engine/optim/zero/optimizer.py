@@ -227,11 +227,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return sum(t.numel() * t.element_size() for s in self.optimizer.state.values() for t in s.values()
                    if torch.is_tensor(t) and t.ndim)
 
-    def state_by_name(self) -> dict[str, dict[str, torch.Tensor]]:
+    def state_by_name(self, copy: bool = True) -> dict[str, dict[str, torch.Tensor]]:
         """{parameter name: {state key: tensor}} for every parameter, with the shards of all data-parallel ranks
-        combined (complete on data-parallel rank 0; every rank must call this)."""
-        if self.stage == 0 or self.dp == 1:  # every piece is a whole parameter
-            return {pc.name: {k: v.detach().clone() for k, v in self.optimizer.state.get(pc.shard, {}).items()
+        combined (complete on data-parallel rank 0; every rank must call this). copy=False: where the state is
+        whole on every rank (stage 0 or dp 1) the live tensors themselves, to be copied before the next step
+        (`states_are_live` tells whether they are)."""
+        if self.states_are_live:  # every piece is a whole parameter
+            return {pc.name: {k: v.detach().clone() if copy else v.detach() for k, v in self.optimizer.state.get(pc.shard, {}).items()
                               if torch.is_tensor(v)} for pc in self.pieces}
         keys = sorted({k for s in self.optimizer.state.values() for k, v in s.items() if torch.is_tensor(v) and v.ndim})
         step = max([float(s["step"]) for s in self.optimizer.state.values() if "step" in s] or [0.0])
@@ -250,6 +252,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
             for p, (_, off) in self.layout.where.items():
                 out[self.layout.names[p]][key] = flat[off:off + p.numel()].view_as(p).clone()
         return out
+
+    @property
+    def states_are_live(self) -> bool:
+        """Whether state_by_name(copy=False) hands out the optimizer's own tensors (else fresh combined copies)."""
+        return self.stage == 0 or self.dp == 1
 
     def state_dict(self) -> dict:
         """{"state": {parameter name: {key: whole tensor}}, "param_groups": [hyper-parameters of each group]}:
