@@ -7,17 +7,21 @@ works on every torch >= 2.4 (torchrun's own --max-restarts re-rendezvous fails a
 versions). The flags are validated once before the first attempt (a bad flag exits 2 without launching). The
 first failed attempt is always retried; a later one that ends without moving `latest` forward is not (the
 failure repeats where it stands: a diverged run, a broken node). SIGTERM / SIGINT are passed on to the running
-attempt (it saves and exits) and end the loop. `--inject-fault` applies to the first attempt only (drills).
+attempt (it saves and exits) and end the loop. The exit code is the last attempt's, except that a dead or stalled
+rank (reported by the job's one line) gives 3 where torchrun itself gives 1. `--inject-fault` applies to the first attempt only (drills).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
+import time
 
 from engine.training import checkpoint as ckpt
-from engine.training.config import exit_on_config_error, parse_config, preflight, save_dir, validate
+from engine.training.config import exit_on_config_error, parse_config, preflight, run_dir, save_dir, validate
+from engine.training.watchdog import EXIT_FAULT, FAULT_FILE
 
 
 def without_faults(flags: list[str]) -> list[str]:
@@ -67,6 +71,15 @@ def run_attempt(command: list[str]) -> int:
             signal.signal(sig, handler)
 
 
+def fault_reported(cfg, since: float) -> bool:
+    """Whether this node's ranks reported a dead or stalled rank (the job's one line) since `since`: torchrun exits
+    1 for any failed worker; the launcher passes EXIT_FAULT (3) on instead."""
+    try:
+        return os.path.getmtime(os.path.join(run_dir(cfg), "failures", FAULT_FILE)) >= since
+    except OSError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nproc-per-node", type=int, default=1)
@@ -89,12 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = exit_on_config_error(check)
     where = save_dir(cfg)
     for attempt in range(args.max_restarts + 1):
-        before = ckpt.latest_step(where)
+        before, started = ckpt.latest_step(where), time.time()
         code = run_attempt(attempt_command(args, flags if attempt == 0 else without_faults(flags)))
         if code in (-signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGINT) or stopping:
             return code  # stopped on purpose: the job has saved
         if code == 0:
             return 0
+        if fault_reported(cfg, started - 1):  # (file times may be coarser than time.time())
+            code = EXIT_FAULT
         after = ckpt.latest_step(where)
         stalled = attempt > 0 and after == before
         verdict = ("no progress since the last attempt: not retrying" if stalled else

@@ -66,21 +66,24 @@ def named_ranks(line: str) -> set[int]:
 ])
 def test_a_dead_or_stalled_rank_ends_the_job_with_one_line_naming_it(tmp_path, fault, expected):
     """A killed rank, or a hung one past --step-timeout (not the 600 s collective timeout), ends the 8-process job
-    with exit 3 and one line from one rank: which rank, what the others were in, how to resume."""
+    with one line from one rank: which rank, what the others were in, how to resume; the restart loop (out of
+    restarts here) exits 3 where torchrun exits 1."""
     from engine.data.datasets import stdlib_sources
     (tmp_path / "corpus").mkdir()
     for i, path in enumerate(stdlib_sources()[:40]):
         (tmp_path / "corpus" / f"doc{i:03d}.py").write_bytes(open(path, "rb").read())
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8", "-m",
-                "engine.training"]
+    launcher = [sys.executable, "-m", "engine.launch", "--nproc-per-node", "8", "--max-restarts", "0", "--"]
     start = time.monotonic()
-    proc = run(torchrun + FLAGS + ["--run-name", "fault"] + fault, tmp_path)
+    proc = run(launcher + FLAGS + ["--run-name", "fault"] + fault, tmp_path)
     elapsed = time.monotonic() - start
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode != 0 and len(ours) == 1, proc.stderr[-4000:]
+    assert proc.returncode == 3 and len(ours) == 1, proc.stderr[-4000:]
+    assert "engine.launch: attempt 1 exited with code 3" in proc.stderr
     assert expected in ours[0] and "--auto-resume" in ours[0], ours
     named = named_ranks(ours[0])
     assert 5 in named and (named == {5} if "hang" in fault[1] else len(named) <= 2), ours
     assert "Traceback" not in "\n".join(line for line in proc.stderr.splitlines() if line.startswith("[rank"))
     assert elapsed < 10 + 30 + 60  # the launch and 3 steps take well under a minute
-    assert os.listdir(tmp_path / "runs" / "fault" / "failures") if "kill" in fault[1] else True
+    failures = tmp_path / "runs" / "fault" / "failures"
+    assert (failures / "fault.txt").read_text().strip() == ours[0]
+    assert len(os.listdir(failures)) > 1 if "kill" in fault[1] else True  # a peer's traceback beside it

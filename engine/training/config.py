@@ -296,11 +296,15 @@ def parse_rampup(spec: str) -> tuple[int, int, int]:
     return start, increment, samples
 
 
-def save_dir(cfg: Config) -> str:
-    """--save, or runs/<run name>/checkpoints (after validate: the default run name names the layout)."""
+def run_dir(cfg: Config) -> str:
+    """runs/<run name> (after validate: the default run name names the model and layout)."""
     p = cfg.parallel
-    name = cfg.run.run_name or f"{cfg.model.model}-tp{p.tp}-pp{p.pp}-dp{p.dp}"
-    return cfg.checkpoint.save or os.path.join("runs", name, "checkpoints")
+    return os.path.join("runs", cfg.run.run_name or f"{cfg.model.model}-tp{p.tp}-pp{p.pp}-dp{p.dp}")
+
+
+def save_dir(cfg: Config) -> str:
+    """--save, or runs/<run name>/checkpoints."""
+    return cfg.checkpoint.save or os.path.join(run_dir(cfg), "checkpoints")
 
 
 def checkpoint_to_load(cfg: Config) -> str | None:

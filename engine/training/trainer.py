@@ -39,6 +39,7 @@ from engine.training.config import (
     checkpoint_to_load,
     parse_fault,
     parse_rampup,
+    run_dir,
     save_dir,
 )
 from engine.training.metrics import (
@@ -105,8 +106,8 @@ class Trainer:
         self.device = _device(run.device)
         cfg.precision.precision = cfg.precision.precision or ("bf16" if self.device.type == "cuda" else "fp32")
         self.precision = cfg.precision.precision
-        self.run_name = run.run_name or f"{cfg.model.model}-tp{p.tp}-pp{p.pp}-dp{p.dp}"
-        self.run_dir = os.path.join("runs", self.run_name)
+        self.run_dir = run_dir(cfg)
+        self.run_name = os.path.basename(self.run_dir)
         self.save_dir = save_dir(cfg)
         self.last_checkpoint: str | None = None  # this run's latest saved or resumed step directory (rollbacks)
         self.pending_save: ckpt.PendingSave | None = None  # an --async-save still being written

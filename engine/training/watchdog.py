@@ -18,6 +18,7 @@ import time
 
 import torch.distributed as dist
 
+FAULT_FILE = "fault.txt"  # the job's one line, kept in runs/<name>/failures/
 EXIT_FAULT = 3  # a rank died or stalled: restart with --auto-resume (python -m engine.launch does)
 GRACE_S = 10.0  # how long a reporter waits for the other ranks' posts (live ones post within ~POLL_S)
 POLL_S = 0.5    # how often each rank's monitor thread looks for the flag
@@ -106,10 +107,23 @@ class JobMonitor:
             states = self._exchange({"kind": kind, "step": self.step, "actions": self.actions,
                                      "doing": self.doing, "error": error[:300]})
             if self._claim_the_line():
-                print(f"error: {self._summary(states)}; {self.resume_hint}", file=sys.stderr, flush=True)
+                line = f"error: {self._summary(states)}; {self.resume_hint}"
+                print(line, file=sys.stderr, flush=True)
+                self._record(line)
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(EXIT_FAULT)
+
+    def _record(self, line: str) -> None:
+        """Keeps the job's line in failures_dir/fault.txt: `python -m engine.launch` reads it to tell a dead or
+        stalled rank (exit 3) from other failures, where torchrun exits 1 for all of them."""
+        if self.failures_dir:
+            try:
+                os.makedirs(self.failures_dir, exist_ok=True)
+                with open(os.path.join(self.failures_dir, FAULT_FILE), "w") as fh:
+                    fh.write(line + "\n")
+            except OSError:
+                pass
 
     def _claim_the_line(self) -> bool:
         """Whether this rank prints the job's line: the first to claim it in the store (ranks whose grace periods
