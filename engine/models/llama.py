@@ -213,11 +213,14 @@ class Attention(nn.Module):
         with self.par.fork_tp():  # different heads on each tp rank: per-rank dropout stream
             return attention_core(q, k, v, self.dropout if self.training else 0.0, mask)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: LayerKV | None = None):
         q, k, v = self.par.tp.enter_linears(x, [self.wq.weight, self.wk.weight, self.wv.weight])
         b, s, _ = q.shape
         q, k, v = (t.view(b, s, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
         q, k = apply_rope(q, cos[:s], sin[:s]), apply_rope(k, cos[:s], sin[:s])
+        if cache is not None:  # incremental decoding: attend to the cached positions as well
+            k, v = cache.update(k, v)
         if self.par.recompute == "selective":
             out = recompute(self.core, self.par.rng, q, k, v, mask)
         else:
@@ -284,9 +287,50 @@ class TransformerLayer(nn.Module):
         with self.par.fork_for_residual():
             return self.dropout(x)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None):
-        x = x + self._residual_dropout(self.attn(self.attn_norm(x), cos, sin, mask))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: LayerKV | None = None):
+        x = x + self._residual_dropout(self.attn(self.attn_norm(x), cos, sin, mask, cache))
         return x + self._residual_dropout(self.mlp(self.mlp_norm(x)))
+
+
+class LayerKV:
+    """One layer's keys and values in a KVCache: [b, kv_heads, max_length, head_dim] buffers."""
+
+    def __init__(self, cache: KVCache, shape: tuple, device, dtype):
+        self.cache = cache
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores the new positions' k, v [b, kv_heads, s, d]; returns the keys and values of every position so
+        far. The cache's length advances once all layers have run (Llama.forward)."""
+        start, end = self.cache.length, self.cache.length + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """Keys and values of the positions decoded so far, for incremental decoding with the dense single-process
+    model (tp=1, pp=1). `model(ids, cache=c)` runs ids [b, s] at positions [c.length, c.length + s): their
+    rotary embeddings are taken at those absolute positions, each attends causally to everything up to itself,
+    their keys and values are stored and c.length advances by s."""
+
+    def __init__(self, cfg: ModelConfig, batch: int = 1, max_length: int | None = None, device=None,
+                 dtype: torch.dtype = torch.float32):
+        self.max_length = cfg.seq_length if max_length is None else max_length
+        if not 0 < self.max_length <= cfg.seq_length:
+            raise ValueError(f"KVCache: max_length {self.max_length} must be in [1, seq_length {cfg.seq_length}]")
+        shape = (batch, cfg.num_kv_heads, self.max_length, cfg.head_dim)
+        self.layers = {i: LayerKV(self, shape, device, dtype) for i in range(cfg.num_layers)}
+        self.length = 0
+
+    def mask(self, s: int, device) -> torch.Tensor:
+        """Boolean [s, length + s]: new query i (at position length + i) may attend key j when j <= length + i.
+        (SDPA's is_causal aligns the diagonal top-left, which is wrong once keys outnumber queries.)"""
+        keys = torch.arange(self.length + s, device=device)
+        queries = torch.arange(self.length, self.length + s, device=device)
+        return keys[None, :] <= queries[:, None]
 
 
 class Llama(nn.Module):
@@ -334,11 +378,14 @@ class Llama(nn.Module):
         return x
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """input_ids [b, s] (hidden states on a stage without the embedding) -> logits [b, s, vocab] (this tp
         rank's vocabulary slice), or hidden states on a stage without the head. With `labels` [b, s]: the mean
         cross-entropy of predicting labels[:, 1:] from positions [:, :-1] over the labels that are not -100
-        (Hugging Face's convention). attention_mask [b, s]: 1 for tokens, 0 for padding keys not to attend to."""
+        (Hugging Face's convention). attention_mask [b, s]: 1 for tokens, 0 for padding keys not to attend to.
+        cache: incremental decoding with the full single-process model (see KVCache)."""
+        if cache is not None:
+            return self._forward_cached(input_ids, labels, attention_mask, cache)
         x = input_ids
         if self.embedding is not None:
             if x.shape[1] > self.cfg.seq_length:
@@ -357,6 +404,24 @@ class Llama(nn.Module):
         losses = vocab_parallel_cross_entropy(logits[:, :-1], labels[:, 1:], self.vocab_start, self.cfg.vocab_size,
                                               self.par.tp.group)
         return losses.sum() / (labels[:, 1:] != -100).sum().clamp(min=1)
+
+    def _forward_cached(self, input_ids: torch.Tensor, labels, attention_mask, cache: KVCache) -> torch.Tensor:
+        whole = self.embedding is not None and self.norm is not None and len(self.layers) == len(cache.layers)
+        if not whole or self.par.tp.size > 1:
+            raise ValueError("cache: incremental decoding needs the full single-process model (tp=1, pp=1)")
+        if labels is not None or attention_mask is not None:
+            raise ValueError("cache: labels and attention_mask are not supported with a KV cache")
+        start, s = cache.length, input_ids.shape[1]
+        if start + s > cache.max_length:
+            raise ValueError(f"cache: positions up to {start + s} exceed the cache's max_length {cache.max_length}")
+        x = self.embedding(input_ids)
+        # the tables from the first new position on: Attention takes their first s rows
+        cos, sin = (t[start:start + s].to(x.dtype) for t in (self.rope_cos, self.rope_sin))
+        mask = cache.mask(s, x.device)
+        for name, layer in self.layers.items():
+            x = layer(x, cos, sin, mask, cache.layers[int(name)])
+        cache.length += s
+        return self.par.tp.enter_linears(self.norm(x), [self.head_weight()])[0]
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
