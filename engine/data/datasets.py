@@ -1,7 +1,8 @@
 """Documents -> one packed token stream -> fixed-length samples.
 
-Every source (text files, directories, .jsonl, the built-in corpus, a preprocessed .bin/.idx pair) becomes a
-flat stream of token ids in which each document is followed by EOS, plus the offsets where documents start.
+Every source (text files, directories, .jsonl, .parquet, the built-in corpus, a preprocessed .bin/.idx pair)
+becomes a flat stream of token ids in which each document is followed by EOS, plus the offsets where documents
+start.
 A sample is the window of `seq_length + 1` tokens starting at `i * seq_length` (inputs are the first
 seq_length tokens, targets the last), so packing never wastes a token and samples cross document boundaries
 exactly as Megatron's GPT dataset does. The last `valid_fraction` of the documents is held out for evaluation.
@@ -17,15 +18,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+# PREFIX.idx, little-endian: magic, then (version u32, token dtype code u32, num_docs u64); version 2 adds
+# (vocab_size u64, max_id u64); then num_docs + 1 int64 document offsets into PREFIX.bin.
 _IDX_MAGIC = b"ENGINEIDX\x00"
-_IDX_VERSION = 1
+_IDX_VERSION = 2
+_HEADER = struct.Struct("<IIQ")
+_HEADER_V2 = struct.Struct("<QQ")
 _DTYPES = {1: np.uint16, 2: np.int32}
+_SNIFF_BYTES = 8192
 
 
 @dataclass
 class TokenStream:
     tokens: np.ndarray      # flat token ids, EOS after every document (may be a read-only memmap)
     doc_offsets: np.ndarray  # int64 [num_docs + 1]: where each document starts in `tokens`
+    vocab_size: int | None = None  # the tokenizer's vocabulary size, None when unknown (version-1 .idx)
+    max_id: int | None = None      # the largest token id in `tokens`, None when unknown
 
 
 def stdlib_sources() -> list[str]:
@@ -41,82 +49,276 @@ def stdlib_sources() -> list[str]:
 
 def _read_text(path: str) -> str:
     with open(path, "rb") as fh:
-        return fh.read().decode("utf-8", errors="replace")
+        data = fh.read()
+    head = data[:_SNIFF_BYTES]
+    # Bytes dropped by a lenient decode are the invalid ones; a cut multi-byte character at the end of the
+    # sample costs at most 3 of them.
+    invalid = len(head) - len(head.decode("utf-8", errors="ignore").encode("utf-8"))
+    if b"\x00" in head or invalid > 0.3 * len(head):
+        why = "NUL bytes" if b"\x00" in head else "mostly invalid UTF-8"
+        raise ValueError(f"--data {path}: not a text file ({why} in its first 8 KiB); give text, .jsonl or "
+                         ".parquet files, or the PREFIX of a preprocessed .bin/.idx pair")
+    return data.decode("utf-8", errors="replace")
+
+
+def _iter_jsonl(path: str):
+    with open(path, "rb") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line.decode("utf-8"))["text"]
+                if not isinstance(text, str):
+                    raise TypeError
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"--data {path}: line {line_no} is not a JSON object with a 'text' "
+                                 "field") from None
+            yield text
+
+
+def _iter_parquet(path: str, batch_rows: int = 1024):
+    try:
+        import pyarrow
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise RuntimeError(f"--data {path}: reading .parquet files needs the 'pyarrow' package; "
+                           "pip install pyarrow") from None
+    try:
+        # pre_buffer (the default) keeps every row group's buffered bytes until the file is closed: memory
+        # would grow with the file.
+        pf = pq.ParquetFile(path, pre_buffer=False)
+    except (pyarrow.ArrowException, OSError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"--data {path}: not a readable parquet file ({first})") from None
+    schema = pf.schema_arrow
+    if "text" not in schema.names:
+        raise ValueError(f"--data {path}: no 'text' column (its columns: {', '.join(schema.names)}); "
+                         "write the documents to a string column named 'text'")
+    kind = schema.field("text").type
+    if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind)):
+        raise ValueError(f"--data {path}: column 'text' holds {kind}, not strings; store the documents as "
+                         "strings")
+    # Small record batches: rows are whole documents, so the default 64Ki rows could be gigabytes.
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=["text"], use_threads=False):
+        for text in batch.column(0).to_pylist():
+            if text is not None:
+                yield text
 
 
 def iter_documents(paths: list[str]):
-    """Yields the text of every document under `paths` (files, directories, .jsonl with a 'text' field)."""
+    """Yields the text of every document under `paths`: text files, directories (walked in sorted order),
+    .jsonl files with a 'text' field, .parquet files with a 'text' column (needs pyarrow)."""
     for path in paths:
         if os.path.isdir(path):
             for dirpath, dirnames, filenames in os.walk(path):
                 dirnames.sort()
                 for name in sorted(filenames):
                     yield from iter_documents([os.path.join(dirpath, name)])
-        elif path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as fh:
-                for line_no, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        text = json.loads(line)["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise ValueError(f"--data {path}: line {line_no} is not a JSON object with a 'text' "
-                                         "field") from None
-                    yield text
-        elif os.path.isfile(path):
-            yield _read_text(path)
-        else:
+        elif not os.path.isfile(path):
             raise FileNotFoundError(f"--data: {path!r} not found")
+        elif path.endswith(".jsonl"):
+            yield from _iter_jsonl(path)
+        elif path.endswith(".parquet"):
+            yield from _iter_parquet(path)
+        else:
+            yield _read_text(path)
+
+
+def encode_documents(docs, tokenizer):
+    """The token ids of each non-empty document followed by EOS (int32 arrays), one document at a time."""
+    eos = np.array([tokenizer.eos_id], dtype=np.int32)
+    for text in docs:
+        ids = np.asarray(tokenizer.encode(text), dtype=np.int32)
+        if len(ids):
+            yield np.concatenate([ids, eos])
 
 
 def tokenize_documents(docs, tokenizer) -> TokenStream:
-    pieces, lengths = [], []
-    eos = np.array([tokenizer.eos_id], dtype=np.int32)
-    for text in docs:
-        ids = tokenizer.encode(text)
-        if len(ids) == 0:
-            continue
-        pieces += [ids, eos]
-        lengths.append(len(ids) + 1)
+    """All documents as one in-memory stream (the trainer's path for text --data)."""
+    pieces = list(encode_documents(docs, tokenizer))
     if not pieces:
         raise ValueError("--data: the given sources contain no text")
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    return TokenStream(np.concatenate(pieces), offsets)
+    offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+    np.cumsum([len(p) for p in pieces], out=offsets[1:])
+    tokens = np.concatenate(pieces)
+    return TokenStream(tokens, offsets, vocab_size=tokenizer.vocab_size, max_id=int(tokens.max()))
 
 
 # --- the preprocessed, memory-mapped format: PREFIX.bin (token ids) + PREFIX.idx (header + document offsets)
 
-def write_indexed(prefix: str, stream: TokenStream, vocab_size: int) -> None:
-    code = 1 if vocab_size <= 65536 else 2
-    tmp_bin, tmp_idx = prefix + ".bin.tmp", prefix + ".idx.tmp"
-    stream.tokens.astype(_DTYPES[code]).tofile(tmp_bin)
-    with open(tmp_idx, "wb") as fh:
-        fh.write(_IDX_MAGIC + struct.pack("<IIQ", _IDX_VERSION, code, len(stream.doc_offsets) - 1))
-        fh.write(stream.doc_offsets.astype(np.int64).tobytes())
-    os.replace(tmp_bin, prefix + ".bin")
-    os.replace(tmp_idx, prefix + ".idx")
+class IndexedWriter:
+    """Writes PREFIX.bin/.idx one document at a time in bounded memory: token ids and offsets are buffered up to
+    `chunk_tokens` entries, then appended to PREFIX.bin.tmp and PREFIX.idx.tmp (after a placeholder header,
+    filled in by `finish` once the counts are known). `finish` renames both into place; leaving the `with`
+    block without it (an error) deletes the temporary files.
+
+        with IndexedWriter(prefix, tokenizer.vocab_size) as writer:
+            for ids in encode_documents(docs, tokenizer):
+                writer.add(ids)
+            writer.finish()
+    """
+
+    def __init__(self, prefix: str, vocab_size: int, chunk_tokens: int = 1 << 20):
+        self.prefix, self.vocab_size, self.chunk_tokens = prefix, int(vocab_size), chunk_tokens
+        self.code = 1 if self.vocab_size <= 65536 else 2
+        self.num_docs = self.num_tokens = 0
+        self.max_id = -1
+        self._tokens, self._offsets, self._pending = [], [], 0
+        self._tmp_bin, self._tmp_idx = prefix + ".bin.tmp", prefix + ".idx.tmp"
+        self._bin = open(self._tmp_bin, "wb")
+        self._idx = open(self._tmp_idx, "wb")
+        self._idx.write(bytes(len(_IDX_MAGIC) + _HEADER.size + _HEADER_V2.size))
+        self._idx.write(np.zeros(1, dtype=np.int64).tobytes())
+        self._done = False
+
+    def add(self, ids: np.ndarray) -> None:
+        """One document's token ids, its EOS included."""
+        self._tokens.append(ids)
+        self._pending += len(ids)
+        self.num_tokens += len(ids)
+        self.num_docs += 1
+        self._offsets.append(self.num_tokens)
+        if self._pending >= self.chunk_tokens or len(self._offsets) >= self.chunk_tokens:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._tokens:
+            chunk = np.concatenate(self._tokens)
+            if len(chunk):
+                lo, hi = int(chunk.min()), int(chunk.max())
+                if lo < 0 or hi >= np.iinfo(_DTYPES[self.code]).max + 1:
+                    raise ValueError(f"{self.prefix}: token id {hi if lo >= 0 else lo} does not fit the "
+                                     f"{np.dtype(_DTYPES[self.code]).name} .bin chosen for vocabulary size "
+                                     f"{self.vocab_size}; the tokenizer's vocab_size is wrong")
+                self.max_id = max(self.max_id, hi)
+                chunk.astype(_DTYPES[self.code], copy=False).tofile(self._bin)
+        if self._offsets:
+            np.asarray(self._offsets, dtype=np.int64).tofile(self._idx)
+        self._tokens, self._offsets, self._pending = [], [], 0
+
+    def finish(self) -> None:
+        self._flush()
+        if self.num_tokens == 0:
+            raise ValueError("the given sources contain no text")
+        self._idx.seek(0)
+        self._idx.write(_IDX_MAGIC + _HEADER.pack(_IDX_VERSION, self.code, self.num_docs)
+                        + _HEADER_V2.pack(self.vocab_size, self.max_id))
+        self._bin.close()
+        self._idx.close()
+        os.replace(self._tmp_bin, self.prefix + ".bin")
+        os.replace(self._tmp_idx, self.prefix + ".idx")
+        self._done = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._done:
+            self._bin.close()
+            self._idx.close()
+            for path in (self._tmp_bin, self._tmp_idx):
+                if os.path.exists(path):
+                    os.remove(path)
+
+
+def write_indexed(prefix: str, stream: TokenStream, vocab_size: int | None = None) -> None:
+    vocab_size = vocab_size if vocab_size is not None else stream.vocab_size
+    if vocab_size is None:
+        raise ValueError(f"{prefix}: write_indexed needs the vocabulary size (the stream does not record it)")
+    offsets = stream.doc_offsets
+    with IndexedWriter(prefix, vocab_size) as writer:
+        for i in range(len(offsets) - 1):
+            writer.add(stream.tokens[offsets[i]:offsets[i + 1]])
+        writer.finish()
+
+
+def _index_error(prefix: str, what: str) -> ValueError:
+    return ValueError(f"--data {prefix}: {what}; preprocess again (python -m engine.data.preprocess)")
+
+
+def _read_index(prefix: str):
+    """(dtype code, offsets, vocab_size, max_id) from PREFIX.idx, with a one-line error for a bad file."""
+    path = prefix + ".idx"
+    with open(path, "rb") as fh:
+        data = fh.read(len(_IDX_MAGIC) + _HEADER.size)
+        if not data.startswith(_IDX_MAGIC):
+            if len(data) < len(_IDX_MAGIC) and _IDX_MAGIC.startswith(data):
+                raise _index_error(prefix, f"{path} is truncated ({len(data)} bytes, inside its header)")
+            raise ValueError(f"--data {prefix}: {path} is not an engine index file; write it with "
+                             "python -m engine.data.preprocess")
+        if len(data) < len(_IDX_MAGIC) + _HEADER.size:
+            raise _index_error(prefix, f"{path} is truncated ({len(data)} bytes, inside its header)")
+        version, code, num_docs = _HEADER.unpack(data[len(_IDX_MAGIC):])
+        if version not in (1, 2):
+            raise _index_error(prefix, f"{path} has unsupported format version {version} (this engine reads "
+                                       f"1 and 2)")
+        if code not in _DTYPES:
+            raise _index_error(prefix, f"{path} has a corrupt header (token type code {code})")
+        vocab_size = max_id = None
+        if version >= 2:
+            extra = fh.read(_HEADER_V2.size)
+            if len(extra) < _HEADER_V2.size:
+                raise _index_error(prefix, f"{path} is truncated (inside its header)")
+            vocab_size, max_id = _HEADER_V2.unpack(extra)
+        held = os.fstat(fh.fileno()).st_size - fh.tell()  # checked before reading: num_docs may be garbage
+        if held < 8 * (num_docs + 1):
+            raise _index_error(prefix, f"{path} is truncated: its header lists {num_docs} documents but it holds "
+                                       f"{held // 8} of their {num_docs + 1} offsets")
+        if held > 8 * (num_docs + 1):
+            raise _index_error(prefix, f"{path} is corrupt: data after the {num_docs + 1} offsets its header "
+                                       "lists")
+        offsets = np.frombuffer(fh.read(held), dtype=np.int64)
+    if num_docs == 0 or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
+        raise _index_error(prefix, f"{path} is corrupt: its document offsets are not increasing from 0")
+    return code, offsets, vocab_size, max_id
 
 
 def read_indexed(prefix: str) -> TokenStream:
-    with open(prefix + ".idx", "rb") as fh:
-        header = fh.read(len(_IDX_MAGIC) + 16)
-        if not header.startswith(_IDX_MAGIC):
-            raise ValueError(f"--data {prefix}: {prefix}.idx is not an engine index file; write it with "
-                             "python -m engine.data.preprocess")
-        version, code, num_docs = struct.unpack("<IIQ", header[len(_IDX_MAGIC):])
-        offsets = np.frombuffer(fh.read(8 * (num_docs + 1)), dtype=np.int64)
-    if version != _IDX_VERSION or code not in _DTYPES or len(offsets) != num_docs + 1:
-        raise ValueError(f"--data {prefix}: unsupported or truncated index file {prefix}.idx")
-    tokens = np.memmap(prefix + ".bin", dtype=_DTYPES[code], mode="r")
-    if len(tokens) != offsets[-1]:
-        raise ValueError(f"--data {prefix}: {prefix}.bin holds {len(tokens)} tokens but the index expects "
-                         f"{offsets[-1]}; the file is truncated, preprocess again")
-    return TokenStream(tokens, offsets)
+    code, offsets, vocab_size, max_id = _read_index(prefix)
+    dtype = np.dtype(_DTYPES[code])
+    size = os.path.getsize(prefix + ".bin")
+    length = size // dtype.itemsize
+    tokens = np.memmap(prefix + ".bin", dtype=dtype, mode="r", shape=(length,)) if length else \
+        np.zeros(0, dtype=dtype)
+    expected = int(offsets[-1])
+    if length == expected and size % dtype.itemsize == 0:
+        return TokenStream(tokens, offsets, vocab_size, max_id)
+    # Every document ends with the same EOS. If the document ends that fall inside the .bin are not all one
+    # token, the .idx describes other data: a mismatched pair. Otherwise a shorter .bin is a cut-off write.
+    ends = offsets[1:][(offsets[1:] > 0) & (offsets[1:] <= length)] - 1
+    ends = ends[np.linspace(0, len(ends) - 1, min(len(ends), 1000)).astype(np.int64)] if len(ends) else ends
+    consistent = len(np.unique(np.asarray(tokens[ends]))) <= 1
+    if consistent and size < expected * dtype.itemsize:
+        raise _index_error(prefix, f"{prefix}.bin is truncated: it holds {length} tokens but {prefix}.idx "
+                                   f"expects {expected}")
+    raise _index_error(prefix, f"{prefix}.bin and {prefix}.idx are mismatched: the index describes "
+                               f"{len(offsets) - 1} documents and {expected} tokens, which are not what the .bin "
+                               f"({length} tokens) holds; they come from different preprocess runs")
 
 
 def is_indexed(path: str) -> bool:
     return os.path.isfile(path + ".bin") and os.path.isfile(path + ".idx")
+
+
+def _check_not_half_a_pair(path: str) -> None:
+    stem, ext = os.path.splitext(path)
+    if ext in (".bin", ".idx") and os.path.isfile(path):
+        if is_indexed(stem):
+            raise ValueError(f"--data {path}: pass the prefix {stem} without .bin/.idx")
+        other = stem + (".idx" if ext == ".bin" else ".bin")
+        raise ValueError(f"--data {path}: {other} is missing; a preprocessed corpus is the pair PREFIX.bin + "
+                         "PREFIX.idx, passed as PREFIX")
+
+
+def _merge(streams: list[TokenStream]) -> TokenStream:
+    tokens = np.concatenate([np.asarray(s.tokens, dtype=np.int32) for s in streams])
+    starts = np.cumsum([0] + [len(s.tokens) for s in streams[:-1]])
+    offsets = np.concatenate([s.doc_offsets[:-1] + a for s, a in zip(streams, starts)] + [[len(tokens)]])
+    vocabs = [s.vocab_size for s in streams if s.vocab_size is not None]
+    max_ids = [s.max_id for s in streams]
+    # One part with an unknown max leaves the whole maximum unknown (it could be that part's).
+    return TokenStream(tokens, offsets.astype(np.int64), vocab_size=max(vocabs) if vocabs else None,
+                       max_id=None if None in max_ids else max(max_ids))
 
 
 def load_stream(paths: list[str] | None, tokenizer) -> TokenStream:
@@ -124,18 +326,16 @@ def load_stream(paths: list[str] | None, tokenizer) -> TokenStream:
     if not paths:
         return tokenize_documents(iter_documents(stdlib_sources()), tokenizer)
     streams = []
-    text_paths = [p for p in paths if not is_indexed(p)]
+    text_paths = []
     for p in paths:
         if is_indexed(p):
             streams.append(read_indexed(p))
+        else:
+            _check_not_half_a_pair(p)
+            text_paths.append(p)
     if text_paths:
         streams.append(tokenize_documents(iter_documents(text_paths), tokenizer))
-    if len(streams) == 1:
-        return streams[0]
-    tokens = np.concatenate([np.asarray(s.tokens, dtype=np.int32) for s in streams])
-    starts = np.cumsum([0] + [len(s.tokens) for s in streams[:-1]])
-    offsets = np.concatenate([s.doc_offsets[:-1] + a for s, a in zip(streams, starts)] + [[len(tokens)]])
-    return TokenStream(tokens, offsets.astype(np.int64))
+    return streams[0] if len(streams) == 1 else _merge(streams)
 
 
 class PackedDataset(torch.utils.data.Dataset):
