@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from engine.models.llama import PRESETS, ModelConfig, preset, sdpa_native_gqa
+from engine.parallel.rules import layout_errors
 
 H100_BF16_DENSE_FLOPS = 989e12
 BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -320,6 +321,9 @@ def _check(args, cfg: ModelConfig | None) -> list[str]:
                       "drop one of them or make them agree")
     args.gpus = args.gpus or tp * pp * args.dp
     args.schedule = args.schedule or ("interleaved" if vpp > 1 else "1f1b")
+    if cfg is not None:  # the trainer's own rules
+        return errors + layout_errors(cfg, tp, pp, vpp, args.dp, args.sequence_parallel, args.schedule,
+                                      args.micro_batch_size, args.global_batch_size)
     if (args.schedule == "interleaved") != (vpp > 1):
         errors.append(f"--schedule {args.schedule}: interleaved goes with --vpp > 1, and only it")
     if vpp > 1 and pp == 1:
@@ -329,16 +333,6 @@ def _check(args, cfg: ModelConfig | None) -> list[str]:
     if args.global_batch_size is not None and args.global_batch_size % (args.micro_batch_size * args.dp):
         errors.append(f"--global-batch-size: {args.global_batch_size} is not a multiple of micro-batch-size * dp"
                       f" = {args.micro_batch_size * args.dp}")
-    if cfg is None:
-        return errors
-    undivided = [f"{flag} {value}" for flag, value in [("--num-heads", cfg.num_heads),
-                 ("--num-kv-heads", cfg.num_kv_heads), ("--ffn-hidden-size", cfg.ffn_hidden_size)] if value % tp]
-    if undivided:
-        errors.append(f"--tp: {tp} does not divide {', '.join(undivided)}; choose a tp that divides them")
-    if cfg.num_layers % (pp * vpp):
-        errors.append(f"--pp: --num-layers {cfg.num_layers} is not divisible by pp * vpp = {pp * vpp}")
-    if args.sequence_parallel and cfg.seq_length % tp:
-        errors.append(f"--sequence-parallel: --seq-length {cfg.seq_length} is not divisible by --tp {tp}")
     return errors
 
 

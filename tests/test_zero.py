@@ -150,10 +150,12 @@ def _zero_checks(rank, world, corpus, workdir):
     _overlapped_param_gather(rank, world, corpus, workdir)
 
 
+@pytest.mark.e2e  # a spawned 4-8 rank pool: ~30 s
 def test_memory_per_rank_matches_the_estimator_and_gathers_overlap(corpus, tmp_path):
     distributed.run(functools.partial(_zero_checks, corpus=corpus, workdir=str(tmp_path)), world=8)
 
 
+@pytest.mark.e2e  # a spawned 4-8 rank pool: ~30 s
 def test_bf16_tracks_fp32(tmp_path, monkeypatch):
     """A small model on the built-in corpus for 100 steps: the bf16 run (bf16 weights and compute, fp32 masters,
     fp32 gradients) ends within 0.5% of the fp32 loss (measured: 0.03%) while both learn (5.6 -> 2.7). Both runs see

@@ -9,9 +9,11 @@ from engine.training.config import Config, ConfigError, exit_on_config_error, pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of examples/pretrain_llama.py. Every setting is checked on every rank before any process
-    group exists; a bad one exits with status 2 and a message naming the flag."""
+    """Entry point of examples/pretrain_llama.py. Every setting, the data and the tokenizer are checked on every
+    rank before any process group exists; a bad one exits with status 2 and a message naming the flag (printed by
+    the first rank of each node)."""
     from engine.parallel.topology import init_distributed
+    from engine.training.data import prepare_data
     from engine.training.trainer import StopTraining, Trainer
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -20,8 +22,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_config(argv)
         validate(cfg, world_size)
         preflight(cfg)
+        data = prepare_data(cfg)  # a problem with the data or tokenizer is one line too, before the process group
         init_distributed(cfg.run.collective_timeout, cfg.run.device)
-        return Trainer(cfg)
+        return Trainer(cfg, data=data)
 
     trainer = exit_on_config_error(setup)
     try:

@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
-import tomllib
 from dataclasses import dataclass, field
 
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+from engine.data.blend import parse_blend
 from engine.models.llama import PRESETS, ModelConfig
+from engine.parallel.rules import layout_errors
 
 
 class ConfigError(ValueError):
@@ -105,9 +112,12 @@ class BatchArgs:
 
 @dataclass
 class DataArgs:
-    data: list = _f(None, "text files, directories, .jsonl files (field 'text') or a preprocessed .bin/.idx "
-                          "prefix [built-in corpus: the Python standard library's sources]", nargs="+")
+    data: list = _f(None, "text files, directories, .jsonl files (field 'text'), .parquet files (column 'text') or "
+                          "preprocessed .bin/.idx prefixes; W1 PATH1 W2 PATH2 ... blends sources by weight "
+                          "[built-in corpus: the Python standard library's sources]", nargs="+")
     tokenizer: str = _f("byte", "'byte' or a path to a tokenizer.json (needs the 'tokenizers' package)")
+    eos_token: str = _f(None, "the end-of-document token of a tokenizer.json [its tokenizer_config.json's eos_token, "
+                              "else </s>, <|endoftext|>, ...]")
     valid_fraction: float = _f(0.01, "fraction of documents held out for evaluation")
     eval_interval: int = _f(None, "evaluate every N steps [never]")
     eval_iters: int = _f(4, "global batches per evaluation")
@@ -119,7 +129,10 @@ class RunArgs:
     seed: int = _f(1234, "seed of weights, data order and dropout")
     log_interval: int = _f(1, "write a metrics line every N steps")
     metrics_file: str = _f(None, "JSON-lines metrics [runs/<name>/metrics.jsonl]")
-    plot: str = _f(None, "loss-curve PNG written at the end (needs matplotlib) [runs/<name>/loss.png]")
+    plot: str = _f(None, "loss-curve PNG written at the end (with matplotlib when installed, else a built-in "
+                         "renderer) [runs/<name>/loss.png]")
+    tensorboard: str = _f(None, "also write the metrics' scalars (step fields, eval loss) as TensorBoard events to "
+                                "this directory (needs the tensorboard package) [off]")
     run_name: str = _f(None, "name of the run directory runs/<name> [derived from model and layout]")
     peak_tflops: float = _f(None, "peak TFLOP/s per device for MFU [known for A100/H100/H200]")
     device: str = _f(None, "cpu or cuda [cuda when available]", choices=["cpu", "cuda"])
@@ -412,6 +425,23 @@ def validate(cfg: Config, world_size: int) -> None:
         p.tp, p.pp = 2, 2  # the 3D default: tp 2 x pp 2 x dp world/4
     p.tp = 1 if p.tp is None else p.tp
     p.pp = 1 if p.pp is None else p.pp
+    errors += [f"--{f.name.replace('_', '-')}: must be a finite number, got {value}"
+               for group in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, group.name))
+               for value in [getattr(getattr(cfg, group.name), f.name)]
+               if isinstance(value, float) and not math.isfinite(value)]
+    if cfg.run.tensorboard:
+        try:
+            from engine.training.metrics import require_tensorboard
+            require_tensorboard()
+        except ConfigError as exc:
+            errors.append(str(exc))
+    if cfg.run.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            errors.append("--device cuda: no CUDA device is visible to this torch build "
+                          f"({torch.__version__}); use --device cpu, or install a CUDA build of torch")
+    if errors:
+        raise ConfigError("\n".join(errors))
     model = cfg.model_config()
     errors += [f"{flag}: {msg}" for flag, msg in model.validate()]
     for flag, value in [("--tp", p.tp), ("--pp", p.pp), ("--vpp", p.vpp), ("--steps", cfg.run.steps),
@@ -435,35 +465,11 @@ def validate(cfg: Config, world_size: int) -> None:
         errors.append(f"--overlap-param-gather: needs --zero 1 or 2 with --dp > 1 (got --zero {p.zero}, dp {p.dp}): "
                       "only sharded optimizer states have updated shards to gather; ZeRO-3 already gathers each "
                       "unit right before its forward")
-    if model.num_heads % p.tp:
-        errors.append(f"--tp: --num-heads {model.num_heads} is not divisible by --tp {p.tp}; "
-                      "choose a tp that divides the head count")
-    if model.num_kv_heads % p.tp:
-        errors.append(f"--tp: --num-kv-heads {model.num_kv_heads} is not divisible by --tp {p.tp}; "
-                      "choose a tp that divides the key/value head count")
-    if model.num_layers % (p.pp * p.vpp):
-        errors.append(f"--pp: --num-layers {model.num_layers} is not divisible by pp * vpp = {p.pp * p.vpp}; "
-                      "choose pp and vpp whose product divides the layer count")
-    if p.sequence_parallel and model.seq_length % p.tp:
-        errors.append(f"--sequence-parallel: --seq-length {model.seq_length} is not divisible by --tp {p.tp}")
-    if p.sequence_parallel and p.tp == 1:
-        errors.append("--sequence-parallel: needs --tp > 1 (it shards the sequence across the tp group)")
-    if p.vpp > 1 and p.pp == 1:
-        errors.append("--vpp: virtual stages need --pp > 1")
     if p.schedule is None:
         p.schedule = "interleaved" if p.vpp > 1 else "1f1b"
-    if p.schedule == "interleaved" and p.vpp == 1:
-        errors.append("--schedule interleaved: needs --vpp > 1 (virtual stages per pipeline rank)")
-    if p.schedule != "interleaved" and p.vpp > 1:
-        errors.append(f"--schedule {p.schedule}: --vpp > 1 needs --schedule interleaved")
+    errors += layout_errors(model, p.tp, p.pp, p.vpp, p.dp, p.sequence_parallel, p.schedule, b.micro_batch_size,
+                            b.global_batch_size)
     per_step = b.micro_batch_size * p.dp
-    if b.global_batch_size % per_step:
-        errors.append(f"--global-batch-size: {b.global_batch_size} is not divisible by micro-batch-size * dp = "
-                      f"{b.micro_batch_size}*{p.dp} = {per_step}; use a multiple of {per_step}")
-    if p.schedule == "interleaved" and not b.global_batch_size % per_step and (b.global_batch_size // per_step) % p.pp:
-        errors.append(f"--schedule interleaved: the micro-batches per step (global batch / (micro-batch * dp) = "
-                      f"{b.global_batch_size // per_step}) must be a multiple of --pp {p.pp}; raise "
-                      "--global-batch-size or lower --micro-batch-size")
     if b.rampup_batch_size is not None:
         try:
             start, inc, samples = parse_rampup(b.rampup_batch_size)
@@ -511,10 +517,15 @@ def validate(cfg: Config, world_size: int) -> None:
         errors.append("--recompute-layers: goes with --recompute full and must be >= 0")
     errors += _check_checkpoints(cfg)
     d = cfg.data
-    for path in d.data or []:
+    try:
+        sources = parse_blend(d.data or [])
+    except ValueError as exc:
+        errors.append(str(exc))
+        sources = []
+    for _, path in sources:
         if not (os.path.exists(path) or (os.path.exists(path + ".bin") and os.path.exists(path + ".idx"))):
-            errors.append(f"--data: {path!r} not found; give existing text files, directories, .jsonl files or "
-                          "the prefix of a preprocessed .bin/.idx pair")
+            errors.append(f"--data: {path!r} not found; give existing text files, directories, .jsonl or .parquet "
+                          "files or the prefix of a preprocessed .bin/.idx pair")
     if d.tokenizer != "byte" and not os.path.isfile(d.tokenizer):
         errors.append(f"--tokenizer: {d.tokenizer!r} is neither 'byte' nor an existing tokenizer.json file")
     if not 0 <= d.valid_fraction < 1:
@@ -559,10 +570,12 @@ def _check_implemented(cfg: Config) -> None:
 
 
 def exit_on_config_error(fn):
-    """Runs fn(); a ConfigError becomes one message on stderr and exit status 2, with no traceback."""
+    """Runs fn(); a ConfigError becomes one message on stderr and exit status 2, with no traceback. Under torchrun
+    every rank finds the same problem: only the first rank of each node prints it."""
     try:
         return fn()
     except ConfigError as exc:
-        for line in str(exc).splitlines():
-            print(f"error: {line}", file=sys.stderr)
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            for line in str(exc).splitlines():
+                print(f"error: {line}", file=sys.stderr)
         sys.exit(2)

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from engine.data.datasets import load_stream, train_valid_split
 from engine.data.sampler import BatchSizeRampup, GlobalBatchSampler, IterableSamples
 from engine.data.tokenizers import build_tokenizer
 from engine.estimate import model_flops_per_token
@@ -33,6 +32,7 @@ from engine.pipeline import schedules
 from engine.pipeline.executor import PipelineExecutor
 from engine.pipeline.p2p import P2P
 from engine.training import checkpoint as ckpt
+from engine.training.banner import trainer_banner
 from engine.training.config import (
     Config,
     ConfigError,
@@ -42,12 +42,14 @@ from engine.training.config import (
     run_dir,
     save_dir,
 )
+from engine.training.data import TrainingData, prepare_data
 from engine.training.metrics import (
     MetricsWriter,
     Progress,
     peak_memory_bytes,
     peak_tflops,
     plot_losses,
+    require_tensorboard,
     step_line,
 )
 from engine.training.watchdog import JobMonitor
@@ -69,6 +71,7 @@ class TrainState:
     skipped_steps: int = 0        # updates skipped for non-finite gradients
     rollbacks: int = 0
     loss_history: list = field(default_factory=list)  # [step, loss] of recent steps, for spike detection
+    source_samples: list = field(default_factory=list)  # samples trained on from each --data blend source
 
 
 def _device(requested: str | None) -> torch.device:
@@ -98,8 +101,11 @@ class Trainer:
     iterable (a generator, an IterableDataset), read in its own order (layout-independent; resuming reads forward
     to the position; a rollback or resume to an earlier position needs a re-iterable source)."""
 
-    def __init__(self, cfg: Config, topology: Topology | None = None, train_data=None, valid_data=None):
+    def __init__(self, cfg: Config, topology: Topology | None = None, train_data=None, valid_data=None,
+                 data: TrainingData | None = None):
         p, run = cfg.parallel, cfg.run
+        if run.tensorboard:  # on every rank, before any work: a missing package is one line and exit status 2
+            require_tensorboard()
         self.cfg = cfg
         self.topo = topology or Topology(p.tp, p.pp, p.dp, p.vpp, timeout_s=run.collective_timeout)
         self.world_size, self.rank = self.topo.world, self.topo.rank
@@ -116,7 +122,7 @@ class Trainer:
         self.plot_path = run.plot or os.path.join(self.run_dir, "loss.png")
         self.is_logger = self.rank == 0
 
-        self._build_data(train_data, valid_data)
+        self._build_data(train_data, valid_data, data)
         self.model_cfg = self._model_config()
         # the engine's own random streams, swapped in around its random work: the caller's generator is left alone
         self.rng = RNGTracker(run.seed, self.topo.tp_rank, self.device)
@@ -235,31 +241,34 @@ class Trainer:
         return self._schedules[num_microbatches]
 
     # ---- setup -------------------------------------------------------------------------------------------
-    def _build_data(self, train_data=None, valid_data=None) -> None:
-        d, seq = self.cfg.data, self.cfg.model_config().seq_length
-        self.tokenizer = build_tokenizer(d.tokenizer)
+    def _build_data(self, train_data=None, valid_data=None, data: TrainingData | None = None) -> None:
+        """The caller's samples, or --data (prepared here unless `data` is the result of prepare_data(cfg), which
+        the command line runs before any process group exists)."""
+        seq = self.cfg.model_config().seq_length
         if valid_data is not None and train_data is None:
             raise ConfigError("Trainer(valid_data=...) needs train_data=... too (else both come from --data)")
         self.stream = None  # a user's iterable (read in its own order) instead of a map-style dataset
+        self.blend = None
         if train_data is not None:
+            self.tokenizer = build_tokenizer(self.cfg.data.tokenizer, self.cfg.data.eos_token)
+            self.data_sources = []
             if not _map_style(train_data):
                 if not hasattr(train_data, "__iter__"):
                     raise ConfigError("Trainer(train_data=...): needs len() and indexing (a map-style dataset, e.g. "
                                       "a list of token tensors) or iteration (a generator, an IterableDataset)")
                 self.stream = IterableSamples(train_data)
             if valid_data is not None and not _map_style(valid_data):  # the same batches at every evaluation
-                valid_data = list(itertools.islice(valid_data, d.eval_iters * self.cfg.batch.global_batch_size))
-            for name, data in (("train_data", train_data), ("valid_data", valid_data)):
-                if data is not None and _map_style(data) and (len(data) == 0 or
-                                                               tuple(torch.as_tensor(data[0]).shape) != (seq + 1,)):
+                valid_data = list(itertools.islice(valid_data, self.cfg.data.eval_iters *
+                                                   self.cfg.batch.global_batch_size))
+            for name, items in (("train_data", train_data), ("valid_data", valid_data)):
+                if items is not None and _map_style(items) and (len(items) == 0 or
+                                                                 tuple(torch.as_tensor(items[0]).shape) != (seq + 1,)):
                     raise ConfigError(f"Trainer({name}=...): items must be {seq + 1} token ids (--seq-length + 1)")
             self.train_data, self.valid_data = train_data, valid_data
         else:
-            try:
-                stream = load_stream(d.data, self.tokenizer)
-                self.train_data, self.valid_data = train_valid_split(stream, seq, d.valid_fraction)
-            except (OSError, ValueError) as exc:
-                raise ConfigError(str(exc)) from None
+            data = data or prepare_data(self.cfg)
+            self.tokenizer, self.data_sources, self.blend = data.tokenizer, data.sources, data.blend
+            self.train_data, self.valid_data = data.train, data.valid
         self.sampler = None if self.stream else GlobalBatchSampler(len(self.train_data), self.cfg.run.seed)
 
     def _model_config(self) -> ModelConfig:
@@ -358,6 +367,9 @@ class Trainer:
         if self.device.type == "cuda":  # the compute stream only: --overlap-param-gather leaves gathers in flight
             torch.cuda.current_stream(self.device).synchronize()
         elapsed = time.perf_counter() - start
+        if self.blend is not None:  # (every rank counts the whole global batch: the counts agree)
+            counts = self.blend.source_counts(self.sampler.indices(st.data_position, global_batch))
+            st.source_samples = [a + b for a, b in zip(st.source_samples or [0] * len(counts), counts)]
         st.step, st.consumed_samples = step, st.consumed_samples + global_batch
         st.data_position += global_batch
         tokens = global_batch * self.model_cfg.seq_length
@@ -368,7 +380,9 @@ class Trainer:
                 "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
                 "peak_mem_bytes": peak_memory_bytes(self.device),
                 "loss_scale": self.scaler.scale if self.scaler else 1.0, "skipped": not finite,
-                "step_time_s": elapsed}
+                "step_time_s": elapsed,
+                **({"consumed_samples_by_source": dict(zip((s.name for s in self.data_sources), st.source_samples))}
+                   if self.blend is not None else {})}
 
     def _faults_at(self, step: int) -> set:
         """--inject-fault: the kinds due at `step` on this rank, each once per run (a rollback replays the step
@@ -612,6 +626,9 @@ class Trainer:
 
     def train(self) -> TrainState:
         cfg = self.cfg
+        if self.is_logger:
+            blend = [(s.weight, s.name) for s in self.data_sources if s.weight is not None]
+            print(trainer_banner(self, blend=blend or None), flush=True)
         resumed = False
         step_dir = checkpoint_to_load(cfg) if self.rank == 0 else None
         if self.world_size > 1:  # rank 0's reading of `latest` for all (a shared filesystem may lag on others)
@@ -624,6 +641,8 @@ class Trainer:
             print(f"resumed from {step_dir} at step {self.state.step}" if resumed else
                   f"initialised from the weights in {step_dir}; starting at step 0")
         metrics = MetricsWriter(self.metrics_path if self.is_logger else None, append=resumed)
+        if self.is_logger and cfg.run.tensorboard:
+            metrics.add_tensorboard(cfg.run.tensorboard, purge_step=self.state.step + 1)
         progress = Progress(cfg.run.steps, self.state.step, self.is_logger)
         metrics.write({"event": "layout", **self._layout()})
         if self.is_logger:

@@ -1,0 +1,46 @@
+"""The layout rules: which (model shape, tp, pp, vpp, dp, batch) combinations the engine can run.
+
+One copy, used by the trainer's flag validation and by `engine.estimate`, so a layout the estimator accepts is one
+the trainer runs and the other way round.
+"""
+from __future__ import annotations
+
+from engine.models.llama import ModelConfig
+
+
+def layout_errors(model: ModelConfig, tp: int, pp: int, vpp: int = 1, dp: int = 1, sequence_parallel: bool = False,
+                  schedule: str | None = None, micro_batch_size: int | None = None,
+                  global_batch_size: int | None = None) -> list[str]:
+    """Every rule the layout breaks, as 'flag: message' lines (empty when it is runnable). schedule None means the
+    default for vpp (interleaved when vpp > 1); batch rules are checked when both batch sizes are given."""
+    errors = []
+    undivided = [f"{flag} {value}" for flag, value in [("--num-heads", model.num_heads),
+                 ("--num-kv-heads", model.num_kv_heads), ("--ffn-hidden-size", model.ffn_hidden_size)] if value % tp]
+    if undivided:
+        errors.append(f"--tp: {tp} does not divide {', '.join(undivided)}; choose a tp that divides them (each "
+                      "rank holds whole heads and an equal slice of the MLP)")
+    if model.num_layers % (pp * vpp):
+        errors.append(f"--pp: --num-layers {model.num_layers} is not divisible by pp * vpp = {pp * vpp}; choose pp "
+                      "and vpp whose product divides the layer count")
+    if sequence_parallel and tp == 1:
+        errors.append("--sequence-parallel: needs --tp > 1 (it shards the sequence across the tp group)")
+    elif sequence_parallel and model.seq_length % tp:
+        errors.append(f"--sequence-parallel: --seq-length {model.seq_length} is not divisible by --tp {tp}")
+    if vpp > 1 and pp == 1:
+        errors.append("--vpp: virtual stages need --pp > 1")
+    schedule = schedule or ("interleaved" if vpp > 1 else "1f1b")
+    if schedule == "interleaved" and vpp == 1:
+        errors.append("--schedule interleaved: needs --vpp > 1 (virtual stages per pipeline rank)")
+    if schedule != "interleaved" and vpp > 1:
+        errors.append(f"--schedule {schedule}: --vpp > 1 needs --schedule interleaved")
+    if micro_batch_size is None or global_batch_size is None:
+        return errors
+    per_step = micro_batch_size * dp
+    if global_batch_size % per_step:
+        errors.append(f"--global-batch-size: {global_batch_size} is not divisible by micro-batch-size * dp = "
+                      f"{micro_batch_size}*{dp} = {per_step}; use a multiple of {per_step}")
+    elif schedule == "interleaved" and (global_batch_size // per_step) % pp:
+        errors.append(f"--schedule interleaved: the micro-batches per step (global batch / (micro-batch * dp) = "
+                      f"{global_batch_size // per_step}) must be a multiple of --pp {pp}; raise "
+                      "--global-batch-size or lower --micro-batch-size")
+    return errors
