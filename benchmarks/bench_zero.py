@@ -131,12 +131,7 @@ def build_ours(args, size: dict, dp: int, zero: int, bucket_size: int, world: in
 
 def single_rank_topology() -> Topology:
     """A dp = 1 topology for one rank of a larger world (no process groups: no communication at all)."""
-    topo = Topology.__new__(Topology)
-    topo.tp = topo.pp = topo.dp = topo.vpp = topo.world = 1
-    topo.rank = topo.pp_rank = topo.dp_rank = topo.tp_rank = 0
-    topo.grid = torch.zeros(1, 1, 1, dtype=torch.long)
-    topo.tp_group = topo.dp_group = topo.pp_group = topo.mp_group = topo.embedding_group = None
-    return topo
+    return Topology(alone=True)
 
 
 def nbytes(tensors) -> int:

@@ -8,7 +8,6 @@ import os
 import signal
 
 import pytest
-import torch
 import torch.distributed as dist
 
 import distributed

@@ -1,5 +1,4 @@
 """The single-process trainer: metrics, exact resume, rollback, non-finite steps, SIGTERM, checkpoints."""
-import json
 import math
 import os
 import signal

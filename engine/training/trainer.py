@@ -601,7 +601,7 @@ class Trainer:
                  "activation_bytes": self.activation_bytes}
         if self.world_size > 1:  # reported by the first rank of the last pipeline stage (it holds the head)
             events = [event]
-            dist.broadcast_object_list(events, src=int(self.topo.grid[-1, 0, 0]))
+            dist.broadcast_object_list(events, src=self.topo.rank_of(pp=self.topo.pp - 1, dp=0, cp=0, tp=0))
             event = events[0]
         return event
 
