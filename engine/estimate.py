@@ -13,8 +13,9 @@ full recomputation (one more forward). Time: train_flops / (gpus * flops_per_gpu
 Memory is what one rank holds: its shard of the weights (matrices / tp, vocabulary rows / tp padded up, norms
 replicated; layers / pp with the embedding on the first stage and the final norm + head on the last, the last
 stage keeping its own copy of a tied embedding when pp > 1), gradients (fp32 "main_grad"), optimizer state
-(m and v, plus an fp32 master copy in bf16/fp16) with ZeRO sharding over dp, and the saved activations of the
-micro-batches in flight. The stage whose total is largest is reported.
+(m and v, plus an fp32 master copy in bf16/fp16) with ZeRO sharding over dp x cp, and the saved activations of the
+micro-batches in flight (each context-parallel rank holding 1/cp of every sequence). The stage whose total is
+largest is reported.
 """
 from __future__ import annotations
 
@@ -83,6 +84,7 @@ def training_flops(params: float, tokens: float, recompute: str = "none") -> tup
 @dataclass(frozen=True)
 class Layout:
     tp: int = 1
+    cp: int = 1
     pp: int = 1
     dp: int = 1
     vpp: int = 1
@@ -225,9 +227,10 @@ def inflight_chunks(schedule: str, pp: int, vpp: int, stage: int, microbatches: 
 def memory_per_rank(cfg: ModelConfig, layout: Layout, stage: int) -> dict:
     """Bytes one rank of pipeline stage `stage` holds: params, grads, optimizer, activations, total."""
     lo, e = layout, BYTES_PER_ELEMENT[layout.precision]
-    mem = state_bytes(stage_parameters(cfg, lo.tp, lo.pp, stage), lo.precision, lo.zero, lo.dp)
+    # context-parallel ranks hold the same parameters (ZeRO shards over dp x cp) and 1/cp of each sequence
+    mem = state_bytes(stage_parameters(cfg, lo.tp, lo.pp, stage), lo.precision, lo.zero, lo.dp * lo.cp)
     layers = inflight_chunks(lo.schedule, lo.pp, lo.vpp, stage, lo.microbatches) * cfg.num_layers // (lo.pp * lo.vpp)
-    args = (cfg, lo.micro_batch_size, cfg.seq_length)
+    args = (cfg, lo.micro_batch_size, cfg.seq_length // lo.cp)
     activations = layers * activation_bytes_per_layer(*args, lo.tp, lo.sequence_parallel, lo.recompute, e)
     if stage == lo.pp - 1:
         head_inflight = (lo.microbatches or lo.pp) if lo.schedule == "gpipe" else 1
@@ -266,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--model", choices=list(PRESETS), help="model preset [tiny unless --params]")
     what.add_argument("--params", type=float, help="parameter count, e.g. 6.5e10 (no architecture: no activations)")
     p.add_argument("--tokens", type=float, help="training tokens [20 x params, Chinchilla]")
-    p.add_argument("--gpus", type=int, help="GPUs [tp * pp * dp]")
+    p.add_argument("--gpus", type=int, help="GPUs [tp * cp * pp * dp]")
     p.add_argument("--flops-per-gpu", type=float, default=H100_BF16_DENSE_FLOPS,
                    help="sustained FLOP/s per GPU [989e12, the dense bf16 peak of an H100 SXM; real runs reach "
                         "40-60%% of it]")
@@ -278,8 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, help="share embedding and head")
     layout = p.add_argument_group("layout")
     for flag, default, text in [
-            ("--tp", 1, "tensor-parallel size [1]"), ("--pp", 1, "pipeline-parallel size [1]"),
-            ("--dp", None, "data-parallel size [gpus / (tp * pp)]"),
+            ("--tp", 1, "tensor-parallel size [1]"), ("--cp", 1, "context-parallel size [1]"),
+            ("--pp", 1, "pipeline-parallel size [1]"), ("--dp", None, "data-parallel size [gpus / (tp * cp * pp)]"),
             ("--vpp", 1, "virtual pipeline stages per rank [1]"),
             ("--micro-batch-size", 1, "samples per micro-batch [1]"),
             ("--global-batch-size", None, "samples per step; sets the micro-batches per step "
@@ -302,7 +305,8 @@ def _model_config(args) -> ModelConfig:
 def _check(args, cfg: ModelConfig | None) -> list[str]:
     """Every problem with the flags, as 'flag: message' lines; fills in args.gpus, args.dp, args.schedule."""
     positive = [("--params", args.params), ("--tokens", args.tokens), ("--gpus", args.gpus),
-                ("--flops-per-gpu", args.flops_per_gpu), ("--tp", args.tp), ("--pp", args.pp), ("--dp", args.dp),
+                ("--flops-per-gpu", args.flops_per_gpu), ("--tp", args.tp), ("--cp", args.cp), ("--pp", args.pp),
+                ("--dp", args.dp),
                 ("--vpp", args.vpp), ("--micro-batch-size", args.micro_batch_size),
                 ("--global-batch-size", args.global_batch_size)]
     errors = [f"{flag}: must be positive, got {value:g}" for flag, value in positive
@@ -312,18 +316,19 @@ def _check(args, cfg: ModelConfig | None) -> list[str]:
     if errors:
         return errors
     tp, pp, vpp = args.tp, args.pp, args.vpp
+    model_parallel = tp * args.cp * pp
     if args.dp is None:
-        args.dp = (args.gpus or tp * pp) // (tp * pp)
-        if args.gpus is not None and args.gpus % (tp * pp):
-            errors.append(f"--gpus: {args.gpus} is not a multiple of tp * pp = {tp * pp}")
-    elif args.gpus is not None and args.gpus != tp * pp * args.dp:
-        errors.append(f"--dp: tp * pp * dp = {tp * pp * args.dp} does not equal --gpus {args.gpus}; "
+        args.dp = (args.gpus or model_parallel) // model_parallel
+        if args.gpus is not None and args.gpus % model_parallel:
+            errors.append(f"--gpus: {args.gpus} is not a multiple of tp * cp * pp = {model_parallel}")
+    elif args.gpus is not None and args.gpus != model_parallel * args.dp:
+        errors.append(f"--dp: tp * cp * pp * dp = {model_parallel * args.dp} does not equal --gpus {args.gpus}; "
                       "drop one of them or make them agree")
-    args.gpus = args.gpus or tp * pp * args.dp
+    args.gpus = args.gpus or model_parallel * args.dp
     args.schedule = args.schedule or ("interleaved" if vpp > 1 else "1f1b")
     if cfg is not None:  # the trainer's own rules
         return errors + layout_errors(cfg, tp, pp, vpp, args.dp, args.sequence_parallel, args.schedule,
-                                      args.micro_batch_size, args.global_batch_size)
+                                      args.micro_batch_size, args.global_batch_size, cp=args.cp)
     if (args.schedule == "interleaved") != (vpp > 1):
         errors.append(f"--schedule {args.schedule}: interleaved goes with --vpp > 1, and only it")
     if vpp > 1 and pp == 1:
@@ -352,14 +357,15 @@ def _report(args: argparse.Namespace) -> dict:
     if errors:
         _fail(errors)
     per_step = args.micro_batch_size * args.dp
-    layout = Layout(tp=args.tp, pp=args.pp, dp=args.dp, vpp=args.vpp, zero=args.zero,
+    layout = Layout(tp=args.tp, cp=args.cp, pp=args.pp, dp=args.dp, vpp=args.vpp, zero=args.zero,
                     sequence_parallel=args.sequence_parallel, micro_batch_size=args.micro_batch_size,
                     microbatches=args.global_batch_size // per_step if args.global_batch_size else None,
                     schedule=args.schedule, precision=args.precision, recompute=args.recompute)
     report = {"model": args.model or ("tiny" if cfg else None), "layout": dataclasses.asdict(layout)}
     if cfg is None:
         params = int(args.params)
-        stage, memory = 0, {**state_bytes(_ceil_div(params, args.tp * args.pp), args.precision, args.zero, args.dp),
+        stage, memory = 0, {**state_bytes(_ceil_div(params, args.tp * args.pp), args.precision, args.zero,
+                                          args.dp * args.cp),
                             "activations": 0}
         memory["total"] = sum(memory.values())
         report["notes"] = ["--params gives no architecture: weights split evenly over tp * pp, activations not "
@@ -405,7 +411,8 @@ def format_report(r: dict) -> str:
               f"  {'train flops':<24}{r['train_flops']:.4g}",
               f"  {'gpus':<24}{r['gpus']} x {r['flops_per_gpu'] / 1e12:g} TFLOP/s",
               f"  {'train time':<24}{r['train_seconds']:.4g} s = {r['train_days']:.2f} days",
-              f"memory per GPU, GiB ({lay['precision']}, tp {lay['tp']}, pp {lay['pp']}, dp {lay['dp']}, "
+              f"memory per GPU, GiB ({lay['precision']}, tp {lay['tp']}, cp {lay['cp']}, pp {lay['pp']}, "
+              f"dp {lay['dp']}, "
               f"vpp {lay['vpp']}, zero {lay['zero']}, sp {'on' if lay['sequence_parallel'] else 'off'}, "
               f"micro-batch {lay['micro_batch_size']}, recompute {lay['recompute']}; "
               f"pipeline stage {r['memory_stage']} of {lay['pp']}, the largest)"]

@@ -245,3 +245,17 @@ def test_invalid_tp_subprocess():
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: --tp:") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == ""
+
+
+def test_context_parallelism_divides_activations_and_shards_zero_over_dp_x_cp():
+    from engine.estimate import Layout, memory_per_rank
+    from engine.models.llama import preset
+    cfg = preset("tiny")
+    cfg.seq_length = 16384
+    base = memory_per_rank(cfg, Layout(zero=1, dp=2), 0)
+    for cp in (2, 4, 8):
+        mem = memory_per_rank(cfg, Layout(zero=1, dp=2, cp=cp), 0)
+        assert mem["activations"] == base["activations"] // cp
+        assert mem["params"] == base["params"] and mem["optimizer"] == pytest.approx(base["optimizer"] / cp, rel=0.01)
+    out = est.estimate(["--model", "tiny", "--cp", "4", "--dp", "2", "--seq-length", "1024"])
+    assert out["gpus"] == 8 and out["layout"]["cp"] == 4

@@ -10,7 +10,7 @@ from engine.models.llama import ModelConfig
 
 def layout_errors(model: ModelConfig, tp: int, pp: int, vpp: int = 1, dp: int = 1, sequence_parallel: bool = False,
                   schedule: str | None = None, micro_batch_size: int | None = None,
-                  global_batch_size: int | None = None) -> list[str]:
+                  global_batch_size: int | None = None, cp: int = 1) -> list[str]:
     """Every rule the layout breaks, as 'flag: message' lines (empty when it is runnable). schedule None means the
     default for vpp (interleaved when vpp > 1); batch rules are checked when both batch sizes are given."""
     errors = []
@@ -22,10 +22,14 @@ def layout_errors(model: ModelConfig, tp: int, pp: int, vpp: int = 1, dp: int = 
     if model.num_layers % (pp * vpp):
         errors.append(f"--pp: --num-layers {model.num_layers} is not divisible by pp * vpp = {pp * vpp}; choose pp "
                       "and vpp whose product divides the layer count")
+    if cp > 1 and model.seq_length % (2 * cp):
+        errors.append(f"--cp: --seq-length {model.seq_length} is not divisible by 2 * cp = {2 * cp} (each rank holds "
+                      "two of the sequence's 2 x cp chunks); choose a cp that fits the sequence length")
     if sequence_parallel and tp == 1:
         errors.append("--sequence-parallel: needs --tp > 1 (it shards the sequence across the tp group)")
-    elif sequence_parallel and model.seq_length % tp:
-        errors.append(f"--sequence-parallel: --seq-length {model.seq_length} is not divisible by --tp {tp}")
+    elif sequence_parallel and (model.seq_length // cp) % tp:
+        errors.append(f"--sequence-parallel: the sequence each rank holds (--seq-length {model.seq_length} / cp {cp}) "
+                      f"is not divisible by --tp {tp}")
     if vpp > 1 and pp == 1:
         errors.append("--vpp: virtual stages need --pp > 1")
     schedule = schedule or ("interleaved" if vpp > 1 else "1f1b")

@@ -52,7 +52,9 @@ class ParallelArgs:
     tp: int = _f(None, "tensor-parallel size [2 when neither --tp nor --pp is given and the world size is a "
                        "multiple of 4 (the 3D default), else 1]")
     pp: int = _f(None, "pipeline-parallel size [2 under the 3D default, else 1]")
-    dp: int = _f(None, "data-parallel size [world / (tp * pp)]")
+    dp: int = _f(None, "data-parallel size [world / (tp * cp * pp)]")
+    cp: int = _f(1, "context-parallel size: each sequence is split across cp ranks (ring attention; the sequence "
+                    "is cut into 2 x cp chunks, rank r holding chunks r and 2cp-1-r)")
     vpp: int = _f(1, "virtual pipeline stages per pipeline rank")
     schedule: str = _f(None, "pipeline schedule [1f1b; interleaved when --vpp > 1]",
                        choices=["1f1b", "interleaved", "gpipe"])
@@ -444,21 +446,22 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError("\n".join(errors))
     model = cfg.model_config()
     errors += [f"{flag}: {msg}" for flag, msg in model.validate()]
-    for flag, value in [("--tp", p.tp), ("--pp", p.pp), ("--vpp", p.vpp), ("--steps", cfg.run.steps),
+    for flag, value in [("--tp", p.tp), ("--cp", p.cp), ("--pp", p.pp), ("--vpp", p.vpp), ("--steps", cfg.run.steps),
                         ("--micro-batch-size", b.micro_batch_size), ("--global-batch-size", b.global_batch_size),
                         ("--log-interval", cfg.run.log_interval)]:
         if value < 1:
             errors.append(f"{flag}: must be a positive integer, got {value}")
     if errors:
         raise ConfigError("\n".join(errors))
+    model_parallel = p.tp * p.cp * p.pp
     if p.dp is None:
-        if world_size % (p.tp * p.pp):
-            errors.append(f"--tp/--pp: tp * pp = {p.tp * p.pp} does not divide the world size {world_size}; "
-                          "launch a multiple of tp * pp processes")
-        p.dp = max(world_size // (p.tp * p.pp), 1)
-    elif p.tp * p.pp * p.dp != world_size:
-        errors.append(f"--dp: tp * pp * dp = {p.tp}*{p.pp}*{p.dp} = {p.tp * p.pp * p.dp} does not equal the world "
-                      f"size {world_size}; launch that many processes or change --tp/--pp/--dp")
+        if world_size % model_parallel:
+            errors.append(f"--tp/--cp/--pp: tp * cp * pp = {model_parallel} does not divide the world size "
+                          f"{world_size}; launch a multiple of tp * cp * pp processes")
+        p.dp = max(world_size // model_parallel, 1)
+    elif model_parallel * p.dp != world_size:
+        errors.append(f"--dp: tp * cp * pp * dp = {p.tp}*{p.cp}*{p.pp}*{p.dp} = {model_parallel * p.dp} does not "
+                      f"equal the world size {world_size}; launch that many processes or change --tp/--cp/--pp/--dp")
     if p.zero is None:
         p.zero = 1 if p.dp > 1 else 0
     if p.overlap_param_gather and not (p.zero in (1, 2) and p.dp > 1):
@@ -468,7 +471,7 @@ def validate(cfg: Config, world_size: int) -> None:
     if p.schedule is None:
         p.schedule = "interleaved" if p.vpp > 1 else "1f1b"
     errors += layout_errors(model, p.tp, p.pp, p.vpp, p.dp, p.sequence_parallel, p.schedule, b.micro_batch_size,
-                            b.global_batch_size)
+                            b.global_batch_size, cp=p.cp)
     per_step = b.micro_batch_size * p.dp
     if b.rampup_batch_size is not None:
         try:
@@ -559,7 +562,9 @@ def validate(cfg: Config, world_size: int) -> None:
 def _check_implemented(cfg: Config) -> None:
     """Settings whose machinery has not landed yet fail with a clear message instead of running wrongly."""
     p = cfg.parallel
-    pending = [("--optimizer adafactor", cfg.optimizer.optimizer == "adafactor" and p.tp > 1,
+    pending = [("--cp", p.cp > 1, "context parallelism in the trainer (the ring attention and the topology's cp "
+                                  "axis exist; the trainer's wiring has not landed)"),
+               ("--optimizer adafactor", cfg.optimizer.optimizer == "adafactor" and p.tp > 1,
                 "Adafactor under tensor parallelism (its factored statistics span whole matrices)"),
                ("--optimizer adafactor", cfg.optimizer.optimizer == "adafactor" and p.zero > 0 and p.dp > 1,
                 "Adafactor with ZeRO sharding (it needs whole matrices; use --zero 0)")]
