@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.models.documents import DocumentMask
 from engine.parallel.cross_entropy import vocab_parallel_cross_entropy
 from engine.parallel.layers import (ColumnParallelLinear, RowParallelLinear, TPContext, VocabParallelEmbedding,
                                     padded_vocab_size, valid_slice)
@@ -174,7 +175,8 @@ def rope_tables(seq_length: int, head_dim: int, theta: float, device=None) -> tu
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in the half-split convention of Hugging Face LLaMA. x: [b, heads, s, d]."""
+    """Rotary embedding in the half-split convention of Hugging Face LLaMA. x: [b, heads, s, d]; cos, sin: the
+    tables of positions 0..s-1 [s, d], or per-token tables [b, 1, s, d] (document masking)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
@@ -209,16 +211,21 @@ class Attention(nn.Module):
         self.wv = ColumnParallelLinear(cfg.hidden_size, cfg.kv_dim, tp)
         self.wo = RowParallelLinear(q_dim, cfg.hidden_size, tp)
 
-    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             mask: torch.Tensor | DocumentMask | None = None):
         with self.par.fork_tp():  # different heads on each tp rank: per-rank dropout stream
+            if isinstance(mask, DocumentMask):
+                return document_attention(q, k, v, self.dropout if self.training else 0.0, mask)
             return attention_core(q, k, v, self.dropout if self.training else 0.0, mask)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: LayerKV | None = None):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | DocumentMask | None = None, cache: LayerKV | None = None):
         q, k, v = self.par.tp.enter_linears(x, [self.wq.weight, self.wk.weight, self.wv.weight])
         b, s, _ = q.shape
         q, k, v = (t.view(b, s, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        q, k = apply_rope(q, cos[:s], sin[:s]), apply_rope(k, cos[:s], sin[:s])
+        if cos.dim() == 2:  # per-token tables (document masking) are [b, 1, s, d] already
+            cos, sin = cos[:s], sin[:s]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # incremental decoding: attend to the cached positions as well
             k, v = cache.update(k, v)
         if self.par.recompute == "selective":
@@ -240,6 +247,27 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p:
         k = k.repeat_interleave(repeat, dim=1)
         v = v.repeat_interleave(repeat, dim=1)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **causal)
+
+
+def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
+                       documents: DocumentMask) -> torch.Tensor:
+    """attention_core within documents: each query attends to the earlier keys of its own document. q, k, v as
+    attention_core's, over the full sequence the layout describes. Rows that are one document each take the plain
+    causal path. A GPU varlen kernel would replace this: flash-attention's varlen call on the flattened
+    [b * s, heads, d] tokens with documents.cu_seqlens and documents.max_seqlen, causal."""
+    if tuple(q.shape[::2]) != documents.shape:
+        raise ValueError(f"documents: a layout of [batch, seq] {list(documents.shape)} given for attention over "
+                         f"[batch, seq] {[q.shape[0], q.shape[2]]}")
+    if documents.single:
+        return attention_core(q, k, v, dropout_p)
+    if documents.impl == "sdpa":
+        return attention_core(q, k, v, dropout_p, documents.mask)
+    # split, not slicing: a slice's backward writes into a zero tensor of the whole input, once per document
+    rows = []
+    for qi, ki, vi, lengths in zip(q.split(1), k.split(1), v.split(1), documents.lengths):
+        parts = [attention_core(*qkv, dropout_p) for qkv in zip(*(t.split(lengths, dim=2) for t in (qi, ki, vi)))]
+        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+    return torch.cat(rows) if len(rows) > 1 else rows[0]
 
 
 def attention_mask_from_padding(attention_mask: torch.Tensor) -> torch.Tensor | None:
@@ -287,8 +315,8 @@ class TransformerLayer(nn.Module):
         with self.par.fork_for_residual():
             return self.dropout(x)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: LayerKV | None = None):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | DocumentMask | None = None, cache: LayerKV | None = None):
         x = x + self._residual_dropout(self.attn(self.attn_norm(x), cos, sin, mask, cache))
         return x + self._residual_dropout(self.mlp(self.mlp_norm(x)))
 
@@ -378,22 +406,37 @@ class Llama(nn.Module):
         return x
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                documents: DocumentMask | None = None) -> torch.Tensor:
         """input_ids [b, s] (hidden states on a stage without the embedding) -> logits [b, s, vocab] (this tp
         rank's vocabulary slice), or hidden states on a stage without the head. With `labels` [b, s]: the mean
         cross-entropy of predicting labels[:, 1:] from positions [:, :-1] over the labels that are not -100
         (Hugging Face's convention). attention_mask [b, s]: 1 for tokens, 0 for padding keys not to attend to.
-        cache: incremental decoding with the full single-process model (see KVCache)."""
+        cache: incremental decoding with the full single-process model (see KVCache). documents: intra-document
+        masking of packed samples (see engine.models.documents), the layout of the full micro-batch [b, s], built
+        by the caller from the token ids and given to every pipeline stage; RoPE positions restart at each
+        document."""
+        if documents is not None and (cache is not None or attention_mask is not None):
+            raise ValueError("documents: not supported together with a KV cache or an attention_mask")
         if cache is not None:
             return self._forward_cached(input_ids, labels, attention_mask, cache)
         x = input_ids
+        if documents is not None:
+            shard = self.embedding is None and self.par.tp.sequence_parallel  # hidden states: sequence shards
+            batch, seq = x.shape[0], x.shape[1] * (self.par.tp.size if shard else 1)
+            if (batch, seq) != documents.shape:
+                raise ValueError(f"documents: a layout of [batch, seq] {list(documents.shape)} given for a "
+                                 f"micro-batch of [batch, seq] {[batch, seq]}")
         if self.embedding is not None:
             if x.shape[1] > self.cfg.seq_length:
                 raise ValueError(f"sequence length {x.shape[1]} exceeds the model's --seq-length "
                                  f"{self.cfg.seq_length}")
             x = self.embedding(x)
         mask = None if attention_mask is None else attention_mask_from_padding(attention_mask)
-        x = self._run_layers(x, self.rope_cos.to(x.dtype), self.rope_sin.to(x.dtype), mask)
+        if documents is None:
+            x = self._run_layers(x, self.rope_cos.to(x.dtype), self.rope_sin.to(x.dtype), mask)
+        else:
+            x = self._run_layers(x, *self.document_rope(documents, x.dtype), documents)
         if self.norm is None:
             if labels is not None:
                 raise ValueError("labels: this model slice has no head, so it cannot compute the loss")
@@ -404,6 +447,11 @@ class Llama(nn.Module):
         losses = vocab_parallel_cross_entropy(logits[:, :-1], labels[:, 1:], self.vocab_start, self.cfg.vocab_size,
                                               self.par.tp.group)
         return losses.sum() / (labels[:, 1:] != -100).sum().clamp(min=1)
+
+    def document_rope(self, documents: DocumentMask, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token RoPE tables [b, 1, s, d] at the documents' positions, shared by all layers."""
+        positions = documents.positions.to(self.rope_cos.device)
+        return tuple(t[positions].unsqueeze(1).to(dtype) for t in (self.rope_cos, self.rope_sin))
 
     def _forward_cached(self, input_ids: torch.Tensor, labels, attention_mask, cache: KVCache) -> torch.Tensor:
         whole = self.embedding is not None and self.norm is not None and len(self.layers) == len(cache.layers)
