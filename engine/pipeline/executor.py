@@ -55,10 +55,13 @@ class PipelineExecutor:
         self.on_action = None  # on_action(description) before each run of the list (progress for hang reports)
 
     def run(self, actions: list[Action], inputs: list, targets: list, loss_fn, loss_scale: float = 1.0,
-            forward_only: bool = False, first_forward_context=contextlib.nullcontext) -> torch.Tensor:
+            forward_only: bool = False, first_forward_context=contextlib.nullcontext,
+            forward_kwargs: list[dict] | None = None) -> torch.Tensor:
         """Executes the list; returns this rank's summed loss (zero off the last stage). inputs[i]: micro-batch
-        i's input to the first stage (a tensor or a tuple); loss_fn(output, targets[i]) gives its loss."""
-        self.loss_fn = loss_fn
+        i's input to the first stage (a tensor or a tuple); loss_fn(output, targets[i]) gives its loss.
+        forward_kwargs[i]: keyword arguments every stage's chunk gets with micro-batch i (e.g. its document
+        mask, which later stages cannot derive from hidden states)."""
+        self.loss_fn, self.forward_kwargs = loss_fn, forward_kwargs
         saved, outputs, grads_in, received, sent = {}, {}, {}, {}, {}
         total = torch.zeros((), device=self.device)
         inflight = set()
@@ -114,7 +117,8 @@ class PipelineExecutor:
         if not forward_only:
             saved[unit] = x
         with torch.set_grad_enabled(not forward_only):
-            out = self.chunks[a.chunk](*as_tuple(x))
+            out = self.chunks[a.chunk](*as_tuple(x), **(self.forward_kwargs[a.microbatch] if self.forward_kwargs
+                                                         else {}))
             if v == self.last_stage:
                 out = self.loss_fn(out, targets[a.microbatch])
         outputs[unit] = out

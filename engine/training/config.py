@@ -120,6 +120,9 @@ class DataArgs:
     tokenizer: str = _f("byte", "'byte' or a path to a tokenizer.json (needs the 'tokenizers' package)")
     eos_token: str = _f(None, "the end-of-document token of a tokenizer.json [its tokenizer_config.json's eos_token, "
                               "else </s>, <|endoftext|>, ...]")
+    document_mask: bool = _f(False, "a token attends only to earlier tokens of its own document (packed samples are "
+                                    "split at each end-of-document token) and RoPE positions restart at each "
+                                    "document (Llama 3's intra-document masking)")
     valid_fraction: float = _f(0.01, "fraction of documents held out for evaluation")
     eval_interval: int = _f(None, "evaluate every N steps [never]")
     eval_iters: int = _f(4, "global batches per evaluation")

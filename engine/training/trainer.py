@@ -17,6 +17,7 @@ import torch.distributed as dist
 from engine.data.sampler import BatchSizeRampup, GlobalBatchSampler, IterableSamples
 from engine.data.tokenizers import build_tokenizer
 from engine.estimate import model_flops_per_token
+from engine.models.documents import DocumentMask
 from engine.models.llama import Llama, ModelConfig, Parallelism
 from engine.optim import Adafactor, LossScaler, LRSchedule
 from engine.optim.adamw import FusedAdamW
@@ -316,10 +317,18 @@ class Trainer:
         with self.rng.fork("default"):
             loss = self.executor.run(self.schedule(len(micro_batches)), *_shifted(micro_batches),
                                      self._loss_fn(num_tokens), self.scaler.scale if self.scaler else 1.0,
-                                     first_forward_context=(lambda: counter) if counter else contextlib.nullcontext)
+                                     first_forward_context=(lambda: counter) if counter else contextlib.nullcontext,
+                                     forward_kwargs=self._forward_kwargs(micro_batches))
         if counter is not None:
             self.activation_bytes = counter.bytes
         return loss
+
+    def _forward_kwargs(self, micro_batches: list[torch.Tensor]) -> list[dict] | None:
+        """--document-mask: each micro-batch's document layout, for every pipeline stage's forward (every rank reads
+        the micro-batches, so each derives it from the token ids)."""
+        if not self.cfg.data.document_mask:
+            return None
+        return [{"documents": DocumentMask.from_tokens(mb[:, :-1], self.tokenizer.eos_id)} for mb in micro_batches]
 
     def grad_norm(self) -> torch.Tensor:
         """The global gradient norm over the whole model (each slice counted once: tensor-parallel shards
@@ -426,8 +435,9 @@ class Trainer:
             first = it * gbs + self.topo.dp_rank * per_rank
             samples = torch.stack([torch.as_tensor(self.valid_data[i % len(self.valid_data)]).long()
                                    for i in range(first, first + per_rank)])
-            total += self.executor.run(actions, *_shifted(samples.to(self.device).split(mbs)), self._loss_fn(1),
-                                       forward_only=True)
+            micro_batches = samples.to(self.device).split(mbs)
+            total += self.executor.run(actions, *_shifted(micro_batches), self._loss_fn(1), forward_only=True,
+                                       forward_kwargs=self._forward_kwargs(micro_batches))
         self._share_loss(total)
         return total.item() / (self.cfg.data.eval_iters * gbs * seq)
 
