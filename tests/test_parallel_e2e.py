@@ -79,6 +79,15 @@ def assert_same_trajectory(workdir, run, steps=range(1, 9), ref="single", rtol=R
     (8, ["--tp", "2", "--pp", "2", "--dp", "2", "--zero", "2", "--sequence-parallel", "--vpp", "2"]),
     (2, ["--dp", "2", "--zero", "1", "--bucket-size", "30000", "--overlap-param-gather"]),
     (8, ["--tp", "2", "--pp", "2", "--dp", "2", "--zero", "2", "--vpp", "2", "--overlap-param-gather"]),
+    # context parallelism (ring attention over load-balanced sequence shards)
+    (2, ["--cp", "2"]),
+    (4, ["--cp", "4"]),
+    (4, ["--cp", "2", "--tp", "2", "--sequence-parallel"]),
+    (4, ["--cp", "2", "--pp", "2"]),
+    (4, ["--cp", "2", "--dp", "2", "--zero", "3"]),
+    (8, ["--cp", "2", "--tp", "2", "--pp", "2"]),
+    (2, ["--cp", "2", "--recompute", "full"]),
+    (2, ["--cp", "2", "--recompute", "selective"]),
     (2, ["--dp", "2", "--zero", "3"]),
     (4, ["--dp", "4", "--zero", "3", "--zero3-keep-params", "--recompute", "full"]),
     (8, ["--tp", "2", "--pp", "2", "--dp", "2", "--zero", "3", "--sequence-parallel"]),
@@ -90,8 +99,8 @@ def test_layout_reproduces_single_process(workdir, nproc, layout):
 
 
 def test_document_mask_reproduces_single_process(workdir):
-    """--document-mask (each micro-batch's document layout handed to every pipeline stage) at tp 2 + SP x pp 2
-    equals the single-process run with it, which differs from the run without it. The documents are short (3-60
+    """--document-mask (each micro-batch's document layout handed to every pipeline stage) at tp 2 + SP x pp 2 and
+    at cp 2 equals the single-process run with it, which differs from the run without it. The documents are short (3-60
     bytes), so every 33-token sample holds several."""
     import json
     import random
@@ -107,7 +116,9 @@ def test_document_mask_reproduces_single_process(workdir):
     launch(1, data + ["--run-name", "single-no-docs"], workdir)
     launch(4, data + ["--run-name", "docs-tp2-pp2", "--document-mask", "--tp", "2", "--pp", "2",
                       "--sequence-parallel"], workdir)
+    launch(2, data + ["--run-name", "docs-cp2", "--document-mask", "--cp", "2"], workdir)
     assert_same_trajectory(workdir, "docs-tp2-pp2", ref="single-docs")
+    assert_same_trajectory(workdir, "docs-cp2", ref="single-docs")  # document ids travel around the ring
     plain = trajectory(workdir / "runs" / "single-no-docs" / "metrics.jsonl")
     masked = trajectory(workdir / "runs" / "single-docs" / "metrics.jsonl")
     assert masked[(8, "loss")] != pytest.approx(plain[(8, "loss")], rel=1e-3)
@@ -118,6 +129,18 @@ def test_checkpoint_loads_under_another_layout(workdir):
     launch(4, MODEL + ["--data", "corpus", "--run-name", "resharded", "--tp", "2", "--pp", "2",
                        "--load", "runs/single/checkpoints/step_00000004"], workdir)
     assert_same_trajectory(workdir, "resharded", steps=range(5, 9))
+
+
+def test_checkpoints_do_not_depend_on_cp(workdir):
+    """A cp 2 checkpoint resumes in one process, and the single process's resumes at cp 4: the same trajectory."""
+    launch(2, MODEL + ["--data", "corpus", "--run-name", "cp2-saves", "--cp", "2", "--save-interval", "4"], workdir)
+    launch(1, MODEL + ["--data", "corpus", "--run-name", "cp2-to-1", "--load",
+                       "runs/cp2-saves/checkpoints/step_00000004"], workdir)
+    launch(4, MODEL + ["--data", "corpus", "--run-name", "1-to-cp4", "--cp", "4", "--load",
+                       "runs/single/checkpoints/step_00000004"], workdir)
+    assert_same_trajectory(workdir, "cp2-saves")
+    for run in ("cp2-to-1", "1-to-cp4"):
+        assert_same_trajectory(workdir, run, steps=range(5, 9))
 
 
 def test_tied_embeddings_stay_in_sync_across_stages(workdir):

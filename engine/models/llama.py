@@ -14,10 +14,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from engine.models.documents import DocumentMask
+from engine.parallel.context import ring_attention, shard_positions, shard_sequence
 from engine.parallel.cross_entropy import vocab_parallel_cross_entropy
 from engine.parallel.layers import (ColumnParallelLinear, RowParallelLinear, TPContext, VocabParallelEmbedding,
                                     padded_vocab_size, valid_slice)
@@ -191,6 +193,14 @@ class Parallelism:
     rng: RNGTracker | None = None
     recompute: str = "none"           # none | selective (attention core) | full (whole layers)
     recompute_layers: int | None = None  # with full: only the first N layers of this module
+    cp_group: object = None  # context parallelism: the ring of ranks that each hold a shard of every sequence
+
+    @property
+    def cp(self) -> tuple[int, int]:
+        """(context-parallel size, this rank's index in the ring); (1, 0) without context parallelism."""
+        if self.cp_group is None or dist.get_world_size(self.cp_group) == 1:
+            return 1, 0
+        return dist.get_world_size(self.cp_group), dist.get_rank(self.cp_group)
 
     def fork_tp(self):
         return self.rng.fork("tp") if self.rng is not None else contextlib.nullcontext()
@@ -214,6 +224,8 @@ class Attention(nn.Module):
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              mask: torch.Tensor | DocumentMask | None = None):
         with self.par.fork_tp():  # different heads on each tp rank: per-rank dropout stream
+            if self.par.cp[0] > 1:  # mask: None, or this rank's shard of the document ids [b, s_local]
+                return ring_attention(q, k, v, self.par.cp_group, segment_ids=mask)
             if isinstance(mask, DocumentMask):
                 return document_attention(q, k, v, self.dropout if self.training else 0.0, mask)
             return attention_core(q, k, v, self.dropout if self.training else 0.0, mask)
@@ -421,9 +433,13 @@ class Llama(nn.Module):
         if cache is not None:
             return self._forward_cached(input_ids, labels, attention_mask, cache)
         x = input_ids
+        cp, cp_rank = self.par.cp
+        shard = self.embedding is None and self.par.tp.sequence_parallel  # hidden states: sequence shards
+        seq = x.shape[1] * (self.par.tp.size if shard else 1) * cp  # the whole sequence's length
+        if cp > 1 and attention_mask is not None:
+            raise ValueError("attention_mask: not supported with context parallelism")
         if documents is not None:
-            shard = self.embedding is None and self.par.tp.sequence_parallel  # hidden states: sequence shards
-            batch, seq = x.shape[0], x.shape[1] * (self.par.tp.size if shard else 1)
+            batch = x.shape[0]
             if (batch, seq) != documents.shape:
                 raise ValueError(f"documents: a layout of [batch, seq] {list(documents.shape)} given for a "
                                  f"micro-batch of [batch, seq] {[batch, seq]}")
@@ -433,7 +449,16 @@ class Llama(nn.Module):
                                  f"{self.cfg.seq_length}")
             x = self.embedding(x)
         mask = None if attention_mask is None else attention_mask_from_padding(attention_mask)
-        if documents is None:
+        if cp > 1:  # this rank's tokens sit at the load-balanced global positions (and documents are sharded alike)
+            if documents is None:
+                positions = shard_positions(seq, cp, cp_rank).to(self.rope_cos.device)
+                x = self._run_layers(x, self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype),
+                                     None)
+            else:
+                positions = shard_sequence(documents.positions.to(self.rope_cos.device), cp, cp_rank, dim=1)
+                cos, sin = (t[positions].unsqueeze(1).to(x.dtype) for t in (self.rope_cos, self.rope_sin))
+                x = self._run_layers(x, cos, sin, shard_sequence(documents.segment_ids, cp, cp_rank, dim=1))
+        elif documents is None:
             x = self._run_layers(x, self.rope_cos.to(x.dtype), self.rope_sin.to(x.dtype), mask)
         else:
             x = self._run_layers(x, *self.document_rope(documents, x.dtype), documents)

@@ -49,8 +49,8 @@ class ModelArgs:
 
 @dataclass
 class ParallelArgs:
-    tp: int = _f(None, "tensor-parallel size [2 when neither --tp nor --pp is given and the world size is a "
-                       "multiple of 4 (the 3D default), else 1]")
+    tp: int = _f(None, "tensor-parallel size [2 when none of --tp, --pp, --dp, --cp is given and the world size is "
+                       "a multiple of 4 (the 3D default), else 1]")
     pp: int = _f(None, "pipeline-parallel size [2 under the 3D default, else 1]")
     dp: int = _f(None, "data-parallel size [world / (tp * cp * pp)]")
     cp: int = _f(1, "context-parallel size: each sequence is split across cp ranks (ring attention; the sequence "
@@ -160,7 +160,8 @@ class CheckpointArgs:
                                             "never moves back to an earlier step otherwise)")
     keep_last: int = _f(None, "keep only the newest K checkpoints [all]")
     async_save: bool = _f(False, "periodic saves are copied to host memory and written by a background thread "
-                                 "while training goes on; the step is published (`latest`) once every rank's file is on disk")
+                                 "while training goes on; the step is published (`latest`) once every rank's file "
+                                 "is on disk")
 
 
 @dataclass
@@ -426,7 +427,7 @@ def validate(cfg: Config, world_size: int) -> None:
     """Fills derived defaults and raises ConfigError listing every problem (one per line)."""
     errors: list[str] = []
     p, b, o, s = cfg.parallel, cfg.batch, cfg.optimizer, cfg.schedule
-    if p.tp is None and p.pp is None and p.dp is None and world_size % 4 == 0:
+    if p.tp is None and p.pp is None and p.dp is None and p.cp == 1 and world_size % 4 == 0:
         p.tp, p.pp = 2, 2  # the 3D default: tp 2 x pp 2 x dp world/4
     p.tp = 1 if p.tp is None else p.tp
     p.pp = 1 if p.pp is None else p.pp
@@ -565,8 +566,8 @@ def validate(cfg: Config, world_size: int) -> None:
 def _check_implemented(cfg: Config) -> None:
     """Settings whose machinery has not landed yet fail with a clear message instead of running wrongly."""
     p = cfg.parallel
-    pending = [("--cp", p.cp > 1, "context parallelism in the trainer (the ring attention and the topology's cp "
-                                  "axis exist; the trainer's wiring has not landed)"),
+    pending = [("--cp", p.cp > 1 and (cfg.model.dropout or 0) > 0,
+                "attention dropout under context parallelism (the ring attention has none; use --dropout 0)"),
                ("--optimizer adafactor", cfg.optimizer.optimizer == "adafactor" and p.tp > 1,
                 "Adafactor under tensor parallelism (its factored statistics span whole matrices)"),
                ("--optimizer adafactor", cfg.optimizer.optimizer == "adafactor" and p.zero > 0 and p.dp > 1,

@@ -28,6 +28,7 @@ from engine.parallel import (
     TPContext,
     vocab_parallel_cross_entropy,
 )
+from engine.parallel.context import shard_sequence
 from engine.parallel.recompute import SavedTensorCounter
 from engine.pipeline import schedules
 from engine.pipeline.executor import PipelineExecutor
@@ -108,7 +109,7 @@ class Trainer:
         if run.tensorboard:  # on every rank, before any work: a missing package is one line and exit status 2
             require_tensorboard()
         self.cfg = cfg
-        self.topo = topology or Topology(p.tp, p.pp, p.dp, p.vpp, timeout_s=run.collective_timeout)
+        self.topo = topology or Topology(p.tp, p.pp, p.dp, p.vpp, timeout_s=run.collective_timeout, cp=p.cp)
         self.world_size, self.rank = self.topo.world, self.topo.rank
         self.device = _device(run.device)
         cfg.precision.precision = cfg.precision.precision or ("bf16" if self.device.type == "cuda" else "fp32")
@@ -128,7 +129,8 @@ class Trainer:
         # the engine's own random streams, swapped in around its random work: the caller's generator is left alone
         self.rng = RNGTracker(run.seed, self.topo.tp_rank, self.device)
         tp = TPContext(self.topo.tp_group, p.tp, self.topo.tp_rank, p.sequence_parallel)
-        par = Parallelism(tp, self.rng, cfg.recompute.recompute, cfg.recompute.recompute_layers)
+        par = Parallelism(tp, self.rng, cfg.recompute.recompute, cfg.recompute.recompute_layers,
+                          cp_group=self.topo.cp_group if self.topo.cp > 1 else None)
         # (the layers are built on the CPU, then moved: on another device that draws on the caller's CPU generator)
         cpu_draws = contextlib.nullcontext() if self.device.type == "cpu" else torch.random.fork_rng(devices=[])
         with self.rng.fork("default"), cpu_draws:
@@ -153,7 +155,7 @@ class Trainer:
         self._stop_requested = False
         self.faults = [parse_fault(spec) for spec in cfg.stability.inject_fault or []]  # (kind, step, rank)
         self._nonfinite_in_row = 0
-        shape = (b.micro_batch_size, self.model_cfg.seq_length // (p.tp if p.sequence_parallel else 1),
+        shape = (b.micro_batch_size, self.model_cfg.seq_length // self.topo.cp // (p.tp if p.sequence_parallel else 1),
                  self.model_cfg.hidden_size)
         pipe = P2P(self.topo.pipeline_ranks, self.topo.pp_rank, self.device, p.vpp, [(shape, self.param_dtype)],
                    run.collective_timeout) if p.pp > 1 else None
@@ -195,8 +197,9 @@ class Trainer:
         else:
             inner = dict(optimizer_class=FusedAdamW, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                          weight_decay=o.weight_decay, master_weights=master)
-        # The loss is normalised by the global batch's tokens, so gradients are summed over dp.
-        return ZeroOptimizer(self.chunks, stage=p.zero, group=self.topo.dp_group, units=self._units(),
+        # The loss is normalised by the global batch's tokens, so gradients are summed over dp, and over cp (each
+        # context-parallel rank holds the gradient of its part of every sequence); ZeRO shards over both.
+        return ZeroOptimizer(self.chunks, stage=p.zero, group=self.topo.dp_cp_group, units=self._units(),
                              grad_reduction="sum", bucket_numel=self.cfg.run.bucket_size,
                              no_weight_decay=lambda name, q: q.ndim < 2, partial_grad_group=self._partial_grad_group,
                              keep_params_in_step=p.zero3_keep_params, overlap_param_gather=p.overlap_param_gather,
@@ -315,13 +318,22 @@ class Trainer:
             exclude = [q for _, q in self.named_params] + [t for c in self.chunks for t in c.buffers()]
             counter = SavedTensorCounter(exclude)  # parameters are not activations (looked up at save time)
         with self.rng.fork("default"):
-            loss = self.executor.run(self.schedule(len(micro_batches)), *_shifted(micro_batches),
+            loss = self.executor.run(self.schedule(len(micro_batches)), *self._inputs_and_targets(micro_batches),
                                      self._loss_fn(num_tokens), self.scaler.scale if self.scaler else 1.0,
                                      first_forward_context=(lambda: counter) if counter else contextlib.nullcontext,
                                      forward_kwargs=self._forward_kwargs(micro_batches))
         if counter is not None:
             self.activation_bytes = counter.bytes
         return loss
+
+    def _inputs_and_targets(self, micro_batches: list[torch.Tensor]) -> tuple[list, list]:
+        """Each micro-batch's inputs and next-token targets; with context parallelism this rank's load-balanced
+        part of every sequence."""
+        inputs, targets = _shifted(micro_batches)
+        if self.topo.cp > 1:
+            inputs, targets = ([shard_sequence(t, self.topo.cp, self.topo.cp_rank, dim=1) for t in ts]
+                               for ts in (inputs, targets))
+        return inputs, targets
 
     def _forward_kwargs(self, micro_batches: list[torch.Tensor]) -> list[dict] | None:
         """--document-mask: each micro-batch's document layout, for every pipeline stage's forward (every rank reads
@@ -413,8 +425,8 @@ class Trainer:
         the last stage holds it, and over data-parallel replicas)."""
         if self.topo.pp > 1:
             dist.all_reduce(loss, group=self.topo.pp_group)
-        if self.topo.dp > 1:
-            dist.all_reduce(loss, group=self.topo.dp_group)
+        if self.topo.dp * self.topo.cp > 1:  # each context-parallel rank holds the loss of its part of the tokens
+            dist.all_reduce(loss, group=self.topo.dp_cp_group)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -436,16 +448,18 @@ class Trainer:
             samples = torch.stack([torch.as_tensor(self.valid_data[i % len(self.valid_data)]).long()
                                    for i in range(first, first + per_rank)])
             micro_batches = samples.to(self.device).split(mbs)
-            total += self.executor.run(actions, *_shifted(micro_batches), self._loss_fn(1), forward_only=True,
+            total += self.executor.run(actions, *self._inputs_and_targets(micro_batches), self._loss_fn(1),
+                                       forward_only=True,
                                        forward_kwargs=self._forward_kwargs(micro_batches))
         self._share_loss(total)
         return total.item() / (self.cfg.data.eval_iters * gbs * seq)
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def save_checkpoint(self, background: bool = False) -> str:
-        """Saves the current step (every rank calls it). background (--async-save): a thread copies the state to host
-        memory (before the next optimizer step changes it) and writes it; the step is published later (`finish_pending_save`, polled after
-        every step), so `latest` and last_checkpoint move only once every rank's file is on disk."""
+        """Saves the current step (every rank calls it). background (--async-save): a thread copies the state to
+        host memory (before the next optimizer step changes it) and writes it; the step is published later
+        (`finish_pending_save`, polled after every step), so `latest` and last_checkpoint move only once every
+        rank's file is on disk."""
         self.finish_pending_save()
         self.monitor.phase(f"saving step {self.state.step}", restart_clock=True)
         if not background and not self._all_finite():  # (a background save checks its copy on its thread)
@@ -453,7 +467,7 @@ class Trainer:
                                f"saving them (the last good checkpoint stays {self.last_checkpoint or 'none'}); "
                                "lower --lr or set --clip-grad, and resume from it")
         states = self.zero.state_by_name(copy=False)  # a collective over dp: every rank takes part
-        owns = lambda n, q: self.topo.dp_rank == 0 and self.owns(n, q)  # noqa: E731  one copy of every slice
+        owns = lambda n, q: self.topo.dp_rank == self.topo.cp_rank == 0 and self.owns(n, q)  # noqa: E731  one copy
         self.zero.gather_all()  # ZeRO-3: whole parameters for the save
         tensors, slices = ckpt.shard_tensors(self.named_params, states, owns)
         params_live = self.zero.stage < 3  # ZeRO-3's gathered parameters are released next: copy them now
@@ -536,7 +550,7 @@ class Trainer:
 
     def _layout(self) -> dict:
         p = self.cfg.parallel
-        return {"tp": p.tp, "pp": p.pp, "dp": p.dp, "vpp": p.vpp, "zero": p.zero, "world": self.world_size}
+        return {"tp": p.tp, "cp": p.cp, "pp": p.pp, "dp": p.dp, "vpp": p.vpp, "zero": p.zero, "world": self.world_size}
 
     # ---- stability ---------------------------------------------------------------------------------------
     def _is_spike(self, loss: float) -> bool:
