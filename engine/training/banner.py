@@ -63,9 +63,10 @@ def format_banner(*, run_name: str, model: str, steps: int, params: int, params_
         prec = f"{precision} parameters and compute; fp32 master weights in the optimizer"
     if loss_scale is not None:
         prec += f"; loss scale {loss_scale}"
+    cp = f" x cp {lo['cp']}" if lo.get("cp", 1) > 1 else ""
     rows = [
         ("parameters", f"{params:,} ({human_count(params)}) total | {per_rank}"),
-        ("layout", f"world {lo['world']} = tp {lo['tp']} x pp {lo['pp']} x dp {lo['dp']} | vpp {lo['vpp']}, "
+        ("layout", f"world {lo['world']} = tp {lo['tp']}{cp} x pp {lo['pp']} x dp {lo['dp']} | vpp {lo['vpp']}, "
                    f"schedule {lo['schedule']} | sequence parallel {'on' if lo['sequence_parallel'] else 'off'} | "
                    f"ZeRO-{lo['zero']}"),
         ("precision", prec),

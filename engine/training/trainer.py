@@ -550,7 +550,8 @@ class Trainer:
 
     def _layout(self) -> dict:
         p = self.cfg.parallel
-        return {"tp": p.tp, "cp": p.cp, "pp": p.pp, "dp": p.dp, "vpp": p.vpp, "zero": p.zero, "world": self.world_size}
+        layout = {"tp": p.tp, "pp": p.pp, "dp": p.dp, "vpp": p.vpp, "zero": p.zero, "world": self.world_size}
+        return {**layout, "cp": p.cp} if p.cp > 1 else layout  # (the contract's keys stay exact without cp)
 
     # ---- stability ---------------------------------------------------------------------------------------
     def _is_spike(self, loss: float) -> bool:
