@@ -175,6 +175,47 @@ def test_block_attention_backward_matches_autograd():
         torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hkv", [4, 2, 1])
+def test_cpu_flash_kernel_matches_plain(hkv, dtype, monkeypatch):
+    """aten's fused CPU kernels (the fast path) against the plain-torch kernel on random blocks with GQA, fully
+    masked rows, rows with one visible key, a per-batch mask and no mask; the backward gets a larger "final" lse
+    and a foreign "final" out, as the ring passes them."""
+    torch.manual_seed(2)
+    b, hq, sq, sk, d = 2, 4, 19, 33, 16
+    q, dout = (torch.randn(b, hq, sq, d).to(dtype) for _ in range(2))
+    k, v = (torch.randn(b, hkv, sk, d).to(dtype) for _ in range(2))
+    mask = torch.rand(b, 1, sq, sk) > 0.4
+    mask[0, :, 3] = False  # sees nothing
+    mask[:, :, 5] = False
+    mask[:, :, 5, 7] = True  # sees one key
+    for m in (mask, mask[:1], None):
+        results = []
+        others, final_out = torch.randn(b, hq, sq), torch.randn(b, hq, sq, d).to(dtype)
+        for fast in (True, False):
+            monkeypatch.setattr(context, "FAST_CPU_KERNEL", fast)
+            out, lse = block_attention(q, k, v, m, 0.3)
+            final_lse = torch.logaddexp(lse, others)  # with other blocks' keys
+            delta = (dout.float() * final_out.float()).sum(-1)
+            grads = block_attention_backward(dout, q, k, v, final_lse, delta, m, 0.3, out=final_out)
+            results.append((out, lse, *grads))
+        for name, f, p in zip(("out", "lse", "dq", "dk", "dv"), *results):
+            assert f.dtype == torch.float32 and f.shape == p.shape
+            assert torch.equal(torch.isneginf(f), torch.isneginf(p)), name
+            torch.testing.assert_close(f, p, rtol=1e-5, atol=2e-6, msg=lambda e, name=name: f"{name}: {e}")
+        if m is not None:
+            assert torch.isneginf(results[0][1][0, :, 3]).all() and not results[0][0][0, :, 3].any()
+            assert not results[0][2][0, :, 3].any()  # no gradient through a row that sees nothing
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("case", list(CASES))
+def test_ring_attention_cp1_kernels(case, fast, monkeypatch):
+    """Ring attention on one rank against the dense reference with either CPU kernel."""
+    monkeypatch.setattr(context, "FAST_CPU_KERNEL", fast)
+    check_case(case, None, 1, 0)
+
+
 # ------------------------------------------------------------------------------------------------ ring attention
 
 @pytest.mark.parametrize("tile", [None, 100])
