@@ -2,7 +2,7 @@
 
 Ring attention runs on real gloo groups (cp 2 and 4, and two interleaved cp-2 groups in a world of 4, as the
 topology lays them out next to tp 2); every rank builds the same full q/k/v, takes its shard, and the unsharded
-output and input gradients must equal a float64 dense reference computed on the full sequence (fp32: rtol 1e-5;
+output and input gradients must equal a float64 dense reference computed on the full sequence (fp32: rtol 1e-5, atol 2e-6;
 bf16: rtol/atol 2e-2)."""
 import pytest
 import torch
@@ -52,7 +52,9 @@ def dense_reference(q, k, v, dout, seg):
 
 
 def tolerances(dtype):
-    return {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    # fp32 atol 2e-6: gradients of order 1-10 whose exact value is 0 (a document's first token) come out ~1e-6 from
+    # either kernel's rounding against the float64 reference
+    return {"rtol": 1e-5, "atol": 2e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
 
 
 def run_case(case: str, group, cp: int, cp_rank: int, seed: int = 0):
