@@ -1,6 +1,7 @@
 """The topology's named axes: the grid order (tp innermost, then cp, dp, pp), a rank's coordinates, the ranks along
 one or several axes, and that each process group holds exactly those ranks."""
 import functools
+import math
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ def _check(rank, world, sizes):
     assert topo.pipeline_ranks == [topo.rank_of(pp=s) for s in range(topo.pp)]
     for axes in GROUPS:
         members = topo.ranks_along(*axes)
-        assert len(members) == _product(topo, axes) and rank in members
+        assert len(members) == math.prod(topo.sizes[a] for a in axes) and rank in members
         for m in members:  # the same coordinates as this rank, except along `axes`
             assert all(_coords(topo, m)[a] == c[a] for a in AXES if a not in axes), (axes, m)
         total = torch.tensor([float(rank)])
@@ -37,13 +38,6 @@ def _coords(topo, r):
     out = {}
     for a in reversed(AXES):
         out[a], r = r % topo.sizes[a], r // topo.sizes[a]
-    return out
-
-
-def _product(topo, axes):
-    out = 1
-    for a in axes:
-        out *= topo.sizes[a]
     return out
 
 

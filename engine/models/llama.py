@@ -451,17 +451,15 @@ class Llama(nn.Module):
         mask = None if attention_mask is None else attention_mask_from_padding(attention_mask)
         if cp > 1:  # this rank's tokens sit at the load-balanced global positions (and documents are sharded alike)
             if documents is None:
-                positions = shard_positions(seq, cp, cp_rank).to(self.rope_cos.device)
-                x = self._run_layers(x, self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype),
-                                     None)
+                x = self._run_layers(x, *self.rope_at(shard_positions(seq, cp, cp_rank), x.dtype), None)
             else:
-                positions = shard_sequence(documents.positions.to(self.rope_cos.device), cp, cp_rank, dim=1)
-                cos, sin = (t[positions].unsqueeze(1).to(x.dtype) for t in (self.rope_cos, self.rope_sin))
-                x = self._run_layers(x, cos, sin, shard_sequence(documents.segment_ids, cp, cp_rank, dim=1))
+                positions = shard_sequence(documents.positions, cp, cp_rank, dim=1)
+                x = self._run_layers(x, *self.rope_at(positions, x.dtype),
+                                     shard_sequence(documents.segment_ids, cp, cp_rank, dim=1))
         elif documents is None:
             x = self._run_layers(x, self.rope_cos.to(x.dtype), self.rope_sin.to(x.dtype), mask)
         else:
-            x = self._run_layers(x, *self.document_rope(documents, x.dtype), documents)
+            x = self._run_layers(x, *self.rope_at(documents.positions, x.dtype), documents)
         if self.norm is None:
             if labels is not None:
                 raise ValueError("labels: this model slice has no head, so it cannot compute the loss")
@@ -473,10 +471,11 @@ class Llama(nn.Module):
                                               self.par.tp.group)
         return losses.sum() / (labels[:, 1:] != -100).sum().clamp(min=1)
 
-    def document_rope(self, documents: DocumentMask, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token RoPE tables [b, 1, s, d] at the documents' positions, shared by all layers."""
-        positions = documents.positions.to(self.rope_cos.device)
-        return tuple(t[positions].unsqueeze(1).to(dtype) for t in (self.rope_cos, self.rope_sin))
+    def rope_at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE tables at `positions`, shared by all layers: [s, d] for positions [s] (every row alike), per
+        token [b, 1, s, d] for positions [b, s] (document masking)."""
+        cos, sin = (t[positions.to(t.device)].to(dtype) for t in (self.rope_cos, self.rope_sin))
+        return (cos, sin) if positions.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
 
     def _forward_cached(self, input_ids: torch.Tensor, labels, attention_mask, cache: KVCache) -> torch.Tensor:
         whole = self.embedding is not None and self.norm is not None and len(self.layers) == len(cache.layers)
