@@ -95,6 +95,7 @@ class Layout:
     schedule: str = "1f1b"
     precision: str = "bf16"
     recompute: str = "none"
+    loss_chunk_tokens: int = 0  # the trainer's --loss-chunk-tokens: head and loss fused, a chunk at a time
 
 
 def stage_parameters(cfg: ModelConfig, tp: int, pp: int, stage: int) -> int:
@@ -171,18 +172,26 @@ def saved_activations(cfg: ModelConfig, micro_batch_size: int, seq_length: int, 
 
 
 def saved_head_activations(cfg: ModelConfig, micro_batch_size: int, seq_length: int, tp: int,
-                           bytes_per_element: int) -> list[tuple[str, int, int, str]]:
-    """What the last stage saves beyond its layers: the final norm and the fp32 log-softmax of the
-    (vocab-parallel, padded) logits that the cross-entropy keeps. Same row format as saved_activations."""
+                           bytes_per_element: int, loss_chunk_tokens: int = 0) -> list[tuple[str, int, int, str]]:
+    """What the last stage saves beyond its layers: the final norm, and the fp32 softmax gradient of the
+    (vocab-parallel, padded) logits that the cross-entropy keeps, with the head's input. With a chunked loss
+    (loss_chunk_tokens > 0) the logits never outlive a chunk: the gradients of the head's input (all tokens, fp32)
+    and of its weight (this rank's vocabulary rows, fp32), taken in forward, are kept instead, and the final norm's
+    output is not (the one chunk of logits alive at a time is a transient, not counted). Same row format as
+    saved_activations; region "all": held whole on every rank."""
     e, sb, h = bytes_per_element, micro_batch_size * seq_length, cfg.hidden_size
     padded_vocab = _ceil_div(cfg.vocab_size, tp) * tp
-    return [("final norm input, upcast to fp32", sb * h, 4, "seq"), ("final norm 1/rms", sb, 4, "seq"),
-            ("final norm normalised x", sb * h, e, "seq"), ("final norm output = head input", sb * h, e, "seq"),
-            ("log-softmax of the logits, fp32", sb * padded_vocab, 4, "tp")]
+    norm = [("final norm input, upcast to fp32", sb * h, 4, "seq"), ("final norm 1/rms", sb, 4, "seq"),
+            ("final norm normalised x", sb * h, e, "seq")]
+    if loss_chunk_tokens > 0:
+        return norm + [("head input gradient, fp32", sb * h, 4, "all"),
+                       ("head weight gradient, fp32", padded_vocab * h, 4, "tp")]
+    return norm + [("final norm output = head input", sb * h, e, "seq"),
+                   ("softmax gradient of the logits, fp32", sb * padded_vocab, 4, "tp")]
 
 
 def _rows_bytes(rows: list, tp: int, sequence_parallel: bool) -> int:
-    split = {"tp": tp, "seq": tp if sequence_parallel else 1}
+    split = {"tp": tp, "seq": tp if sequence_parallel else 1, "all": 1}
     return sum(_ceil_div(n, split[region]) * nbytes for _, n, nbytes, region in rows)
 
 
@@ -196,14 +205,15 @@ def activation_bytes_per_layer(cfg: ModelConfig, micro_batch_size: int, seq_leng
 
 def microbatch_activation_bytes(cfg: ModelConfig, micro_batch_size: int, seq_length: int, tp: int,
                                 sequence_parallel: bool, recompute: str, bytes_per_element: int,
-                                num_layers: int | None = None, last_stage: bool = True, device: str = "cuda") -> int:
+                                num_layers: int | None = None, last_stage: bool = True, device: str = "cuda",
+                                loss_chunk_tokens: int = 0) -> int:
     """Bytes one rank saves for backward for one micro-batch through `num_layers` layers (default: all),
     plus the final norm and loss when it holds the last stage: what the trainer's memory event measures."""
     layers = cfg.num_layers if num_layers is None else num_layers
     total = layers * activation_bytes_per_layer(cfg, micro_batch_size, seq_length, tp, sequence_parallel,
                                                 recompute, bytes_per_element, device)
     if last_stage:
-        rows = saved_head_activations(cfg, micro_batch_size, seq_length, tp, bytes_per_element)
+        rows = saved_head_activations(cfg, micro_batch_size, seq_length, tp, bytes_per_element, loss_chunk_tokens)
         total += _rows_bytes(rows, tp, sequence_parallel)
     return total
 
@@ -234,8 +244,8 @@ def memory_per_rank(cfg: ModelConfig, layout: Layout, stage: int) -> dict:
     activations = layers * activation_bytes_per_layer(*args, lo.tp, lo.sequence_parallel, lo.recompute, e)
     if stage == lo.pp - 1:
         head_inflight = (lo.microbatches or lo.pp) if lo.schedule == "gpipe" else 1
-        activations += head_inflight * _rows_bytes(saved_head_activations(*args, lo.tp, e), lo.tp,
-                                                   lo.sequence_parallel)
+        head = saved_head_activations(*args, lo.tp, e, lo.loss_chunk_tokens)
+        activations += head_inflight * _rows_bytes(head, lo.tp, lo.sequence_parallel)
     mem["activations"] = activations
     return {**mem, "total": sum(mem.values())}
 
@@ -274,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sustained FLOP/s per GPU [989e12, the dense bf16 peak of an H100 SXM; real runs reach "
                         "40-60%% of it]")
     p.add_argument("--recompute", choices=["none", "selective", "full"], default="none", help="[none]")
+    p.add_argument("--loss-chunk-tokens", type=int, default=0,
+                   help="the trainer's fused, chunked head and loss: no [tokens, vocab] logits kept [0: off]")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     model = p.add_argument_group("model overrides")
     for flag, kind, text in MODEL_FLAGS:
@@ -309,6 +321,8 @@ def _check(args, cfg: ModelConfig | None) -> list[str]:
                 ("--dp", args.dp),
                 ("--vpp", args.vpp), ("--micro-batch-size", args.micro_batch_size),
                 ("--global-batch-size", args.global_batch_size)]
+    if args.loss_chunk_tokens < 0:
+        positive.append(("--loss-chunk-tokens", args.loss_chunk_tokens))
     errors = [f"{flag}: must be positive, got {value:g}" for flag, value in positive
               if value is not None and not value > 0]
     if cfg is not None:
@@ -360,7 +374,8 @@ def _report(args: argparse.Namespace) -> dict:
     layout = Layout(tp=args.tp, cp=args.cp, pp=args.pp, dp=args.dp, vpp=args.vpp, zero=args.zero,
                     sequence_parallel=args.sequence_parallel, micro_batch_size=args.micro_batch_size,
                     microbatches=args.global_batch_size // per_step if args.global_batch_size else None,
-                    schedule=args.schedule, precision=args.precision, recompute=args.recompute)
+                    schedule=args.schedule, precision=args.precision, recompute=args.recompute,
+                    loss_chunk_tokens=args.loss_chunk_tokens)
     report = {"model": args.model or ("tiny" if cfg else None), "layout": dataclasses.asdict(layout)}
     if cfg is None:
         params = int(args.params)

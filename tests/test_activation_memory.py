@@ -1,5 +1,5 @@
 """The activation bytes the trainer measures (saved-tensor hooks, one micro-batch) agree with the
-estimator's per-tensor accounting, for every recompute mode, with and without tensor and sequence
+estimator's per-tensor accounting, for every recompute mode and the chunked loss, with and without tensor and sequence
 parallelism."""
 import functools
 
@@ -18,7 +18,8 @@ MODEL = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
 def predicted(trainer) -> int:
     cfg, p = trainer.model_cfg, trainer.cfg.parallel
     return est.microbatch_activation_bytes(cfg, trainer.cfg.batch.micro_batch_size, cfg.seq_length, p.tp,
-                                           p.sequence_parallel, trainer.cfg.recompute.recompute, 4, device="cpu")
+                                           p.sequence_parallel, trainer.cfg.recompute.recompute, 4, device="cpu",
+                                           loss_chunk_tokens=trainer.cfg.performance.loss_chunk_tokens)
 
 
 def measure(argv, world=1):
@@ -36,6 +37,17 @@ def test_single_process(corpus, recompute, tmp_path, monkeypatch):
     assert measured == expected
 
 
+def test_chunked_loss_keeps_no_logits(corpus, tmp_path, monkeypatch):
+    """--loss-chunk-tokens: the estimator's rows hold, and the saved bytes drop by the logits' softmax gradient
+    less the two gradients kept instead (vocabulary 259 > hidden 64, so the chunked loss saves less)."""
+    monkeypatch.chdir(tmp_path)
+    plain, _ = measure(MODEL + ["--data", corpus])
+    measured, expected = measure(MODEL + ["--data", corpus, "--loss-chunk-tokens", "24"])
+    assert measured == expected
+    sb, h, vocab = 2 * 32, 64, 259
+    assert plain - measured == sb * vocab * 4 + sb * h * 4 - (sb * h * 4 + vocab * h * 4)
+
+
 def _worker(rank, world, corpus, workdir):
     import os
     os.chdir(workdir)
@@ -43,6 +55,8 @@ def _worker(rank, world, corpus, workdir):
         for recompute in ("none", "selective", "full"):
             measured, expected = measure(MODEL + ["--data", corpus, "--recompute", recompute] + layout, world)
             assert measured == expected, (layout, recompute, measured, expected)
+        measured, expected = measure(MODEL + ["--data", corpus, "--loss-chunk-tokens", "24"] + layout, world)
+        assert measured == expected, (layout, "chunked loss", measured, expected)
 
 
 def test_tensor_and_sequence_parallel(corpus, tmp_path):

@@ -1,6 +1,7 @@
 """Tensor- and sequence-parallel pieces against their dense references on real process groups (tp = 2 and 4,
 fp32, rtol 1e-5): mappings, ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, vocab-parallel
-cross-entropy, and the whole LLaMA (outputs, input gradients, weight gradients). All checks run inside one
+cross-entropy (plain and fused with the head in chunks), and the whole LLaMA (outputs, input gradients, weight
+gradients). All checks run inside one
 spawned group of 4 processes."""
 import torch
 import torch.distributed as dist
@@ -177,6 +178,36 @@ def check_llama(topo: Topology, sequence_parallel: bool, dev):
     _close(norm, torch.nn.utils.get_total_norm([p.grad for p in dense.parameters()]), "global grad norm")
 
 
+def check_chunked_loss(topo: Topology, sequence_parallel: bool, dev):
+    """Llama.head_loss with the head and the vocabulary-parallel loss fused and chunked (7 tokens at a time over
+    32, vocabulary 37 padded per rank): the dense summed loss and every gradient."""
+    cfg = ModelConfig(num_layers=1, hidden_size=32, ffn_hidden_size=48, num_heads=8, num_kv_heads=4,
+                      vocab_size=37, seq_length=16)
+    dense = Llama(cfg).to(dev)
+    dense.init_weights(6)
+    tp = TPContext(topo.tp_group, topo.tp, topo.tp_rank, sequence_parallel)
+    model = Llama(cfg, parallelism=Parallelism(tp, RNGTracker(6, topo.tp_rank, dev), loss_chunk_tokens=7)).to(dev)
+    model.init_weights(6)
+    model.output_hidden = True
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(4)).to(dev)
+    targets = torch.cat([ids[:, 1:], ids.new_full((2, 1), -100)], dim=1)
+    ref = F.cross_entropy(dense(ids).flatten(0, 1), targets.flatten(), reduction="sum")
+    ref.backward()
+    loss = model.head_loss(model(ids), targets)
+    _close(loss.detach(), ref.detach(), "chunked head loss")
+    loss.backward()
+    dense_params = dict(dense.named_parameters())
+    for name, p in model.named_parameters():
+        local, block = shard_blocks(p)
+        grad = p.grad.clone()
+        if getattr(p, "sequence_parallel", False):
+            dist.all_reduce(grad, group=tp.group)
+        _close(grad[local], dense_params[name].grad[block], f"chunked loss: gradient of {name}")
+    with torch.no_grad():
+        model.output_hidden = False
+        _close(model(ids, labels=ids), dense(ids, labels=ids), "chunked loss with labels")
+
+
 def _worker(rank, world):
     dev = _device()
     for tp_size in (2, 4):
@@ -187,6 +218,7 @@ def _worker(rank, world):
             check_linears(tp, dev)
             check_embedding_and_loss(tp, dev)
             check_llama(topo, sp, dev)
+            check_chunked_loss(topo, sp, dev)
 
 
 def test_tensor_parallel_pieces_match_dense():

@@ -20,7 +20,7 @@ from torch import nn
 
 from engine.models.documents import DocumentMask
 from engine.parallel.context import ring_attention, shard_positions, shard_sequence
-from engine.parallel.cross_entropy import vocab_parallel_cross_entropy
+from engine.parallel.cross_entropy import chunked_head_cross_entropy, vocab_parallel_cross_entropy
 from engine.parallel.layers import (ColumnParallelLinear, RowParallelLinear, TPContext, VocabParallelEmbedding,
                                     padded_vocab_size, valid_slice)
 from engine.parallel.random import RNGTracker
@@ -194,6 +194,7 @@ class Parallelism:
     recompute: str = "none"           # none | selective (attention core) | full (whole layers)
     recompute_layers: int | None = None  # with full: only the first N layers of this module
     cp_group: object = None  # context parallelism: the ring of ranks that each hold a shard of every sequence
+    loss_chunk_tokens: int = 0  # > 0: Llama.head_loss runs the head and the loss this many tokens at a time
 
     @property
     def cp(self) -> tuple[int, int]:
@@ -223,12 +224,15 @@ class Attention(nn.Module):
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              mask: torch.Tensor | DocumentMask | None = None):
-        with self.par.fork_tp():  # different heads on each tp rank: per-rank dropout stream
+        dropout = self.dropout if self.training else 0.0
+        # different heads on each tp rank: a per-rank dropout stream (not forked without dropout: the fork's
+        # generator swaps are a graph break for --compile)
+        with self.par.fork_tp() if dropout > 0 else contextlib.nullcontext():
             if self.par.cp[0] > 1:  # mask: None, or this rank's shard of the document ids [b, s_local]
                 return ring_attention(q, k, v, self.par.cp_group, segment_ids=mask)
             if isinstance(mask, DocumentMask):
-                return document_attention(q, k, v, self.dropout if self.training else 0.0, mask)
-            return attention_core(q, k, v, self.dropout if self.training else 0.0, mask)
+                return document_attention(q, k, v, dropout, mask)
+            return attention_core(q, k, v, dropout, mask)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | DocumentMask | None = None, cache: LayerKV | None = None):
@@ -240,8 +244,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # incremental decoding: attend to the cached positions as well
             k, v = cache.update(k, v)
-        if self.par.recompute == "selective":
-            out = recompute(self.core, self.par.rng, q, k, v, mask)
+        if self.par.recompute == "selective":  # (the random streams need replaying only for dropout)
+            rng = self.par.rng if self.dropout > 0 and self.training else None
+            out = recompute(self.core, rng, q, k, v, mask)
         else:
             out = self.core(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
@@ -381,6 +386,8 @@ class Llama(nn.Module):
     without a head, it returns hidden states; the full model maps input ids [b, s] to logits [b, s, vocab].
     Under tensor parallelism the logits are this rank's vocabulary slice (vocab_parallel_cross_entropy takes
     them as they are); under sequence parallelism hidden states between layers are sequence shards.
+    output_hidden: set on a slice with the head to have forward return the final norm's output instead of the
+    logits, for head_loss (the trainer does, so that a chunked loss never builds the logits).
     """
 
     def __init__(self, cfg: ModelConfig, layers: list[int] | None = None, has_embedding: bool = True,
@@ -403,6 +410,7 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         par.tp.mark_replicas(self)
+        self.output_hidden = False
 
     def head_weight(self) -> torch.Tensor:
         return self.head.weight if self.head is not None else self.embedding.weight
@@ -464,12 +472,25 @@ class Llama(nn.Module):
             if labels is not None:
                 raise ValueError("labels: this model slice has no head, so it cannot compute the loss")
             return x
-        logits = self.par.tp.enter_linears(self.norm(x), [self.head_weight()])[0]
-        if labels is None:
-            return logits
-        losses = vocab_parallel_cross_entropy(logits[:, :-1], labels[:, 1:], self.vocab_start, self.cfg.vocab_size,
-                                              self.par.tp.group)
-        return losses.sum() / (labels[:, 1:] != -100).sum().clamp(min=1)
+        hidden = self.norm(x)
+        if labels is not None:  # position i predicts labels[i + 1]; the last position predicts nothing
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+            return self.head_loss(hidden, targets) / (targets != -100).sum().clamp(min=1)
+        if self.output_hidden:
+            return hidden
+        return self.par.tp.enter_linears(hidden, [self.head_weight()])[0]
+
+    def head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The summed cross-entropy (fp32) of the head's logits for the final norm's output `hidden` [b, s, h]
+        (a sequence shard under sequence parallelism) against `targets` [b, s] (global ids over the whole
+        sequence, -100 ignored). With Parallelism.loss_chunk_tokens the head and the loss run that many tokens
+        at a time and the logits are never whole (same loss and gradients)."""
+        tp, weight = self.par.tp, self.head_weight()
+        if self.par.loss_chunk_tokens > 0:
+            return chunked_head_cross_entropy(tp.enter(hidden), weight, targets, self.par.loss_chunk_tokens,
+                                              self.vocab_start, self.cfg.vocab_size, tp.group)
+        logits = tp.enter_linears(hidden, [weight])[0]
+        return vocab_parallel_cross_entropy(logits, targets, self.vocab_start, self.cfg.vocab_size, tp.group).sum()
 
     def rope_at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The RoPE tables at `positions`, shared by all layers: [s, d] for positions [s] (every row alike), per

@@ -16,11 +16,13 @@ from .random import RNGTracker
 def recompute(fn, tracker: RNGTracker | None, *args):
     if not torch.is_grad_enabled():
         return fn(*args)
-    snapshot = tracker.get_states() if tracker is not None else None
+    if tracker is None:  # (no side effects here: torch.compile traces this as one graph)
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
+    snapshot = tracker.get_states()
     calls = []
 
     def run(*inner):
-        if calls and snapshot is not None:  # the rerun in backward: replay the first run's streams
+        if calls:  # the rerun in backward: replay the first run's streams
             current = tracker.get_states()
             tracker.set_states(snapshot)
             try:

@@ -83,6 +83,16 @@ class RecomputeArgs:
 
 
 @dataclass
+class PerformanceArgs:
+    compile: bool = _f(False, "torch.compile each transformer layer (fuses the norms, RoPE, SwiGLU and their "
+                              "backward); the first steps pay the compilation; graph breaks and recompilations "
+                              "are counted in the metrics")
+    loss_chunk_tokens: int = _f(0, "compute the LM head and the cross-entropy this many tokens at a time, never "
+                                   "holding the whole [tokens, vocab] logits (same loss and gradients; e.g. 4096; "
+                                   "0: off)")
+
+
+@dataclass
 class OptimizerArgs:
     optimizer: str = _f("adamw", "optimizer", choices=["adamw", "adafactor"])
     lr: float = _f(3e-3, "peak learning rate")
@@ -178,7 +188,7 @@ class StabilityArgs:
 
 
 GROUPS = {"model": ModelArgs, "parallel": ParallelArgs, "precision": PrecisionArgs, "recompute": RecomputeArgs,
-          "optimizer": OptimizerArgs, "schedule": ScheduleArgs, "batch": BatchArgs, "data": DataArgs,
+          "performance": PerformanceArgs, "optimizer": OptimizerArgs, "schedule": ScheduleArgs, "batch": BatchArgs, "data": DataArgs,
           "run": RunArgs, "checkpoint": CheckpointArgs, "stability": StabilityArgs}
 
 
@@ -188,6 +198,7 @@ class Config:
     parallel: ParallelArgs = field(default_factory=ParallelArgs)
     precision: PrecisionArgs = field(default_factory=PrecisionArgs)
     recompute: RecomputeArgs = field(default_factory=RecomputeArgs)
+    performance: PerformanceArgs = field(default_factory=PerformanceArgs)
     optimizer: OptimizerArgs = field(default_factory=OptimizerArgs)
     schedule: ScheduleArgs = field(default_factory=ScheduleArgs)
     batch: BatchArgs = field(default_factory=BatchArgs)
@@ -455,6 +466,9 @@ def validate(cfg: Config, world_size: int) -> None:
                         ("--log-interval", cfg.run.log_interval)]:
         if value < 1:
             errors.append(f"{flag}: must be a positive integer, got {value}")
+    if cfg.performance.loss_chunk_tokens < 0:
+        errors.append(f"--loss-chunk-tokens: must be 0 (off) or a positive number of tokens, got "
+                      f"{cfg.performance.loss_chunk_tokens}")
     if errors:
         raise ConfigError("\n".join(errors))
     model_parallel = p.tp * p.cp * p.pp

@@ -26,7 +26,6 @@ from engine.parallel import (
     RNGTracker,
     Topology,
     TPContext,
-    vocab_parallel_cross_entropy,
 )
 from engine.parallel.context import shard_sequence
 from engine.parallel.recompute import SavedTensorCounter
@@ -44,6 +43,7 @@ from engine.training.config import (
     run_dir,
     save_dir,
 )
+from engine.training.compile import CompileCounts, compile_layers
 from engine.training.data import TrainingData, prepare_data
 from engine.training.metrics import (
     MetricsWriter,
@@ -130,12 +130,17 @@ class Trainer:
         self.rng = RNGTracker(run.seed, self.topo.tp_rank, self.device)
         tp = TPContext(self.topo.tp_group, p.tp, self.topo.tp_rank, p.sequence_parallel)
         par = Parallelism(tp, self.rng, cfg.recompute.recompute, cfg.recompute.recompute_layers,
-                          cp_group=self.topo.cp_group if self.topo.cp > 1 else None)
+                          cp_group=self.topo.cp_group if self.topo.cp > 1 else None,
+                          loss_chunk_tokens=cfg.performance.loss_chunk_tokens)
         # (the layers are built on the CPU, then moved: on another device that draws on the caller's CPU generator)
         cpu_draws = contextlib.nullcontext() if self.device.type == "cpu" else torch.random.fork_rng(devices=[])
         with self.rng.fork("default"), cpu_draws:
             self.chunks = self._build_chunks(par)
         self.named_params = [(n, q) for chunk in self.chunks for n, q in chunk.named_parameters()]
+        self.compile_counts = None
+        if cfg.performance.compile:
+            self.compile_counts = CompileCounts()
+            compile_layers(self.chunks)
         self.zero = self._build_optimizer()
         self.optimizer = self.zero.optimizer
         o, s = cfg.optimizer, cfg.schedule
@@ -179,6 +184,7 @@ class Trainer:
                           has_head=v == stages - 1, parallelism=par).to(self.device)
             chunk.init_weights(self.cfg.run.seed)
             chunk.to(self.param_dtype)
+            chunk.output_hidden = True  # the last stage's loss function runs the head (see _loss_fn)
             chunks.append(chunk)
         return chunks
 
@@ -303,10 +309,9 @@ class Trainer:
         return list(torch.stack(samples).to(self.device).split(self.cfg.batch.micro_batch_size))
 
     def _loss_fn(self, num_tokens: int):
-        """A micro-batch's summed token cross-entropy (fp32, from vocabulary-parallel logits) / num_tokens."""
-        vocab_start, vocab = self.chunks[-1].vocab_start, self.model_cfg.vocab_size
-        return lambda logits, targets: vocab_parallel_cross_entropy(
-            logits, targets, vocab_start, vocab, self.topo.tp_group).sum() / num_tokens
+        """A micro-batch's summed token cross-entropy (fp32, vocabulary-parallel) / num_tokens, from the last
+        stage's final-norm output (Llama.head_loss: the head's matmul is part of the loss)."""
+        return lambda hidden, targets: self.chunks[-1].head_loss(hidden, targets) / num_tokens
 
     def forward_backward(self, micro_batches: list[torch.Tensor], num_tokens: int) -> torch.Tensor:
         """Runs the pipeline schedule over this rank's micro-batches, accumulating gradients of the global-batch
@@ -402,6 +407,7 @@ class Trainer:
                 "peak_mem_bytes": peak_memory_bytes(self.device),
                 "loss_scale": self.scaler.scale if self.scaler else 1.0, "skipped": not finite,
                 "step_time_s": elapsed,
+                **(self.compile_counts.since_last() if self.compile_counts is not None else {}),
                 **({"consumed_samples_by_source": dict(zip((s.name for s in self.data_sources), st.source_samples))}
                    if self.blend is not None else {})}
 
