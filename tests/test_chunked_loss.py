@@ -73,7 +73,8 @@ def test_rejects_bad_chunk():
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_model_head_loss(tie):
-    """Llama.head_loss with and without chunks, and forward(labels=), give the same loss and every gradient."""
+    """forward(targets=) (Llama.head_loss) with and without chunks, and forward(labels=), give the same loss and
+    every gradient."""
     cfg = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_heads=4, num_kv_heads=2, vocab_size=50,
                       seq_length=24, tie_embeddings=tie)
     ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -82,8 +83,7 @@ def test_model_head_loss(tie):
     for chunk in (0, 5):
         model = Llama(cfg, parallelism=Parallelism(loss_chunk_tokens=chunk))
         model.init_weights(3)
-        model.output_hidden = True
-        loss = model.head_loss(model(ids), targets)
+        loss = model(ids, targets=targets)
         loss.backward()
         with torch.no_grad():
             mean = model(ids, labels=ids)

@@ -188,12 +188,11 @@ def check_chunked_loss(topo: Topology, sequence_parallel: bool, dev):
     tp = TPContext(topo.tp_group, topo.tp, topo.tp_rank, sequence_parallel)
     model = Llama(cfg, parallelism=Parallelism(tp, RNGTracker(6, topo.tp_rank, dev), loss_chunk_tokens=7)).to(dev)
     model.init_weights(6)
-    model.output_hidden = True
     ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(4)).to(dev)
     targets = torch.cat([ids[:, 1:], ids.new_full((2, 1), -100)], dim=1)
     ref = F.cross_entropy(dense(ids).flatten(0, 1), targets.flatten(), reduction="sum")
     ref.backward()
-    loss = model.head_loss(model(ids), targets)
+    loss = model(ids, targets=targets)
     _close(loss.detach(), ref.detach(), "chunked head loss")
     loss.backward()
     dense_params = dict(dense.named_parameters())
@@ -204,7 +203,6 @@ def check_chunked_loss(topo: Topology, sequence_parallel: bool, dev):
             dist.all_reduce(grad, group=tp.group)
         _close(grad[local], dense_params[name].grad[block], f"chunked loss: gradient of {name}")
     with torch.no_grad():
-        model.output_hidden = False
         _close(model(ids, labels=ids), dense(ids, labels=ids), "chunked loss with labels")
 
 

@@ -386,8 +386,6 @@ class Llama(nn.Module):
     without a head, it returns hidden states; the full model maps input ids [b, s] to logits [b, s, vocab].
     Under tensor parallelism the logits are this rank's vocabulary slice (vocab_parallel_cross_entropy takes
     them as they are); under sequence parallelism hidden states between layers are sequence shards.
-    output_hidden: set on a slice with the head to have forward return the final norm's output instead of the
-    logits, for head_loss (the trainer does, so that a chunked loss never builds the logits).
     """
 
     def __init__(self, cfg: ModelConfig, layers: list[int] | None = None, has_embedding: bool = True,
@@ -410,7 +408,6 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         par.tp.mark_replicas(self)
-        self.output_hidden = False
 
     def head_weight(self) -> torch.Tensor:
         return self.head.weight if self.head is not None else self.embedding.weight
@@ -427,7 +424,7 @@ class Llama(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                documents: DocumentMask | None = None) -> torch.Tensor:
+                documents: DocumentMask | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [b, s] (hidden states on a stage without the embedding) -> logits [b, s, vocab] (this tp
         rank's vocabulary slice), or hidden states on a stage without the head. With `labels` [b, s]: the mean
         cross-entropy of predicting labels[:, 1:] from positions [:, :-1] over the labels that are not -100
@@ -435,7 +432,9 @@ class Llama(nn.Module):
         cache: incremental decoding with the full single-process model (see KVCache). documents: intra-document
         masking of packed samples (see engine.models.documents), the layout of the full micro-batch [b, s], built
         by the caller from the token ids and given to every pipeline stage; RoPE positions restart at each
-        document."""
+        document. targets [b, s]: the next-token ids of every position (-100: none), for a slice with the head:
+        returns the summed loss (head_loss), with the head's matmul inside this forward (so inside any module
+        hooks around it, such as ZeRO-3's parameter gathers)."""
         if documents is not None and (cache is not None or attention_mask is not None):
             raise ValueError("documents: not supported together with a KV cache or an attention_mask")
         if cache is not None:
@@ -469,15 +468,15 @@ class Llama(nn.Module):
         else:
             x = self._run_layers(x, *self.rope_at(documents.positions, x.dtype), documents)
         if self.norm is None:
-            if labels is not None:
-                raise ValueError("labels: this model slice has no head, so it cannot compute the loss")
+            if labels is not None or targets is not None:
+                raise ValueError("labels/targets: this model slice has no head, so it cannot compute the loss")
             return x
         hidden = self.norm(x)
         if labels is not None:  # position i predicts labels[i + 1]; the last position predicts nothing
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)
             return self.head_loss(hidden, targets) / (targets != -100).sum().clamp(min=1)
-        if self.output_hidden:
-            return hidden
+        if targets is not None:
+            return self.head_loss(hidden, targets)
         return self.par.tp.enter_linears(hidden, [self.head_weight()])[0]
 
     def head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

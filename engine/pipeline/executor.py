@@ -56,12 +56,14 @@ class PipelineExecutor:
 
     def run(self, actions: list[Action], inputs: list, targets: list, loss_fn, loss_scale: float = 1.0,
             forward_only: bool = False, first_forward_context=contextlib.nullcontext,
-            forward_kwargs: list[dict] | None = None) -> torch.Tensor:
+            forward_kwargs: list[dict] | None = None, targets_in_forward: bool = False) -> torch.Tensor:
         """Executes the list; returns this rank's summed loss (zero off the last stage). inputs[i]: micro-batch
         i's input to the first stage (a tensor or a tuple); loss_fn(output, targets[i]) gives its loss.
         forward_kwargs[i]: keyword arguments every stage's chunk gets with micro-batch i (e.g. its document
-        mask, which later stages cannot derive from hidden states)."""
-        self.loss_fn, self.forward_kwargs = loss_fn, forward_kwargs
+        mask, which later stages cannot derive from hidden states). targets_in_forward: the last stage's chunk also
+        gets `targets=targets[i]` and returns what loss_fn then takes (a loss computed inside the chunk's forward,
+        e.g. a head fused into the loss, runs inside the module hooks around it)."""
+        self.loss_fn, self.forward_kwargs, self.targets_in_forward = loss_fn, forward_kwargs, targets_in_forward
         saved, outputs, grads_in, received, sent = {}, {}, {}, {}, {}
         total = torch.zeros((), device=self.device)
         inflight = set()
@@ -116,9 +118,11 @@ class PipelineExecutor:
                 t.requires_grad_(not forward_only and t.is_floating_point())
         if not forward_only:
             saved[unit] = x
+        kwargs = dict(self.forward_kwargs[a.microbatch]) if self.forward_kwargs else {}
+        if v == self.last_stage and self.targets_in_forward:
+            kwargs["targets"] = targets[a.microbatch]
         with torch.set_grad_enabled(not forward_only):
-            out = self.chunks[a.chunk](*as_tuple(x), **(self.forward_kwargs[a.microbatch] if self.forward_kwargs
-                                                         else {}))
+            out = self.chunks[a.chunk](*as_tuple(x), **kwargs)
             if v == self.last_stage:
                 out = self.loss_fn(out, targets[a.microbatch])
         outputs[unit] = out

@@ -184,7 +184,6 @@ class Trainer:
                           has_head=v == stages - 1, parallelism=par).to(self.device)
             chunk.init_weights(self.cfg.run.seed)
             chunk.to(self.param_dtype)
-            chunk.output_hidden = True  # the last stage's loss function runs the head (see _loss_fn)
             chunks.append(chunk)
         return chunks
 
@@ -309,9 +308,9 @@ class Trainer:
         return list(torch.stack(samples).to(self.device).split(self.cfg.batch.micro_batch_size))
 
     def _loss_fn(self, num_tokens: int):
-        """A micro-batch's summed token cross-entropy (fp32, vocabulary-parallel) / num_tokens, from the last
-        stage's final-norm output (Llama.head_loss: the head's matmul is part of the loss)."""
-        return lambda hidden, targets: self.chunks[-1].head_loss(hidden, targets) / num_tokens
+        """A micro-batch's token cross-entropy / num_tokens, from the summed loss (fp32, vocabulary-parallel) the
+        last stage computes in its forward (targets_in_forward: the head's matmul is part of the loss)."""
+        return lambda summed, targets: summed / num_tokens
 
     def forward_backward(self, micro_batches: list[torch.Tensor], num_tokens: int) -> torch.Tensor:
         """Runs the pipeline schedule over this rank's micro-batches, accumulating gradients of the global-batch
@@ -326,7 +325,7 @@ class Trainer:
             loss = self.executor.run(self.schedule(len(micro_batches)), *self._inputs_and_targets(micro_batches),
                                      self._loss_fn(num_tokens), self.scaler.scale if self.scaler else 1.0,
                                      first_forward_context=(lambda: counter) if counter else contextlib.nullcontext,
-                                     forward_kwargs=self._forward_kwargs(micro_batches))
+                                     forward_kwargs=self._forward_kwargs(micro_batches), targets_in_forward=True)
         if counter is not None:
             self.activation_bytes = counter.bytes
         return loss
@@ -456,7 +455,7 @@ class Trainer:
             micro_batches = samples.to(self.device).split(mbs)
             total += self.executor.run(actions, *self._inputs_and_targets(micro_batches), self._loss_fn(1),
                                        forward_only=True,
-                                       forward_kwargs=self._forward_kwargs(micro_batches))
+                                       forward_kwargs=self._forward_kwargs(micro_batches), targets_in_forward=True)
         self._share_loss(total)
         return total.item() / (self.cfg.data.eval_iters * gbs * seq)
 
