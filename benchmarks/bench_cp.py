@@ -12,20 +12,20 @@ One causal attention forward + backward over a sequence of S tokens (b, h, d as 
   compute covers.
 
 Also tries ``torch.distributed.tensor.experimental.context_parallel`` on 2 gloo processes and reports whether
-it runs on CPU. Medians over --repeats after one warm-up. On a machine with fewer cores than ranks the ranks
-share cores, and every number is wall time.
+it runs on CPU. Medians over --repeats after --warmup (1) untimed calls (benchmarks/ab.py): dense SDPA's calls,
+then ring cp 1's; on the cp ranks, the step and the transfers alone in turns. On a machine with fewer cores than
+ranks the ranks share cores, and every number is wall time.
 
-    python benchmarks/bench_cp.py [--seq-lengths 4096 8192] [--cp 2 4] [--heads 8] [--head-dim 64] [--repeats 3]
+    python benchmarks/bench_cp.py [--seq-lengths 4096 8192] [--cp 2 4] [--heads 8] [--head-dim 64] [--repeats 3] \
+        [--warmup 1] [--json PATH]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -39,6 +39,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 from engine.parallel import context
 from engine.parallel.context import ring_attention, shard_sequence
+from ab import add_timing_args, run_ab, write_json
 
 
 def inputs(args, seq_len):
@@ -46,16 +47,6 @@ def inputs(args, seq_len):
     q, dout = (torch.randn(args.batch, args.heads, seq_len, args.head_dim, generator=gen) for _ in range(2))
     k, v = (torch.randn(args.batch, args.kv_heads, seq_len, args.head_dim, generator=gen) for _ in range(2))
     return q, k, v, dout
-
-
-def timed(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def single_process(args, seq_len):
@@ -72,7 +63,9 @@ def single_process(args, seq_len):
     def ring():
         ring_attention(q, k, v).backward(dout)
 
-    return timed(dense, args.repeats), timed(ring, args.repeats)
+    # one side at a time: all of dense's calls, then all of the ring's
+    return tuple(run_ab({name: fn}, args.repeats, args.warmup).median(name) for name, fn in (("dense", dense),
+                                                                                              ("ring", ring)))
 
 
 def _free_port():
@@ -90,16 +83,11 @@ def _ring_rank(rank, world, port, args, seq_len, queue):
     _init(rank, world, port)
     q, k, v, dout = (shard_sequence(t, world, rank, dim=2) for t in inputs(args, seq_len))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    rows = []
-    for rep in range(args.repeats + 1):
-        context.TIMINGS = {"compute": 0.0, "wait": 0.0}
-        dist.barrier()
-        start = time.perf_counter()
+    def step():
         ring_attention(q, k, v, dist.group.WORLD).backward(dout)
-        step = time.perf_counter() - start
-        # the same transfers as one forward + backward, back to back, without compute
-        dist.barrier()
-        start = time.perf_counter()
+
+    def comm():
+        """The same transfers as one forward + backward, back to back, without compute."""
         peers = list(range(world))
         kv = [k.detach(), v.detach()]
         grads = [torch.zeros(k.shape), torch.zeros(v.shape)]
@@ -109,13 +97,24 @@ def _ring_rank(rank, world, port, args, seq_len, queue):
         for _ in range(world):
             reqs, grads = context._exchange(grads, None, world, rank, peers)
             [r.wait() for r in reqs]
-        comm = time.perf_counter() - start
-        stats = torch.tensor([step, comm, context.TIMINGS["compute"], context.TIMINGS["wait"]], dtype=torch.float64)
-        slowest, mean = stats.clone(), stats.clone()
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        dist.all_reduce(mean)
-        if rep:  # the first round is the warm-up
-            rows.append((slowest[0].item(), slowest[1].item(), mean[2].item() / world, mean[3].item() / world))
+
+    def reset(name):
+        if name == "step":
+            context.TIMINGS = {"compute": 0.0, "wait": 0.0}
+
+    split = []  # per timed step: this rank's seconds of block compute and of waiting on transfers
+
+    def record(name, _seconds):
+        if name == "step":
+            split.append([context.TIMINGS["compute"], context.TIMINGS["wait"]])
+
+    # every round: the step, then the transfers alone; each after a barrier, the slowest rank's time
+    res = run_ab({"step": step, "comm": comm}, args.repeats, args.warmup, group=dist.group.WORLD, order="fixed",
+                 before=reset, after=record)
+    mean = torch.tensor(split, dtype=torch.float64)
+    dist.all_reduce(mean)
+    mean /= world
+    rows = [(a, b, c, d) for a, b, (c, d) in zip(res.times["step"], res.times["comm"], mean.tolist())]
     if rank == 0:
         queue.put([statistics.median(col) for col in zip(*rows)])
     dist.destroy_process_group()
@@ -160,8 +159,7 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=None, help="[= --heads]")
     ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", default=None)
+    add_timing_args(ap, repeats=3, warmup=1, with_profile=False)
     args = ap.parse_args(argv)
     args.kv_heads = args.kv_heads or args.heads
     results = []
@@ -188,9 +186,7 @@ def main(argv=None) -> int:
             cells += [""] * 4
         print("| " + " | ".join(str(c) for c in cells) + " |")
     print(f"\ntorch.distributed.tensor.experimental.context_parallel on CPU/gloo: {torch_cp}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"results": results, "torch_context_parallel": torch_cp}, fh, indent=1)
+    write_json(args.json, {"results": results, "torch_context_parallel": torch_cp})
     return 0
 
 

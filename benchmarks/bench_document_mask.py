@@ -3,21 +3,24 @@
 Forward + backward of the attention core alone (q, k, v [b, h, s, d] -> out, out.backward) on packed rows of
 documents with random lengths, against plain causal SDPA on the same tensors (what attention costs without
 document masking). Also times building the layout (DocumentMask.from_tokens, once per micro-batch) and the
-block mask (once per micro-batch, shared by the layers). Methods are timed in turns, the median is reported.
+block mask (once per micro-batch, shared by the layers). After one untimed pass of every method (which also
+checks the two document-masked outputs agree), the methods are timed in turns, always in the same order
+(benchmarks/ab.py, ``order="fixed"``); the median is reported.
 
     python benchmarks/bench_document_mask.py [--batch 4] [--heads 8] [--kv-heads 8] [--head-dim 64] \
-        [--seq 2048] [--min-doc 50] [--max-doc 1500] [--threads 2] [--repeats 7] [--seed 0]
+        [--seq 2048] [--min-doc 50] [--max-doc 1500] [--threads 2] [--repeats 7] [--seed 0] [--json PATH] \
+        [--profile DIR]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 from engine.models.documents import DocumentMask
 from engine.models.llama import attention_core, document_attention
+from ab import add_timing_args, profile, run_ab, write_json
 
 EOS = 1
 
@@ -44,12 +47,6 @@ def fwd_bwd(fn, q, k, v, grad):
     return out
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
@@ -60,8 +57,9 @@ def main(argv=None) -> None:
     parser.add_argument("--min-doc", type=int, default=50)
     parser.add_argument("--max-doc", type=int, default=1500)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
+    add_timing_args(parser, repeats=7, warmup=0, warmup_help="untimed rounds after the first, checking pass "
+                                                             "(default 0)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
@@ -81,13 +79,12 @@ def main(argv=None) -> None:
     _ = docs["sdpa"].mask  # built once per micro-batch in training; timed separately below
     outs = {name: fwd_bwd(fn, q, k, v, grad).detach() for name, fn in methods.items()}  # warm-up
     diff = (outs["sdpa: SDPA + boolean block mask"] - outs["segments: causal SDPA per document"]).abs().max()
-    times = {name: [] for name in methods}
-    for _ in range(args.repeats):
-        for name, fn in methods.items():
-            times[name].append(timed(lambda fn=fn: fwd_bwd(fn, q, k, v, grad)))
-    layout = [timed(lambda: DocumentMask.from_tokens(ids, EOS)) for _ in range(args.repeats)]
-    block = [timed(lambda: DocumentMask.from_tokens(ids, EOS, impl="sdpa").mask) for _ in range(args.repeats)]
-
+    sides = {name: (lambda fn=fn: fwd_bwd(fn, q, k, v, grad)) for name, fn in methods.items()}
+    res = run_ab(sides, args.repeats, args.warmup, order="fixed")
+    times = res.times
+    layout = run_ab({"layout": lambda: DocumentMask.from_tokens(ids, EOS)}, args.repeats, 0).times["layout"]
+    block = run_ab({"block": lambda: DocumentMask.from_tokens(ids, EOS, impl="sdpa").mask}, args.repeats,
+                   0).times["block"]
     lengths = [n for row in docs["segments"].lengths for n in row]
     print(f"attention fwd+bwd, fp32, {args.threads} threads: b={b} h={h} kv_heads={hk} d={d} s={s}; "
           f"{len(lengths)} documents of {min(lengths)}-{max(lengths)} tokens (drawn {args.min_doc}-{args.max_doc}); "
@@ -100,6 +97,16 @@ def main(argv=None) -> None:
     print(f"{'layout (from_tokens), per micro-batch':<38}{statistics.median(layout) * 1e3:>10.2f}")
     print(f"{'block mask build, per micro-batch':<38}{statistics.median(block) * 1e3:>10.2f}")
     print(f"max |sdpa - segments| output difference: {diff.item():.2e}")
+    if args.profile:
+        for i, (name, fn) in enumerate(sides.items()):
+            print(f"profile of {name}: {profile(fn, 3, args.profile, f'method{i}')}")
+    write_json(args.json, {"args": vars(args), "documents": len(lengths),
+                           "document_lengths": [min(lengths), max(lengths)],
+                           "ms": {name: statistics.median(ts) * 1e3 for name, ts in times.items()},
+                           "vs_causal": {name: statistics.median(ts) / base for name, ts in times.items()},
+                           "layout_ms": statistics.median(layout) * 1e3,
+                           "block_mask_ms": statistics.median(block) * 1e3,
+                           "max_abs_diff": diff.item(), "timing": res.to_dict()})
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ noise hits all of them; the speed-up is the median of the per-repeat ratios torc
 each side give a second view that is less sensitive to other processes on a shared machine.
 
     python benchmarks/bench_kernels.py [--device cpu|cuda] [--params N] [--tensors T] [--repeats R] [--json]
-                                       [--out-json FILE]
+                                       [--out-json FILE] [--profile DIR]
     pytest benchmarks/ --benchmark-only        # the test_* functions below (pytest-benchmark)
 """
 from __future__ import annotations
@@ -42,7 +42,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from typing import Callable
 
 import torch
@@ -54,6 +53,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 from engine import ext  # noqa: E402
 from engine.optim import FusedAdamW, clip_grad_norm_, global_grad_norm  # noqa: E402
+from ab import add_timing_args, profile, run_ab, timed, write_json  # noqa: E402
 
 DEFAULT_PARAMS = 64 * 2 ** 20
 DEFAULT_TENSORS = 128
@@ -125,19 +125,14 @@ CASES = {"adamw-fp32": adamw_fp32, "adamw-bf16-master": adamw_bf16_master,
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Timing.
+# Timing (benchmarks/ab.py): every side's timing is `iters` back-to-back calls between two device syncs.
 
-def _sync(device) -> Callable[[], None]:
-    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-
-
-def timed(fn, iters: int, sync) -> float:
-    sync()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / iters
+def looped(fn: Callable[[], object]) -> Callable[[int], None]:
+    """fn as a side of ab.run_ab: called with n, it calls fn n times."""
+    def run(n: int) -> None:
+        for _ in range(n):
+            fn()
+    return run
 
 
 class Reference:
@@ -161,20 +156,18 @@ def copy_bandwidth(device, repeats: int = 7) -> float:
     """Bytes read + written per second by a large tensor copy."""
     ref = Reference(device)
     ref.copy()
-    return 2 * ref.nbytes / statistics.median(timed(ref.copy, 3, _sync(device)) for _ in range(repeats))
+    copies = looped(ref.copy)
+    return 2 * ref.nbytes / statistics.median(timed(lambda: copies(3), device=device)[0] / 3 for _ in range(repeats))
 
 
 def compare(case: Case, n: int, repeats: int, iters: int, warmup: int, device, ref: Reference) -> dict:
-    sync = _sync(device)
-    sides = {"ours": case.ours, "torch": case.torch, "copy": ref.copy, "inplace": ref.inplace}
-    for _ in range(warmup):
-        for fn in sides.values():
-            fn()
-    times = {name: [] for name in sides}
-    for r in range(repeats):
-        for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
-            times[name].append(timed(sides[name], iters, sync))
-    ratios = [t / o for o, t in zip(times["ours"], times["torch"])]
+    """Warm-up: each side called once per warm-up round; then `repeats` rounds, the sides forwards in even rounds
+    and backwards in odd ones, each timing `iters` calls (seconds per call)."""
+    sides = {"ours": looped(case.ours), "torch": looped(case.torch), "copy": looped(ref.copy),
+             "inplace": looped(ref.inplace)}
+    res = run_ab(sides, repeats, warmup, device=device, order="alternate", inputs=lambda i: (1 if i < 0 else iters,))
+    times = {name: [t / iters for t in ts] for name, ts in res.times.items()}
+    ratios = res.ratios("torch", "ours")  # the speed-up of each repeat (iters cancels)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     gbps = {"ours": case.ours_bytes_per_param * n / med["ours"], "torch": case.torch_bytes_per_param * n / med["torch"],
             "copy": 2 * ref.nbytes / med["copy"], "inplace": 2 * ref.nbytes / med["inplace"]}
@@ -204,6 +197,10 @@ def run(args) -> dict:
     for name in args.cases:
         case = CASES[name](args.params, args.tensors, device)
         result["rows"].append(compare(case, args.params, args.repeats, args.iters, args.warmup, device, ref))
+        if args.profile:  # after the timing: the profiled calls change the state (parameters, moments)
+            result.setdefault("profiles", []).extend(
+                profile(fn, args.iters, args.profile, f"{name}_{side}")
+                for side, fn in (("ours", case.ours), ("torch", case.torch)))
         del case
         gc.collect()
         if device == "cuda":
@@ -248,9 +245,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--params", type=int, default=DEFAULT_PARAMS, help="parameters in all (default: 64M)")
     p.add_argument("--tensors", type=int, default=DEFAULT_TENSORS, help="tensors they are split into (default 128)")
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    p.add_argument("--repeats", type=int, default=7, help="interleaved ours/torch pairs (default: 7)")
+    add_timing_args(p, repeats=7, warmup=2, with_json=False, repeats_help="interleaved ours/torch pairs (default: 7)",
+                    warmup_help="untimed calls per side first (default: 2)")
     p.add_argument("--iters", type=int, default=None, help="calls per timing (default: 3 on CPU, 20 on CUDA)")
-    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     p.add_argument("--out-json", default=None, help="also write the result as JSON to this file")
     args = p.parse_args(argv)
@@ -262,9 +259,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
-    if args.out_json:
-        with open(args.out_json, "w") as fh:
-            json.dump(result, fh, indent=2)
+    write_json(args.out_json, result)
     return 0
 
 

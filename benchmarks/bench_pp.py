@@ -66,7 +66,7 @@ from engine.parallel.topology import init_distributed  # noqa: E402
 from engine.pipeline import simulate  # noqa: E402
 from engine.training import parse_config, validate  # noqa: E402
 from engine.training.trainer import Trainer  # noqa: E402
-from bench_common import finish  # noqa: E402
+from ab import add_timing_args, finish, quartiles, repeat_table, run_ab, timed  # noqa: E402
 
 LOSS_TOLERANCE = 1e-5
 
@@ -75,9 +75,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--schedule", choices=["1f1b", "interleaved"], default="1f1b")
     ap.add_argument("--vpp", type=int, default=None, help="model chunks per rank [2 for interleaved, else 1]")
-    ap.add_argument("--repeats", type=int, default=3, help="blocks of timed pairs")
     ap.add_argument("--pairs", type=int, default=4, help="timed ours/torch pairs per repeat")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
+    add_timing_args(ap, repeats=3, warmup=2, with_profile=False, repeats_help="blocks of timed pairs (default 3)",
+                    warmup_help="untimed steps per side first (default 2)")
     ap.add_argument("--num-layers", type=int, default=8)
     ap.add_argument("--hidden-size", type=int, default=256)
     ap.add_argument("--ffn-hidden-size", type=int, default=704)
@@ -86,7 +86,6 @@ def parse_args(argv=None):
     ap.add_argument("--seq-length", type=int, default=128)
     ap.add_argument("--micro-batch-size", type=int, default=2)
     ap.add_argument("--micro-batches", type=int, default=8, help="micro-batches per step")
-    ap.add_argument("--json", default=None, help="write the results (rank 0) to this file")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="after timing, run --profile-steps steps per side under cProfile; every rank writes "
                          "DIR/{ours,torch}_rank<r>.txt (functions by own time)")
@@ -208,23 +207,16 @@ def main(argv=None) -> int:
         return torch.stack(losses).sum() if has_last else torch.zeros(())
 
     sides = {"ours": (ours_prepare, ours_step, ours_timer), "torch": (torch_prepare, torch_step, torch_timer)}
+    steps = {side: fn for side, (_, fn, _) in sides.items()}
 
-    def run(side, batch):
-        """One timed step: (slowest rank's seconds, per-rank busy fraction list, loss on the last rank, CPU
-        seconds of all ranks together)."""
-        prepare, fn, timer = sides[side]
-        prepare()
-        dist.barrier()
-        b0 = timer.busy
-        c0, t0 = time.process_time(), time.perf_counter()
-        loss = fn(batch)
-        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
-        busy = timer.busy - b0
-        stats = torch.tensor([elapsed, busy, cpu], dtype=torch.float64)
-        gathered = [torch.zeros_like(stats) for _ in range(pp)]
-        dist.all_gather(gathered, stats)
-        step_s = max(float(g[0]) for g in gathered)
-        return step_s, [float(g[1]) / step_s for g in gathered], loss, sum(float(g[2]) for g in gathered)
+    def prepare(side):
+        """Before a step, outside the timed region and before the barrier: zero the gradients."""
+        sides[side][0]()
+
+    def once(side, batch):
+        """One untimed step (after a barrier, as the timed ones); this rank's loss."""
+        prepare(side)
+        return timed(lambda: steps[side](batch))[1]
 
     gen = torch.Generator().manual_seed(1234)
     batches = [torch.randint(0, vocab, (mbs * m, seq + 1), generator=gen) for _ in range(4)]
@@ -236,8 +228,8 @@ def main(argv=None) -> int:
 
     # ---- correctness: same loss and gradients on the first step ---------------------------------------------
     ours_timer.order, torch_timer.order = [], []  # record what each side computes, in order
-    _, _, loss_ours, _ = run("ours", batches[0])
-    _, _, loss_torch, _ = run("torch", batches[0])
+    loss_ours = once("ours", batches[0])
+    loss_torch = once("torch", batches[0])
     same = torch.tensor([float(ours_timer.order == torch_timer.order)])
     dist.all_reduce(same, op=dist.ReduceOp.MIN)
     same_order = bool(same.item())
@@ -266,29 +258,39 @@ def main(argv=None) -> int:
         dist.destroy_process_group()
         return 1
 
-    # ---- warm-up, then interleaved timed pairs --------------------------------------------------------------
-    for i in range(args.warmup):
-        run("ours", batches[i % len(batches)])
-        run("torch", batches[i % len(batches)])
-    rows = []  # (repeat, ours_s, torch_s, ours_busy, torch_busy, ours_cpu_s, torch_cpu_s)
-    for r in range(args.repeats):
-        for i in range(args.pairs):
-            batch = batches[(r * args.pairs + i) % len(batches)]
-            order = ["ours", "torch"] if (r * args.pairs + i) % 2 == 0 else ["torch", "ours"]
-            res = {side: run(side, batch) for side in order}
-            rows.append((r, res["ours"][0], res["torch"][0], res["ours"][1], res["torch"][1], res["ours"][3],
-                         res["torch"][3]))
+    # ---- warm-up, then interleaved timed pairs (benchmarks/ab.py) --------------------------------------------
+    # One round per pair, the order flipping every pair: batch k % len(batches) for pair k and for warm-up step w.
+    # A step's time is the slowest rank's; its CPU time is summed over the ranks. Each rank also keeps the seconds
+    # it spent inside compute calls during each timed step (for the measured bubble).
+    busy, mark = {"ours": [], "torch": []}, {}
+
+    def before(side):
+        prepare(side)
+        mark[side] = sides[side][2].busy
+
+    def after(side, _seconds):
+        busy[side].append(sides[side][2].busy - mark[side])
+
+    def inputs(i):
+        return (batches[(i + args.warmup if i < 0 else i) % len(batches)],)
+
+    res = run_ab(steps, args.repeats * args.pairs, args.warmup, inputs=inputs, before=before, after=after)
 
     # ---- report ---------------------------------------------------------------------------------------------
     modelled = simulate.run(args.schedule, pp, m, vpp).bubble_fraction
+    mine = torch.tensor([busy["ours"], busy["torch"]], dtype=torch.float64)
+    every_rank = [torch.zeros_like(mine) for _ in range(pp)]
+    dist.all_gather(every_rank, mine)
 
-    def measured(idx):
-        per_rank = [statistics.median(row[idx][k] for row in rows) for k in range(pp)]
+    def measured(col, side):
+        """1 - mean over ranks of the median busy fraction (compute time / the slowest rank's step time)."""
+        per_rank = [statistics.median(float(b) / t for b, t in zip(r[col], res.times[side])) for r in every_rank]
         return 1.0 - sum(per_rank) / pp, per_rank
 
-    ours_bubble, ours_busy = measured(3)
-    torch_bubble, torch_busy = measured(4)
-    ratios = [row[1] / row[2] for row in rows]
+    ours_bubble, ours_busy = measured(0, "ours")
+    torch_bubble, torch_busy = measured(1, "torch")
+    ratios = res.ratios("ours", "torch")
+    cpu_ratios = res.ratios("ours", "torch", cpu=True)
     result = {"pp": pp, "vpp": vpp, "schedule": args.schedule, "micro_batches": m, "micro_batch_size": mbs,
               "seq_length": seq, "num_layers": args.num_layers, "hidden_size": args.hidden_size,
               "ffn_hidden_size": args.ffn_hidden_size, "num_heads": args.num_heads,
@@ -296,30 +298,20 @@ def main(argv=None) -> int:
               "threads_per_rank": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.processor()
               or platform.machine(), "loss_ours": float(check[0]), "loss_torch": float(check[1]),
               "loss_diff": loss_diff, "max_grad_diff": float(diffs[0]),
-              "ours_ms_median": 1e3 * statistics.median(row[1] for row in rows),
-              "torch_ms_median": 1e3 * statistics.median(row[2] for row in rows),
+              "ours_ms_median": 1e3 * res.median("ours"), "torch_ms_median": 1e3 * res.median("torch"),
               "median_ratio": statistics.median(ratios), "pairs": len(ratios),
-              "per_pair": [{"repeat": row[0], "ours_s": row[1], "torch_s": row[2], "ours_cpu_s": row[5],
-                            "torch_cpu_s": row[6]} for row in rows],
-              "ratio_quartiles": statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3,
-              "ours_cpu_s_median": statistics.median(row[5] for row in rows),
-              "torch_cpu_s_median": statistics.median(row[6] for row in rows),
-              "median_cpu_ratio": statistics.median(row[5] / row[6] for row in rows),
-              "cpu_ratio_quartiles": statistics.quantiles([row[5] / row[6] for row in rows], n=4)
-              if len(rows) > 1 else [rows[0][5] / rows[0][6]] * 3, "no_grad_hooks": args.no_grad_hooks,
+              "per_pair": [{"repeat": k // args.pairs, "ours_s": o, "torch_s": t, "ours_cpu_s": oc, "torch_cpu_s": tc}
+                           for k, (o, t, oc, tc) in enumerate(zip(res.times["ours"], res.times["torch"],
+                                                                  res.cpu_times["ours"], res.cpu_times["torch"]))],
+              "ratio_quartiles": quartiles(ratios),
+              "ours_cpu_s_median": res.median("ours", cpu=True), "torch_cpu_s_median": res.median("torch", cpu=True),
+              "median_cpu_ratio": statistics.median(cpu_ratios), "cpu_ratio_quartiles": quartiles(cpu_ratios),
+              "no_grad_hooks": args.no_grad_hooks,
               "bubble_modelled": modelled, "bubble_measured_ours": ours_bubble,
               "bubble_measured_torch": torch_bubble, "busy_fraction_per_rank_ours": ours_busy,
               "busy_fraction_per_rank_torch": torch_busy,
               "ours_peak_inflight": trainer.executor.peak_inflight, "same_compute_order": same_order}
-    log("\n| repeat | ours ms/step (median) | torch ms/step (median) | median per-pair ratio ours/torch |")
-    log("|---|---|---|---|")
-    for r in range(args.repeats):
-        sel = [row for row in rows if row[0] == r]
-        log(f"| {r} | {1e3 * statistics.median(x[1] for x in sel):.1f} | "
-            f"{1e3 * statistics.median(x[2] for x in sel):.1f} | "
-            f"{statistics.median(x[1] / x[2] for x in sel):.3f} |")
-    log(f"| all ({len(ratios)} pairs) | {result['ours_ms_median']:.1f} | {result['torch_ms_median']:.1f} | "
-        f"**{result['median_ratio']:.3f}** |")
+    log("\n" + repeat_table(res, "ours", "torch", args.repeats)[0])
     q = result["ratio_quartiles"]
     log(f"\nper-pair ratio quartiles: {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f}; CPU seconds per step (all ranks): ours "
         f"{result['ours_cpu_s_median']:.2f}, torch {result['torch_cpu_s_median']:.2f}, median per-pair ratio "
@@ -336,11 +328,9 @@ def main(argv=None) -> int:
         os.makedirs(args.profile, exist_ok=True)
         for side in ("ours", "torch"):
             prof = cProfile.Profile()
-            cpu = 0.0
-            for i in range(args.profile_steps):
-                prof.enable()
-                cpu += run(side, batches[i % len(batches)])[3]
-                prof.disable()
+            prof.enable()  # the steps as they are timed (zeroing, barrier, step, reduction of the times)
+            cpu = sum(run_ab({side: steps[side]}, args.profile_steps, 0, inputs=inputs, before=prepare).cpu_times[side])
+            prof.disable()
             out = io.StringIO()
             out.write(f"{side}, rank {rank}: {args.profile_steps} steps, {cpu / args.profile_steps:.3f} CPU s/step "
                       "(all ranks)\n")
@@ -348,7 +338,7 @@ def main(argv=None) -> int:
             with open(os.path.join(args.profile, f"{side}_rank{rank}.txt"), "w") as fh:
                 fh.write(out.getvalue())
         log(f"profiles written to {args.profile}/")
-    return finish(result, args.json, rank)
+    return finish(result, args.json)
 
 
 if __name__ == "__main__":

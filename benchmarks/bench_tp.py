@@ -27,9 +27,9 @@ all-reduced over the model-parallel group, then a conditional ``_foreach_mul_``)
 Before timing, the step-0 losses must agree within 1e-5; during the timed steps both models train in lock-step on
 the same batches, and the largest loss difference is reported.
 
-Timing: after warm-up, steps alternate ours / DTensor (the order flips every pair), each preceded by a barrier;
-a step's time is the slower rank's. The figure to read is the median of the per-pair ratios ours / DTensor
-(< 1.0: ours is faster).
+Timing (benchmarks/ab.py): after warm-up, steps alternate ours / DTensor (the order flips every pair), each
+preceded by a barrier; a step's time is the slower rank's. The figure to read is the median of the per-pair
+ratios ours / DTensor (< 1.0: ours is faster).
 
     torchrun --nproc_per_node 2 benchmarks/bench_tp.py [--model-size small|medium] [--steps 20] [--repeats 3] \
         [--sequence-parallel] [--micro-batches 1] [--json out.json] [--activations] [--profile DIR]
@@ -39,9 +39,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -59,7 +59,7 @@ from engine.models.llama import Llama, ModelConfig, Parallelism, RMSNorm, apply_
 from engine.optim import param_groups  # noqa: E402
 from engine.parallel import RNGTracker, TPContext, Topology, vocab_parallel_cross_entropy  # noqa: E402
 from engine.parallel.recompute import SavedTensorCounter  # noqa: E402
-from bench_common import finish  # noqa: E402
+from ab import add_timing_args, finish, profile, profile_table, repeat_table, run_ab  # noqa: E402
 
 SEED = 1234
 LOSS_TOLERANCE = 1e-5
@@ -330,39 +330,18 @@ def make_batches(cfg: ModelConfig, mbs: int, micro_batches: int, count: int) -> 
                  .split(mbs)) for _ in range(count)]
 
 
-def timed(fn, *args) -> tuple[float, tuple]:
-    dist.barrier()
-    start = time.perf_counter()
-    out = fn(*args)
-    return time.perf_counter() - start, out
-
-
-def profile_steps(name: str, fn, batches, num_tokens: int, steps: int, out_dir: str, rank: int) -> str:
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
-        for i in range(steps):
-            fn(batches[i % len(batches)], num_tokens)
-    os.makedirs(out_dir, exist_ok=True)
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
-    with open(os.path.join(out_dir, f"{name}_rank{rank}.txt"), "w") as f:
-        f.write(table)
-    return table
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-size", choices=sorted(SIZES), default="medium")
     ap.add_argument("--micro-batch-size", type=int, default=None, help="default: the size's (4)")
     ap.add_argument("--micro-batches", type=int, default=1, help="micro-batches per step (gradient accumulation)")
     ap.add_argument("--steps", type=int, default=20, help="timed step pairs per repeat")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=3, help="untimed step pairs first")
+    add_timing_args(ap, repeats=3, warmup=3, repeats_help="blocks of --steps timed pairs (default 3)",
+                    warmup_help="untimed step pairs first (default 3)")
     ap.add_argument("--sequence-parallel", action="store_true")
     ap.add_argument("--no-loss-parallel", action="store_true", help="DTensor head: gather the logits instead")
     ap.add_argument("--clip-grad", type=float, default=1.0, help="both sides; 0 measures the norm only")
     ap.add_argument("--activations", action="store_true", help="also measure activation bytes per layer")
-    ap.add_argument("--profile", default=None, metavar="DIR", help="profile a few steps of each side into DIR")
-    ap.add_argument("--json", default=None, metavar="PATH")
     args = ap.parse_args(argv)
 
     if not dist.is_initialized():
@@ -401,53 +380,34 @@ def main(argv=None) -> int:
 
     if args.profile:
         for name, side in (("ours", ours), ("dtensor", theirs)):
-            table = profile_steps(name, side.step, batches, num_tokens, 3, args.profile, rank)
-            log(f"--- profile {name} (rank 0, 3 steps, self CPU time) ---\n{table}")
+            k = itertools.count()
+            trace = profile(lambda: side.step(batches[next(k) % len(batches)], num_tokens), 3, args.profile,
+                            f"{name}_rank{rank}")
+            log(f"--- profile {name} (rank 0, 3 steps, self CPU time; trace {trace}) ---\n{profile_table(trace)}")
 
-    for i in range(args.warmup):
-        ours.step(batches[(i + 1) % len(batches)], num_tokens)
-        theirs.step(batches[(i + 1) % len(batches)], num_tokens)
+    # One round per pair; batch k % len(batches) for pair k, (w + 1) % len(batches) for warm-up pair w.
+    def inputs(i):
+        return batches[(i + args.warmup + 1 if i < 0 else i) % len(batches)], num_tokens
 
-    times = torch.zeros(args.repeats, args.steps, 2, dtype=torch.float64)
-    max_loss_diff = abs(loss_ours - loss_theirs)
-    k = 0
-    for r in range(args.repeats):
-        for i in range(args.steps):
-            batch = batches[k % len(batches)]
-            k += 1
-            order = [(0, ours), (1, theirs)] if (r * args.steps + i) % 2 == 0 else [(1, theirs), (0, ours)]
-            losses = {}
-            for col, side in order:
-                t, (loss, _) = timed(side.step, batch, num_tokens)
-                times[r, i, col] = t
-                losses[col] = loss
-            max_loss_diff = max(max_loss_diff, abs(losses[0] - losses[1]))
-    dist.all_reduce(times, op=dist.ReduceOp.MAX)  # a step takes as long as its slowest rank
-
-    ms = times * 1e3
-    ratios = (ms[..., 0] / ms[..., 1]).flatten().tolist()
+    res = run_ab({"ours": ours.step, "dtensor": theirs.step}, args.repeats * args.steps, args.warmup, inputs=inputs,
+                 keep_values=True)
+    max_loss_diff = max([abs(loss_ours - loss_theirs)] +
+                        [abs(a[0] - b[0]) for a, b in zip(res.values["ours"], res.values["dtensor"])])
+    table, rows = repeat_table(res, "ours", "dtensor", args.repeats, labels=("ours", "DTensor"))
+    summary = res.ratio_summary("ours", "dtensor")
     result = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "world": world,
               "threads_per_rank": torch.get_num_threads(), "model_size": args.model_size,
               "model": dataclasses.asdict(cfg), "micro_batch_size": mbs, "micro_batches": args.micro_batches,
               "sequence_parallel": args.sequence_parallel, "loss_parallel": not args.no_loss_parallel,
               "clip_grad": args.clip_grad, "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
-              "max_loss_diff": max_loss_diff, "repeats_table": [],
-              "ours_ms_median": statistics.median(ms[..., 0].flatten().tolist()),
-              "dtensor_ms_median": statistics.median(ms[..., 1].flatten().tolist()),
-              "ours_ms_min": float(ms[..., 0].min()), "dtensor_ms_min": float(ms[..., 1].min()),
-              "median_ratio": statistics.median(ratios)}
-    log("\n| repeat | ours ms/step (median) | DTensor ms/step (median) | median per-pair ratio ours/DTensor |")
-    log("|---|---|---|---|")
-    for r in range(args.repeats):
-        row = {"repeat": r, "ours_ms": statistics.median(ms[r, :, 0].tolist()),
-               "dtensor_ms": statistics.median(ms[r, :, 1].tolist()),
-               "ratio": statistics.median((ms[r, :, 0] / ms[r, :, 1]).tolist())}
-        result["repeats_table"].append(row)
-        log(f"| {r} | {row['ours_ms']:.1f} | {row['dtensor_ms']:.1f} | {row['ratio']:.3f} |")
-    log(f"| all ({len(ratios)} pairs) | {result['ours_ms_median']:.1f} | {result['dtensor_ms_median']:.1f} | "
-        f"**{result['median_ratio']:.3f}** |")
-    log(f"| min | {result['ours_ms_min']:.1f} | {result['dtensor_ms_min']:.1f} | "
-        f"{result['ours_ms_min'] / result['dtensor_ms_min']:.3f} |")
+              "max_loss_diff": max_loss_diff,
+              "repeats_table": [{"repeat": row["repeat"], "ours_ms": row["a"], "dtensor_ms": row["b"],
+                                 "ratio": row["ratio"]} for row in rows],
+              "ours_ms_median": res.median("ours") * 1e3, "dtensor_ms_median": res.median("dtensor") * 1e3,
+              "ours_ms_min": res.best("ours") * 1e3, "dtensor_ms_min": res.best("dtensor") * 1e3,
+              "median_ratio": summary["median"], "ratio_quartiles": [summary["q1"], summary["median"], summary["q3"]],
+              "timing": res.to_dict()}
+    log("\n" + table)
     log(f"\nmedian per-pair ratio ours/DTensor: {result['median_ratio']:.3f} (target < 1.0); "
         f"largest loss difference over the timed steps: {max_loss_diff:.2e}")
 
@@ -460,7 +420,7 @@ def main(argv=None) -> int:
             log(f"| {row['tp']} | {row['sequence_parallel']} | {row['recompute']} | {row['measured']:,} | "
                 f"{row['estimated']:,} | {row['measured'] / row['estimated']:.3f} |")
 
-    return finish(result, args.json, rank)
+    return finish(result, args.json)
 
 
 if __name__ == "__main__":

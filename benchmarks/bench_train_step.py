@@ -16,7 +16,7 @@ descheduled does not count); and the "quiet pairs" row, the median over the pair
 Two entry points:
 
     python benchmarks/bench_train_step.py [--model tiny] [--micro-batch-size 8] [--seq-length 256] \
-        [--repeats 10] [--json]
+        [--repeats 10] [--json] [--profile DIR]
     pytest benchmarks/ --benchmark-only        # the test_* functions below (pytest-benchmark)
 """
 from __future__ import annotations
@@ -28,7 +28,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +38,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.models.llama import Llama, ModelConfig, preset  # noqa: E402
+from ab import add_timing_args, profile, run_ab  # noqa: E402
 
 LOSS_TOLERANCE = 1e-4
 QUIET_SLACK = 1.25  # a pair is "quiet" when both of its steps are within 25% of that side's fastest step
@@ -183,16 +183,6 @@ class Pair:
         return self.micro_batch_size * self.seq_length
 
 
-def time_steps(step, n: int) -> tuple[float, float, float]:
-    """Mean wall-clock seconds and mean process CPU seconds (all threads) per step over n steps, and the last
-    loss. CPU time leaves out the time the process was descheduled, so it is less sensitive to other jobs on a
-    shared machine (though thread spin-waits and cache sharing still count)."""
-    start, cpu_start = time.perf_counter(), time.process_time()
-    for _ in range(n):
-        loss = step()
-    return (time.perf_counter() - start) / n, (time.process_time() - cpu_start) / n, loss
-
-
 def load_average() -> float | None:
     try:
         return os.getloadavg()[0]
@@ -201,21 +191,23 @@ def load_average() -> float | None:
 
 
 def run(pair: Pair, repeats: int, steps_per_repeat: int, warmup: int) -> dict:
+    """`warmup` untimed steps of each side (ours first), then `repeats` rounds of steps_per_repeat steps of one side
+    and then of the other (ours first in even rounds), every step timed (benchmarks/ab.py). A row is a round: the
+    mean wall-clock and process CPU time per step of each side (CPU time leaves out the time the process was
+    descheduled, so it is less sensitive to other jobs on a shared machine, though thread spin-waits and cache
+    sharing still count), and each side's last loss."""
     load_before = load_average()
-    warm_losses = []
-    for _ in range(warmup):
-        warm_losses.append((pair.step_ours(), pair.step_hf()))
-    rows = []
-    for r in range(repeats):
-        if r % 2 == 0:
-            t_ours, c_ours, l_ours = time_steps(pair.step_ours, steps_per_repeat)
-            t_hf, c_hf, l_hf = time_steps(pair.step_hf, steps_per_repeat)
-        else:
-            t_hf, c_hf, l_hf = time_steps(pair.step_hf, steps_per_repeat)
-            t_ours, c_ours, l_ours = time_steps(pair.step_ours, steps_per_repeat)
-        rows.append({"repeat": r, "ours_ms": 1e3 * t_ours, "hf_ms": 1e3 * t_hf, "ratio": t_ours / t_hf,
-                     "ours_cpu_ms": 1e3 * c_ours, "hf_cpu_ms": 1e3 * c_hf, "cpu_ratio": c_ours / c_hf,
-                     "loss_ours": l_ours, "loss_hf": l_hf})
+    res = run_ab({"ours": pair.step_ours, "hf": pair.step_hf}, repeats, warmup, calls_per_repeat=steps_per_repeat,
+                 keep_values=True)
+    warm_losses = list(zip(res.warmup_values["ours"], res.warmup_values["hf"]))
+    wall = {side: res.round_means(side) for side in ("ours", "hf")}
+    cpu = {side: res.round_means(side, cpu=True) for side in ("ours", "hf")}
+    last = steps_per_repeat - 1
+    rows = [{"repeat": r, "ours_ms": 1e3 * wall["ours"][r], "hf_ms": 1e3 * wall["hf"][r],
+             "ratio": wall["ours"][r] / wall["hf"][r], "ours_cpu_ms": 1e3 * cpu["ours"][r],
+             "hf_cpu_ms": 1e3 * cpu["hf"][r], "cpu_ratio": cpu["ours"][r] / cpu["hf"][r],
+             "loss_ours": res.values["ours"][r * steps_per_repeat + last],
+             "loss_hf": res.values["hf"][r * steps_per_repeat + last]} for r in range(repeats)]
     med_ours = statistics.median(row["ours_ms"] for row in rows)
     med_hf = statistics.median(row["hf_ms"] for row in rows)
     min_ours, min_hf = min(row["ours_ms"] for row in rows), min(row["hf_ms"] for row in rows)
@@ -308,9 +300,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="tiny", help="engine preset to start from (default: tiny)")
     p.add_argument("--micro-batch-size", type=int, default=8)
     p.add_argument("--seq-length", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=10, help="interleaved ours/HF pairs (default: 10)")
+    add_timing_args(p, repeats=10, warmup=2, with_json=False, repeats_help="interleaved ours/HF pairs (default: 10)",
+                    warmup_help="untimed steps per side first (default: 2)")
     p.add_argument("--steps-per-repeat", type=int, default=1, help="steps timed per side per repeat (default: 1)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (default: 2)")
     for flag in ("num-layers", "hidden-size", "ffn-hidden-size", "num-heads", "num-kv-heads", "vocab-size"):
         p.add_argument(f"--{flag}", type=int, default=None, help="override the preset")
     p.add_argument("--optimizer", choices=["fused", "foreach"], default=None,
@@ -344,6 +336,9 @@ def main(argv=None) -> int:
     pair = Pair(config_from_args(args), args.micro_batch_size, args.seq_length, args.optimizer)
     result = run(pair, args.repeats, args.steps_per_repeat, args.warmup)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
+    if args.profile:  # after the timing (the profiled steps train both models on)
+        for side, step in (("ours", pair.step_ours), ("hf", pair.step_hf)):
+            print(f"profile of {side}: {profile(step, 3, args.profile, f'train_step_{side}')}", file=sys.stderr)
     return 0
 
 

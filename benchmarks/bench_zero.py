@@ -40,8 +40,9 @@ the baselines therefore normalise each rank's summed token loss by the rank's ow
 gradient of the global-batch mean loss. Step-1 losses (and gradient norms) must agree within 1e-5 (fp32) before
 anything is timed; the models then train in lock-step and the largest loss difference is reported.
 
-Timing: after warm-up, the contenders alternate in rotating order, each step preceded by a barrier; a step's
-time is the slower rank's. Read the median of the per-pair ratios ours / theirs (< 1.0: ours is faster).
+Timing (benchmarks/ab.py): after warm-up, the contenders alternate in rotating order, each step preceded by a
+barrier; a step's time is the slower rank's. Read the median of the per-pair ratios ours / theirs (< 1.0: ours is
+faster).
 
 Bytes per rank: ours are ``trainer.memory_event()`` (param_bytes, grad_bytes, optimizer_bytes; rank 0) and the
 same sums on every rank (max over ranks shown); theirs are ``numel() * element_size()`` over what a rank holds
@@ -90,7 +91,7 @@ from engine.optim import FusedAdamW, ZeroOptimizer, param_groups  # noqa: E402
 from engine.parallel import Topology  # noqa: E402
 from engine.training.config import ConfigError, parse_config, validate  # noqa: E402
 from engine.training.trainer import Trainer  # noqa: E402
-from bench_common import finish  # noqa: E402
+from ab import ABResult, add_timing_args, finish, profile, profile_table, repeat_table, run_ab  # noqa: E402
 
 SEED = 1234
 LOSS_TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}  # bf16: ours rounds the weights, autocast rounds per op
@@ -429,40 +430,23 @@ class OursAPI(Theirs):
 
 # ---------------------------------------------------------------------------------------------------------
 
-def timed(fn):
-    dist.barrier()
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
-
-
-def run_interleaved(sides, args, rounds: int) -> tuple[torch.Tensor, list[list[float]]]:
-    """rounds x len(sides) step times (slowest rank), rotating the order every round; and the losses."""
+def run_interleaved(sides, rounds: int) -> tuple[ABResult, list[str]]:
+    """`rounds` rounds of every side's step, rotating the order every round, each step after a barrier and timed
+    as the slowest rank's (benchmarks/ab.py). Returns the result (values: each step's (loss, grad norm)) and the
+    sides' keys in it, in order. Each side's phases are closed with this rank's step time."""
+    keys = [s.name if s.name not in [t.name for t in sides[:j]] else f"{s.name} #{j}" for j, s in enumerate(sides)]
+    by_key = dict(zip(keys, sides))
     for side in sides:
         side.phases.reset()
-    times = torch.zeros(rounds, len(sides), dtype=torch.float64)
-    losses = [[0.0] * len(sides) for _ in range(rounds)]
-    for r in range(rounds):
-        shift = r % len(sides)
-        for j in list(range(shift, len(sides))) + list(range(shift)):
-            t, (loss, _) = timed(sides[j].step)
-            sides[j].phases.end_step(t)
-            times[r, j] = t
-            losses[r][j] = loss
-    dist.all_reduce(times, op=dist.ReduceOp.MAX)
-    return times, losses
+    res = run_ab({k: side.step for k, side in by_key.items()}, rounds, 0, keep_values=True,
+                 after=lambda k, seconds: by_key[k].phases.end_step(seconds))
+    return res, keys
 
 
 def profile_side(side, steps: int, out_dir: str, rank: int) -> str:
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            side.step()
-    os.makedirs(out_dir, exist_ok=True)
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-    with open(os.path.join(out_dir, f"{side.name.replace(' ', '_').replace('/', '_')}_rank{rank}.txt"), "w") as f:
-        f.write(table)
-    return table
+    """torch.profiler over `steps` steps of the side (a chrome trace and a table in out_dir); returns the table."""
+    name = side.name.replace(" ", "_").replace("/", "_")
+    return profile_table(profile(side.step, steps, out_dir, f"{name}_rank{rank}", row_limit=25))
 
 
 def log_phases(sides, log) -> dict:
@@ -552,35 +536,23 @@ def compare(args, size, world, rank, log) -> dict:
     mems = [(gather_memory(o), gather_memory(t)) for o, t in pairs]
 
     sides = [s for pair in pairs for s in pair]
-    times, losses = run_interleaved(sides, args, args.steps * args.repeats)
-    ms = times.view(args.repeats, args.steps, len(sides)) * 1e3
+    res, keys = run_interleaved(sides, args.steps * args.repeats)
     tokens = sides[0].global_batch * size["seq_length"]
     for k, ((ours, theirs), (mo, mt)) in enumerate(zip(pairs, mems)):
-        a, b = 2 * k, 2 * k + 1
-        ratios = (ms[..., a] / ms[..., b]).flatten().tolist()
+        a, b = keys[2 * k], keys[2 * k + 1]
+        table, per_repeat = repeat_table(res, a, b, args.repeats, labels=("ours", "theirs"))
         row = result["pairs"][k]
         row.update({
-            "ours_ms_median": statistics.median(ms[..., a].flatten().tolist()),
-            "theirs_ms_median": statistics.median(ms[..., b].flatten().tolist()),
-            "ours_ms_min": float(ms[..., a].min()), "theirs_ms_min": float(ms[..., b].min()),
-            "median_ratio": statistics.median(ratios),
-            "per_repeat": [{"ours_ms": statistics.median(ms[r, :, a].tolist()),
-                            "theirs_ms": statistics.median(ms[r, :, b].tolist()),
-                            "ratio": statistics.median((ms[r, :, a] / ms[r, :, b]).tolist())}
-                           for r in range(args.repeats)],
-            "max_loss_diff": max(abs(l[a] - l[b]) for l in losses),
+            "ours_ms_median": res.median(a) * 1e3, "theirs_ms_median": res.median(b) * 1e3,
+            "ours_ms_min": res.best(a) * 1e3, "theirs_ms_min": res.best(b) * 1e3,
+            "median_ratio": res.ratio_summary(a, b)["median"],
+            "per_repeat": [{"ours_ms": pr["a"], "theirs_ms": pr["b"], "ratio": pr["ratio"]} for pr in per_repeat],
+            "max_loss_diff": max(abs(x[0] - y[0]) for x, y in zip(res.values[a], res.values[b])),
             "ours_buckets": ours.buckets(),
             "memory": {"ours": mo, "theirs": mt}})
         log(f"\n### {ours.name} vs {theirs.name}: step time (world {world}, {tokens} tokens/step, "
-            f"{len(ratios)} pairs, ours {row['ours_buckets']} buckets)\n")
-        log("| repeat | ours ms/step (median) | theirs ms/step (median) | median per-pair ratio ours/theirs |")
-        log("|---|---|---|---|")
-        for r, pr in enumerate(row["per_repeat"]):
-            log(f"| {r} | {pr['ours_ms']:.1f} | {pr['theirs_ms']:.1f} | {pr['ratio']:.3f} |")
-        log(f"| all ({len(ratios)} pairs) | {row['ours_ms_median']:.1f} | {row['theirs_ms_median']:.1f} | "
-            f"**{row['median_ratio']:.3f}** |")
-        log(f"| min | {row['ours_ms_min']:.1f} | {row['theirs_ms_min']:.1f} | "
-            f"{row['ours_ms_min'] / row['theirs_ms_min']:.3f} |")
+            f"{len(res.ratios(a, b))} pairs, ours {row['ours_buckets']} buckets)\n")
+        log(table)
         log(f"\nlargest loss difference over the timed steps: {row['max_loss_diff']:.2e}\n\nwhere the time goes:")
         row["phases"] = log_phases([ours, theirs], log)
         log(f"\n### {ours.name} vs {theirs.name}: bytes held per rank after a step (max over ranks)\n")
@@ -616,22 +588,21 @@ def overlap(args, size, world, rank, log) -> dict:
     for _ in range(args.warmup):
         for s in sides:
             s.step()
-    times, _ = run_interleaved(sides, args, args.steps * args.repeats)
+    res, keys = run_interleaved(sides, args.steps * args.repeats)
     seq = size["seq_length"]
     tokens_per_rank = [s.trainer.cfg.batch.global_batch_size * seq // s.trainer.topo.dp for s in sides]
-    med = [statistics.median(times[:, j].tolist()) for j in range(len(sides))]
+    med = [res.median(key) for key in keys]
     result = {"zero": z, "rows": []}
     log(f"\n### Overlap: ours --zero {z}, tokens/s per rank (world {world}; dp 1 = {world} independent replicas "
-        f"at once; {tokens_per_rank[0]} tokens per rank per step; {times.shape[0]} rounds)\n")
+        f"at once; {tokens_per_rank[0]} tokens per rank per step; {res.repeats} rounds)\n")
     log("| layout | buckets | ms/step (median) | tokens/s per rank | ratio to dp 1 (median per round) |")
     log("|---|---|---|---|---|")
+    blocks = res.split(args.repeats)
     for j, s in enumerate(sides):
-        ratio = statistics.median((times[:, 0] / times[:, j]).tolist())  # equal tokens per rank
+        ratio = res.ratio_summary(keys[0], keys[j])["median"]  # equal tokens per rank
         row = {"layout": s.name, "buckets": len(s.trainer.zero.buckets), "ms": med[j] * 1e3,
                "tokens_per_s_per_rank": tokens_per_rank[j] / med[j], "ratio": ratio,
-               "per_repeat_ratio": [statistics.median((times[r * args.steps:(r + 1) * args.steps, 0] /
-                                                       times[r * args.steps:(r + 1) * args.steps, j]).tolist())
-                                    for r in range(args.repeats)]}
+               "per_repeat_ratio": [statistics.median(blk.ratios(keys[0], keys[j])) for blk in blocks]}
         result["rows"].append(row)
         log(f"| {s.name} | {row['buckets']} | {row['ms']:.1f} | {row['tokens_per_s_per_rank']:.0f} | "
             f"**{ratio:.3f}** ({', '.join(f'{x:.3f}' for x in row['per_repeat_ratio'])}) |")
@@ -661,10 +632,8 @@ def main(argv=None) -> int:
                     help="zero1/overlap/api: run ours with the engine's --overlap-param-gather (zero1, api: instead "
                          "of the default; overlap: as one more side)")
     ap.add_argument("--steps", type=int, default=8, help="timed rounds per repeat")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    ap.add_argument("--profile", default=None, metavar="DIR", help="profile 2 steps of every side into DIR")
-    ap.add_argument("--json", default=None, metavar="PATH")
+    add_timing_args(ap, repeats=3, warmup=2, repeats_help="blocks of --steps timed rounds (default 3)",
+                    warmup_help="untimed rounds first (default 2)")
     args = ap.parse_args(argv)
     if args.bucket_size is None:
         args.bucket_size = parse_config([]).run.bucket_size if args.compare == "overlap" else 1_000_000
@@ -688,7 +657,7 @@ def main(argv=None) -> int:
         result = compare(args, size, world, rank, log)
     result.update({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "world": world,
                    "args": vars(args), "model": size})
-    return finish(result, args.json, rank)
+    return finish(result, args.json)
 
 
 if __name__ == "__main__":
