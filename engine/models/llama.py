@@ -266,6 +266,7 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p:
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **causal)
 
 
+@torch.compiler.disable  # --compile: the split by document lengths would recompile for every new layout
 def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
                        documents: DocumentMask) -> torch.Tensor:
     """attention_core within documents: each query attends to the earlier keys of its own document. q, k, v as

@@ -162,6 +162,9 @@ def _plain_attention_backward(dout, q, k, v, lse, delta, mask, scale):
     return dq, dk, dv
 
 
+# --compile: the ring's transfers, trimmed tiles and data-dependent masks stay eager (one graph before the attention
+# core and one after it, instead of a trace broken at every transfer)
+@torch.compiler.disable
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None,
                    segment_ids: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """Causal attention of this rank's queries against the whole sequence, spread over the cp `group`.

@@ -29,19 +29,26 @@ def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
+# The single-tensor collectives (the names changed in torch 2.10): NCCL's native form, and ones torch.compile
+# traces into its graphs (the list forms are graph breaks).
+_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+
 def all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    parts = [torch.empty_like(x) for _ in range(_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
+    size = _size(group)
+    gathered = x.new_empty((size * x.shape[0], *x.shape[1:]))  # the ranks' tensors one after the other
+    _all_gather_single(gathered, x.contiguous(), group=group)
+    return gathered if dim == 0 else torch.cat(gathered.view(size, *x.shape).unbind(0), dim=dim)
 
 
 def reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     size = _size(group)
     if x.shape[dim] % size:
         raise ValueError(f"cannot reduce-scatter dimension {dim} of size {x.shape[dim]} over {size} ranks")
-    parts = [p.contiguous() for p in x.chunk(size, dim)]
-    out = torch.empty_like(parts[0])
-    dist.reduce_scatter(out, parts, group=group)
+    parts = torch.stack(x.chunk(size, dim))  # rank r's part r-th, one after the other
+    out = parts.new_empty(parts.shape[1:])
+    _reduce_scatter_single(out, parts.flatten(0, 1), group=group)
     return out
 
 

@@ -318,7 +318,8 @@ class Trainer:
         for chunk in self.chunks:
             chunk.train()
         counter = None
-        if self.activation_bytes is None:
+        # (not under --compile: the counting hooks would be traced into the compiled graphs as graph breaks)
+        if self.activation_bytes is None and self.compile_counts is None:
             exclude = [q for _, q in self.named_params] + [t for c in self.chunks for t in c.buffers()]
             counter = SavedTensorCounter(exclude)  # parameters are not activations (looked up at save time)
         with self.rng.fork("default"):
