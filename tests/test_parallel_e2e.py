@@ -1,14 +1,20 @@
 """Layout invariance end to end: every parallel layout, launched with torchrun through
 examples/pretrain_llama.py, reproduces the single-process run (fp32, same seed and data): the loss and the
 gradient norm of every step, and the eval loss; and checkpoints resume under other layouts."""
+import functools
 import os
+import pathlib
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 
+import distributed
 from conftest import ROOT, trajectory
+from engine.training import parse_config, validate
+from engine.training.trainer import Trainer
 
 MODEL = ["--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-heads", "8",
          "--num-kv-heads", "4", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
@@ -57,7 +63,7 @@ def assert_same_trajectory(workdir, run, steps=range(1, 9), ref="single", rtol=R
         assert got[key] == pytest.approx(value, rel=tolerance), (key, got[key], value)
 
 
-@pytest.mark.parametrize("nproc,layout", [
+LAYOUTS = [
     (2, ["--tp", "2"]),
     (4, ["--tp", "4"]),
     (2, ["--tp", "2", "--sequence-parallel"]),
@@ -91,11 +97,32 @@ def assert_same_trajectory(workdir, run, steps=range(1, 9), ref="single", rtol=R
     (2, ["--dp", "2", "--zero", "3"]),
     (4, ["--dp", "4", "--zero", "3", "--zero3-keep-params", "--recompute", "full"]),
     (8, ["--tp", "2", "--pp", "2", "--dp", "2", "--zero", "3", "--sequence-parallel"]),
-], ids=lambda v: "-".join(v).replace("--", "") if isinstance(v, list) else str(v))
-def test_layout_reproduces_single_process(workdir, nproc, layout):
-    name = "run" + "".join(layout).replace("--", "_")
-    launch(nproc, MODEL + ["--data", "corpus", "--run-name", name] + layout, workdir)
-    assert_same_trajectory(workdir, name)
+]
+
+
+def _train_layouts(rank, world, workdir, layouts):
+    """Trains each layout in turn in this spawned group (the CLI path is the launches of the other tests); rank 0
+    compares each trajectory with the single process's as soon as its run is over."""
+    os.chdir(workdir)
+    for layout in layouts:
+        name = "run" + "".join(layout).replace("--", "_")
+        cfg = parse_config(MODEL + ["--data", "corpus", "--run-name", name] + layout)
+        validate(cfg, world)
+        Trainer(cfg).train()
+        if rank == 0:
+            try:
+                assert_same_trajectory(pathlib.Path(workdir), name)
+            except AssertionError as exc:
+                raise AssertionError(f"{' '.join(layout)}: {exc}") from None
+        dist.barrier()
+
+
+@pytest.mark.parametrize("world", sorted({n for n, _ in LAYOUTS}))
+def test_layouts_reproduce_single_process(workdir, world):
+    """Every layout of LAYOUTS for this world size, one spawned process group for them all (a torchrun launch
+    each would cost ~10 s of start-up apiece)."""
+    layouts = [layout for n, layout in LAYOUTS if n == world]
+    distributed.run(functools.partial(_train_layouts, workdir=str(workdir), layouts=layouts), world=world)
 
 
 def test_document_mask_reproduces_single_process(workdir):

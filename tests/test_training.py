@@ -552,3 +552,19 @@ def test_fault_specs_and_a_failed_publish(run_dir, corpus, monkeypatch):
     with pytest.raises(CheckpointError, match="saving step 1 failed .rank 0 publishing: OSError"):
         trainer.save_checkpoint()
     assert os.listdir("runs/nospace/checkpoints") == []
+
+
+def test_a_dropped_trainer_is_freed(run_dir, corpus):
+    """Nothing the engine registers (ZeRO's gradient hooks live in autograd, out of the garbage collector's sight)
+    keeps a trainer's parameters, buffers and optimizer state alive once the caller drops it."""
+    import gc
+    import weakref
+    cfg = parse_config(SMALL + ["--data", corpus, "--steps", "1"])
+    validate(cfg, 1)
+    trainer = Trainer(cfg)
+    trainer.train_step()
+    refs = [weakref.ref(trainer)] + [weakref.ref(p) for _, p in trainer.named_params] + \
+        [weakref.ref(t) for t in trainer.zero.grads.tensors()]
+    del trainer
+    gc.collect()
+    assert [r for r in refs if r() is not None] == []

@@ -14,6 +14,7 @@ or by the first gradient of a user's backward, which queues `on_backward_end` to
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -40,7 +41,15 @@ class GradSync:
         self.num_microbatches, self.counts = 1, {}
         self.armed = self.skip = self.reduced = False
         self._allocate()
-        self.hooks = [p.register_post_accumulate_grad_hook(self.on_grad) for b in self.buckets for p in b.params]
+        # the hooks hold this object weakly: a parameter's hooks live in autograd, out of the garbage collector's
+        # sight, so a strong reference would keep every dropped model, buffer and optimizer alive
+        owner = weakref.ref(self)
+
+        def on_grad(param, owner=owner):
+            sync = owner()
+            if sync is not None:
+                sync.on_grad(param)
+        self.hooks = [p.register_post_accumulate_grad_hook(on_grad) for b in self.buckets for p in b.params]
 
     def _allocate(self) -> None:
         """Not sharded: one full fp32 buffer, the parameters' .grad (fp32) or main_grad views. Sharded: the owned
