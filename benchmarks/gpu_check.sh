@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The fused kernels on one GPU (an H100 or H200), from a bare machine that has this repo and a CUDA build of torch:
+# The engine on one GPU (an H100 or H200), from a bare machine that has this repo and a CUDA build of torch:
 # build the extensions, report which kernels are in use, run the kernel tests (CUDA ones included), benchmark the
 # kernels against torch's fused AdamW and clip_grad_norm_ with the bandwidth as a share of the card's measured
-# device-to-device copy, and run a short single-GPU training job. Each stage has its own time limit; a failed
-# stage does not stop the others; a summary closes the run. Meant to finish in under 8 minutes.
+# device-to-device copy, measure training throughput and MFU against a compiled plain-PyTorch peer
+# (bench_mfu.py: 124M, 350M, 1B; eager, --compile, --compile + chunked loss), the elementwise pieces eager vs
+# compiled (bench_elementwise.py), the head + loss plain vs chunked (bench_loss.py), and run a short training job
+# with --compile --loss-chunk-tokens through the command line. Each stage has its own time limit; a failed stage
+# does not stop the others; a summary closes the run. Meant to finish in about 8 minutes (the MFU stage is the
+# long one, and writes its JSON after each model size).
 # With --suite it instead builds and runs the whole test suite on the GPU host (single-process tests on the CPU
 # or, where they ask for it, CUDA; multi-rank tests on gloo), which takes a second device call of up to 9 minutes.
 #
@@ -11,12 +15,13 @@
 #   bash benchmarks/gpu_check.sh --suite         # on the GPU machine: the whole suite (README's test command)
 #   bash benchmarks/gpu_check.sh --cpu-dry-run   # anywhere: the same stages, CPU-sized, to check the script itself
 #
-# Everything goes under $OUT (default ./gpu_out), in at most 7 files:
+# Everything goes under $OUT (default ./gpu_out), in at most 9 files:
 #   gpu_check.log         every stage's command and full output
 #   summary.txt           stage results and times, the kernel report, the benchmark tables, the training summary
 #   pytest.xml            JUnit report of the kernel tests
-#   bench_kernels_64M.json, bench_kernels_256M.json, bench_kernels_host.json   kernel benchmark results
+#   bench_kernels_64M.json, bench_kernels_host.json   kernel benchmark results
 #                                                     (see benchmarks/bench_kernels.py; host: 128K params in 128 tensors)
+#   mfu.json, elementwise.json, loss.json              bench_mfu.py, bench_elementwise.py, bench_loss.py results
 #   train_metrics.jsonl   the training job's metrics
 #   suite.xml, suite.txt  with --suite: JUnit report and output of the whole suite
 # The exit status is the number of failed stages.
@@ -63,11 +68,15 @@ stage() {
 if [[ $DRY -eq 1 ]]; then
   DEVICE=cpu; PRECISION=fp32; BENCH_SIZES=(4194304); TEST_FILTER="cuda or compiled_kernels_in_use"
   SUITE_TESTS=(tests/test_config.py tests/test_distributed_helper.py)  # the script, not the suite, is checked
-  TRAIN_MODEL=(--model tiny --micro-batch-size 2 --global-batch-size 4 --seq-length 64 --steps 2)
+  TRAIN_MODEL=(--model tiny --micro-batch-size 2 --global-batch-size 4 --seq-length 64 --steps 3
+               --compile --loss-chunk-tokens 64)
+  SMOKE=(--smoke)
 else
-  DEVICE=cuda; PRECISION=bf16; BENCH_SIZES=(67108864 268435456); TEST_FILTER=""; SUITE_TESTS=(tests/)
+  DEVICE=cuda; PRECISION=bf16; BENCH_SIZES=(67108864); TEST_FILTER=""; SUITE_TESTS=(tests/)
   TRAIN_MODEL=(--num-layers 8 --hidden-size 1024 --ffn-hidden-size 2816 --num-heads 16 --num-kv-heads 8
-               --seq-length 1024 --micro-batch-size 8 --global-batch-size 32 --steps 20)
+               --seq-length 1024 --micro-batch-size 8 --global-batch-size 32 --steps 12
+               --compile --loss-chunk-tokens 4096)
+  SMOKE=()
 fi
 
 env_info() {
@@ -145,6 +154,21 @@ bench() {
   return "$rc"
 }
 
+mfu() {
+  "$PY" benchmarks/bench_mfu.py --device "$DEVICE" ${SMOKE[@]+"${SMOKE[@]}"} --json "$OUT/mfu.json" \
+    | tee -a "$SUMMARY"
+}
+
+elementwise() {
+  "$PY" benchmarks/bench_elementwise.py --device "$DEVICE" ${SMOKE[@]+"${SMOKE[@]}"} --json "$OUT/elementwise.json" \
+    | tee -a "$SUMMARY"
+}
+
+loss() {
+  "$PY" benchmarks/bench_loss.py --device "$DEVICE" ${SMOKE[@]+"${SMOKE[@]}"} --json "$OUT/loss.json" \
+    | tee -a "$SUMMARY"
+}
+
 train() {
   "$PY" examples/pretrain_llama.py --device "$DEVICE" --precision "$PRECISION" "${TRAIN_MODEL[@]}" --log-interval 1 \
     --run-name gpu-check --metrics-file "$OUT/train_metrics.jsonl" --plot /tmp/gpu-check-loss.png \
@@ -160,12 +184,14 @@ late = steps[len(steps) // 2:]
 print(f"train: {len(steps)} steps, loss {steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f}, "
       f"median tokens/s {statistics.median(r['tokens_per_s'] for r in late):,.0f}, "
       f"TFLOP/s/device {statistics.median(r['tflops_per_device'] for r in late):.1f}, mfu {late[-1]['mfu']}, "
-      f"peak mem {max(r['peak_mem_bytes'] for r in steps) / 2**30:.2f} GiB")
+      f"peak mem {max(r['peak_mem_bytes'] for r in steps) / 2**30:.2f} GiB, first step {steps[0]['step_time_s']:.1f} s, "
+      f"compiled frames per step {[r.get('compiled_frames') for r in steps]}, "
+      f"graph breaks {sum(r.get('graph_breaks') or 0 for r in steps)}")
 EOF
 }
 
-export DRY SUITE DEVICE PRECISION TEST_FILTER SUMMARY
-export -f env_info deps build ext_report tests suite bench train
+export DRY SUITE DEVICE PRECISION TEST_FILTER SUMMARY SMOKE_STR="${SMOKE[*]}"
+export -f env_info deps build ext_report tests suite bench mfu elementwise loss train
 note "gpu_check $(date -u +%FT%TZ) dry_run=$DRY suite=$SUITE out=$OUT"
 stage env 60 bash -c env_info
 stage deps 120 bash -c deps
@@ -181,8 +207,11 @@ stage ext 300 bash -c ext_report
 stage tests 300 bash -c tests
 # arrays do not cross `bash -c`: pass the sizes and the model flags as words
 export BENCH_SIZES_STR="${BENCH_SIZES[*]}" TRAIN_MODEL_STR="${TRAIN_MODEL[*]}"
-stage bench 240 bash -c 'BENCH_SIZES=($BENCH_SIZES_STR); bench'
-stage train 300 bash -c 'TRAIN_MODEL=($TRAIN_MODEL_STR); train'
+stage bench 150 bash -c 'BENCH_SIZES=($BENCH_SIZES_STR); bench'
+stage mfu 330 bash -c 'SMOKE=($SMOKE_STR); mfu'
+stage elementwise 120 bash -c 'SMOKE=($SMOKE_STR); elementwise'
+stage loss 60 bash -c 'SMOKE=($SMOKE_STR); loss'
+stage train 150 bash -c 'TRAIN_MODEL=($TRAIN_MODEL_STR); train'
 note "failed stages: $FAILED"
 echo "==== summary ($SUMMARY)"
 cat "$SUMMARY"
