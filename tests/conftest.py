@@ -26,16 +26,26 @@ def pytest_configure(config):
                                        "pools); `-m 'not e2e'` leaves them out for a quick pass")
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    """A small directory of real text (a slice of the standard library's sources)."""
+def write_corpus(root) -> str:
+    """Fills the directory `root` with a small corpus of real text (a slice of the standard library's sources)."""
     from engine.data.datasets import stdlib_sources
-    root = tmp_path / "corpus"
-    root.mkdir()
     for i, path in enumerate(stdlib_sources()[:40]):
-        with open(path, "rb") as src, open(root / f"doc{i:03d}.py", "wb") as dst:
+        with open(path, "rb") as src, open(os.path.join(root, f"doc{i:03d}.py"), "wb") as dst:
             dst.write(src.read())
     return str(root)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A small directory of real text for one test."""
+    (tmp_path / "corpus").mkdir()
+    return write_corpus(tmp_path / "corpus")
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    """The same corpus, shared by a module's tests."""
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def read_metrics(path):

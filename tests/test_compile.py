@@ -60,15 +60,6 @@ def eager(tmp_path_factory, corpus_dir):
     return workdir, got
 
 
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory):
-    from engine.data.datasets import stdlib_sources
-    root = tmp_path_factory.mktemp("corpus")
-    for i, path in enumerate(stdlib_sources()[:40]):
-        (root / f"doc{i:03d}.py").write_bytes(open(path, "rb").read())
-    return str(root)
-
-
 def test_single_process_selective_recompute(eager, corpus_dir):
     """Selective recompute's checkpoint traced inside the compiled layer (plain --compile: test_layouts)."""
     workdir, expected = eager

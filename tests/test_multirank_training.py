@@ -99,15 +99,6 @@ def references(tmp_path_factory, corpus_dir):
     return workdir
 
 
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory):
-    from engine.data.datasets import stdlib_sources
-    root = tmp_path_factory.mktemp("corpus")
-    for i, path in enumerate(stdlib_sources()[:40]):
-        (root / f"doc{i:03d}.py").write_bytes(open(path, "rb").read())
-    return str(root)
-
-
 def _same_on_every_rank(value: float) -> bool:
     values = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
