@@ -259,3 +259,24 @@ def test_context_parallelism_divides_activations_and_shards_zero_over_dp_x_cp():
         assert mem["params"] == base["params"] and mem["optimizer"] == pytest.approx(base["optimizer"] / cp, rel=0.01)
     out = est.estimate(["--model", "tiny", "--cp", "4", "--dp", "2", "--seq-length", "1024"])
     assert out["gpus"] == 8 and out["layout"]["cp"] == 4
+
+
+def test_chunked_loss_replaces_the_logits_by_two_gradients():
+    """--loss-chunk-tokens: the last stage keeps [tokens, hidden] + [vocab/tp, hidden] fp32 instead of the fp32
+    [tokens, vocab/tp] softmax gradient and the head input; the other stages are unchanged."""
+    cfg = preset("llama-1b")
+    sb, h, v = 4 * cfg.seq_length, cfg.hidden_size, cfg.vocab_size
+    for tp, sp in ((1, False), (2, True)):
+        plain = est.memory_per_rank(cfg, est.Layout(tp=tp, sequence_parallel=sp, pp=2, micro_batch_size=4), 1)
+        fused = est.memory_per_rank(cfg, est.Layout(tp=tp, sequence_parallel=sp, pp=2, micro_batch_size=4,
+                                            loss_chunk_tokens=4096), 1)
+        head_input = sb * h * 2 // (tp if sp else 1)
+        assert plain["activations"] - fused["activations"] == sb * v // tp * 4 + head_input - (sb * h * 4 + v // tp * h * 4)
+        assert est.memory_per_rank(cfg, est.Layout(tp=tp, pp=2, loss_chunk_tokens=4096), 0) == \
+            est.memory_per_rank(cfg, est.Layout(tp=tp, pp=2), 0)
+    out = est.estimate(["--model", "llama-1b", "--micro-batch-size", "4", "--loss-chunk-tokens", "4096"])
+    assert out["layout"]["loss_chunk_tokens"] == 4096
+    assert out["memory_bytes"]["activations"] < est.estimate(["--model", "llama-1b", "--micro-batch-size", "4"]
+                                                              )["memory_bytes"]["activations"]
+    with pytest.raises(SystemExit):
+        est.estimate(["--loss-chunk-tokens", "-1"])
