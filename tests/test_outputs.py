@@ -101,6 +101,20 @@ def test_banner_variants():
         format_banner(**banner_args(precision="fp32"))
 
 
+def test_banner_names_the_speed_flags_and_estimates_with_them(run_dir, corpus):
+    from engine.training import parse_config, validate
+    from engine.training.banner import trainer_banner
+    from engine.training.trainer import Trainer
+    rows = {}
+    for name, flags in (("plain", []), ("fast", ["--compile", "--loss-chunk-tokens", "64"])):
+        cfg = parse_config(SMALL + ["--data", corpus, "--run-name", name, "--seq-length", "128"] + flags)
+        validate(cfg, 1)
+        rows[name] = banner_rows(trainer_banner(Trainer(cfg)))
+    assert rows["fast"]["kernels"].endswith(" | layers compiled (torch.compile) | head + loss fused, 64 tokens at a "
+                                            "time")
+    assert rows["fast"]["memory"] != rows["plain"]["memory"]  # the estimate without the logits (vocab 259 > 64)
+
+
 def test_human_units():
     assert [human_count(n) for n in (999, 1000, 46_875, 3_149_824, 6_738_415_616)] == \
         ["999", "1.00K", "46.9K", "3.15M", "6.74B"]
@@ -121,6 +135,7 @@ def test_banner_and_tensorboard_of_a_run(run_dir, corpus, capsys):
     assert rows["data"].startswith("40 documents")
     assert rows["memory"].startswith("~") and rows["tensorboard"] == "tb"
     assert rows["metrics"] == os.path.join("runs", "t", "metrics.jsonl")
+    assert rows["kernels"].endswith(" | layers eager")
 
     # the event file holds the metrics file's scalars: every step line's numeric fields and the eval losses
     acc = EventAccumulator("tb", size_guidance={"scalars": 0})
