@@ -1,6 +1,7 @@
 """--compile (torch.compile per transformer layer) gives the eager run's losses: the tiny model (sequence cut to
 64 tokens) for 20 steps in fp32, within 1e-5 relative at every step (grad norm 1e-4), in one process with selective
-recompute and at tp 2, pp 2 and dp 2 / ZeRO-1 against the one-process eager run; the compiler does its work in
+recompute and at tp 2, pp 2, dp 2 / ZeRO-1, tp 2 + SP with full recompute and dp 2 / ZeRO-3 against the one-process
+eager run; the compiler does its work in
 the first step and nothing after it (no recompilation, no graph break in the steady state)."""
 import functools
 import os
@@ -72,7 +73,9 @@ def test_single_process_selective_recompute(eager, corpus_dir):
 
 def _layouts(rank, world, corpus, workdir, expected):
     os.chdir(workdir)
-    for layout in (["--tp", "2"], ["--pp", "2"], ["--dp", "2", "--zero", "1"]):
+    for layout in (["--tp", "2"], ["--pp", "2"], ["--dp", "2", "--zero", "1"],
+                   # the traced single-tensor collectives of SP, the eager hooks of ZeRO-3
+                   ["--tp", "2", "--sequence-parallel", "--recompute", "full"], ["--dp", "2", "--zero", "3"]):
         name = "compiled" + "".join(layout).replace("--", "_")
         got, steps = run(["--data", corpus, "--run-name", name, "--compile"] + layout, world)
         if rank == 0:  # (the metrics are rank 0's)
