@@ -70,13 +70,13 @@ if [[ $DRY -eq 1 ]]; then
   SUITE_TESTS=(tests/test_config.py tests/test_distributed_helper.py)  # the script, not the suite, is checked
   TRAIN_MODEL=(--model tiny --micro-batch-size 2 --global-batch-size 4 --seq-length 64 --steps 3
                --compile --loss-chunk-tokens 64)
-  SMOKE=(--smoke)
+  BENCH_ARGS=(--smoke)
 else
   DEVICE=cuda; PRECISION=bf16; BENCH_SIZES=(67108864); TEST_FILTER=""; SUITE_TESTS=(tests/)
   TRAIN_MODEL=(--num-layers 8 --hidden-size 1024 --ffn-hidden-size 2816 --num-heads 16 --num-kv-heads 8
                --seq-length 1024 --micro-batch-size 8 --global-batch-size 32 --steps 12
                --compile --loss-chunk-tokens 4096)
-  SMOKE=()
+  BENCH_ARGS=(--repeats 4 --warmup 2)  # (the first call of a compiled side compiles; one more warms up)
 fi
 
 env_info() {
@@ -155,17 +155,17 @@ bench() {
 }
 
 mfu() {
-  "$PY" benchmarks/bench_mfu.py --device "$DEVICE" ${SMOKE[@]+"${SMOKE[@]}"} --json "$OUT/mfu.json" \
+  "$PY" benchmarks/bench_mfu.py --device "$DEVICE" ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"} --json "$OUT/mfu.json" \
     | tee -a "$SUMMARY"
 }
 
 elementwise() {
-  "$PY" benchmarks/bench_elementwise.py --device "$DEVICE" ${SMOKE[@]+"${SMOKE[@]}"} --json "$OUT/elementwise.json" \
+  "$PY" benchmarks/bench_elementwise.py --device "$DEVICE" ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"} --json "$OUT/elementwise.json" \
     | tee -a "$SUMMARY"
 }
 
 loss() {
-  "$PY" benchmarks/bench_loss.py --device "$DEVICE" ${SMOKE[@]+"${SMOKE[@]}"} --json "$OUT/loss.json" \
+  "$PY" benchmarks/bench_loss.py --device "$DEVICE" ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"} --json "$OUT/loss.json" \
     | tee -a "$SUMMARY"
 }
 
@@ -190,7 +190,7 @@ print(f"train: {len(steps)} steps, loss {steps[0]['loss']:.3f} -> {steps[-1]['lo
 EOF
 }
 
-export DRY SUITE DEVICE PRECISION TEST_FILTER SUMMARY SMOKE_STR="${SMOKE[*]}"
+export DRY SUITE DEVICE PRECISION TEST_FILTER SUMMARY BENCH_ARGS_STR="${BENCH_ARGS[*]}"
 export -f env_info deps build ext_report tests suite bench mfu elementwise loss train
 note "gpu_check $(date -u +%FT%TZ) dry_run=$DRY suite=$SUITE out=$OUT"
 stage env 60 bash -c env_info
@@ -208,9 +208,9 @@ stage tests 300 bash -c tests
 # arrays do not cross `bash -c`: pass the sizes and the model flags as words
 export BENCH_SIZES_STR="${BENCH_SIZES[*]}" TRAIN_MODEL_STR="${TRAIN_MODEL[*]}"
 stage bench 150 bash -c 'BENCH_SIZES=($BENCH_SIZES_STR); bench'
-stage mfu 330 bash -c 'SMOKE=($SMOKE_STR); mfu'
-stage elementwise 120 bash -c 'SMOKE=($SMOKE_STR); elementwise'
-stage loss 60 bash -c 'SMOKE=($SMOKE_STR); loss'
+stage mfu 330 bash -c 'BENCH_ARGS=($BENCH_ARGS_STR); mfu'
+stage elementwise 120 bash -c 'BENCH_ARGS=($BENCH_ARGS_STR); elementwise'
+stage loss 60 bash -c 'BENCH_ARGS=($BENCH_ARGS_STR); loss'
 stage train 150 bash -c 'TRAIN_MODEL=($TRAIN_MODEL_STR); train'
 note "failed stages: $FAILED"
 echo "==== summary ($SUMMARY)"
