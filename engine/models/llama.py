@@ -439,6 +439,8 @@ class Llama(nn.Module):
         if documents is not None and (cache is not None or attention_mask is not None):
             raise ValueError("documents: not supported together with a KV cache or an attention_mask")
         if cache is not None:
+            if targets is not None:
+                raise ValueError("targets: not supported with a KV cache (decoding computes no loss)")
             return self._forward_cached(input_ids, labels, attention_mask, cache)
         x = input_ids
         cp, cp_rank = self.par.cp
