@@ -61,8 +61,8 @@ memory: the 1b size on an 80 GB card, 3 x 18 + 16 B x 1.1B = 77 GB) run their si
 (--sequential forces that for every size, --no-sequential forbids it): each side is built, warmed up, timed and
 freed before the next, so its peak is its own.
 
-Between sizes every model is freed (del, gc, torch.cuda.empty_cache) and torch._dynamo is reset (otherwise the next size's new shapes would recompile the
-same code with dynamic shapes). The JSON (--json) holds everything:
+Between sizes every model is freed (del, gc, torch.cuda.empty_cache) and torch._dynamo is reset (otherwise the
+next size's new shapes would recompile the same code with dynamic shapes). The JSON (--json) holds everything:
 per side all step times, quartiles, first-call and warm-up times, first-step loss, memory, the Trainer's own
 per-step record, plus the card, torch/CUDA versions, date and the command line; it is rewritten after each size,
 so a run cut short keeps what finished. Progress lines carry the elapsed time.

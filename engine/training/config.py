@@ -188,8 +188,8 @@ class StabilityArgs:
 
 
 GROUPS = {"model": ModelArgs, "parallel": ParallelArgs, "precision": PrecisionArgs, "recompute": RecomputeArgs,
-          "performance": PerformanceArgs, "optimizer": OptimizerArgs, "schedule": ScheduleArgs, "batch": BatchArgs, "data": DataArgs,
-          "run": RunArgs, "checkpoint": CheckpointArgs, "stability": StabilityArgs}
+          "performance": PerformanceArgs, "optimizer": OptimizerArgs, "schedule": ScheduleArgs, "batch": BatchArgs,
+          "data": DataArgs, "run": RunArgs, "checkpoint": CheckpointArgs, "stability": StabilityArgs}
 
 
 @dataclass
