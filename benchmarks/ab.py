@@ -115,13 +115,9 @@ def _over_ranks(wall: float, cpu: float, group) -> tuple[float, float]:
 
 def timed(fn: Callable, group=None, device=None) -> tuple[float, object]:
     """Times fn(): a barrier when torch.distributed is initialised, perf_counter around the call (with a device
-    sync before and after), then the maximum over the ranks (all_reduce MAX). Returns (seconds, fn's return)."""
-    wall, _, value = _measure(fn, (), group, device)
-    if _distributed():
-        t = torch.tensor([wall], dtype=torch.float64, device=_comm_device(group))
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-        wall = float(t.item())
-    return wall, value
+    sync before and after), then the maximum over the ranks. Returns (seconds, fn's return)."""
+    wall, cpu, value = _measure(fn, (), group, device)
+    return _over_ranks(wall, cpu, group)[0], value
 
 
 def round_order(names: list[str], r: int, order: str = "rotate") -> list[str]:

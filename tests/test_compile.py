@@ -86,3 +86,16 @@ def _layouts(rank, world, corpus, workdir, expected):
 def test_layouts(eager, corpus_dir):
     workdir, expected = eager
     distributed.run(functools.partial(_layouts, corpus=corpus_dir, workdir=str(workdir), expected=expected), world=2)
+
+
+def test_graph_breaks_are_named(eager, corpus_dir, capsys):
+    """--document-mask leaves per-document attention eager (a disabled function: counted breaks); the log names
+    the cause once, in the step that met them."""
+    workdir, _ = eager
+    os.chdir(workdir)
+    _, steps = run(["--data", corpus_dir, "--run-name", "compiled-docs", "--compile", "--document-mask",
+                    "--steps", "2"])
+    assert steps[0]["graph_breaks"] > 0 and steps[1]["graph_breaks"] == 0
+    out = capsys.readouterr().out
+    assert out.count("graph break(s) in step") == 1
+    assert f"--compile: {steps[0]['graph_breaks']} graph break(s) in step 1; causes so far: " in out

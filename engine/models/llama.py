@@ -222,9 +222,14 @@ class Attention(nn.Module):
         self.wv = ColumnParallelLinear(cfg.hidden_size, cfg.kv_dim, tp)
         self.wo = RowParallelLinear(q_dim, cfg.hidden_size, tp)
 
+    @property
+    def dropout_p(self) -> float:
+        """The attention dropout in effect: none in eval mode."""
+        return self.dropout if self.training else 0.0
+
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              mask: torch.Tensor | DocumentMask | None = None):
-        dropout = self.dropout if self.training else 0.0
+        dropout = self.dropout_p
         # different heads on each tp rank: a per-rank dropout stream (not forked without dropout: the fork's
         # generator swaps are a graph break for --compile)
         with self.par.fork_tp() if dropout > 0 else contextlib.nullcontext():
@@ -245,7 +250,7 @@ class Attention(nn.Module):
         if cache is not None:  # incremental decoding: attend to the cached positions as well
             k, v = cache.update(k, v)
         if self.par.recompute == "selective":  # (the random streams need replaying only for dropout)
-            rng = self.par.rng if self.dropout > 0 and self.training else None
+            rng = self.par.rng if self.dropout_p > 0 else None
             out = recompute(self.core, rng, q, k, v, mask)
         else:
             out = self.core(q, k, v, mask)

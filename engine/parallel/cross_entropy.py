@@ -48,9 +48,9 @@ def _softmax_ce(logits: torch.Tensor, target: torch.Tensor, vocab_start: int, vo
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, vocab_start, vocab_size, group, ignore_index):
-        # a copy: the caller's logits stay intact
-        loss, grad = _softmax_ce(logits.float().clone() if logits.dtype == torch.float32 else logits.float(),
-                                 target, vocab_start, vocab_size, group, ignore_index, grad=True)
+        # a copy (_softmax_ce works in place): the caller's logits stay intact
+        loss, grad = _softmax_ce(logits.to(torch.float32, copy=True), target, vocab_start, vocab_size, group,
+                                 ignore_index, grad=True)
         ctx.save_for_backward(grad)
         return loss
 

@@ -3,29 +3,29 @@ compiler did, for the metrics.
 
 Layers compile one by one rather than the whole model: every layer has the same code and shapes, so one
 compiled graph serves them all (dynamo treats the parameters as inputs), and the embedding, the head, the
-pipeline's transfers and the loss stay eager. `nn.Module.compile` keeps the parameter names, so checkpoints
-and ZeRO's buffers see the same model.
+pipeline's transfers and the loss stay eager. Only each layer's `forward` is compiled: the parameter names do
+not change (checkpoints and ZeRO's buffers see the same model) and the module hooks around it (ZeRO-3's
+gathers, the overlap waits) stay eager.
 """
 from __future__ import annotations
 
+import torch
+from torch._dynamo.utils import counters
 
-def compile_layers(chunks) -> int:
-    """Compiles every transformer layer of the model chunks in place; returns how many."""
-    import torch
-    layers = [layer for chunk in chunks for layer in chunk.layers.values()]
-    for layer in layers:  # the forward only: the module hooks around it (ZeRO-3's gathers) stay eager
-        layer.forward = torch.compile(layer.forward)
-    return len(layers)
+
+def compile_layers(chunks) -> None:
+    """Compiles the forward of every transformer layer of the model chunks, in place."""
+    for chunk in chunks:
+        for layer in chunk.layers.values():
+            layer.forward = torch.compile(layer.forward)
 
 
 def _totals() -> tuple[int, int]:
-    from torch._dynamo.utils import counters
     return counters["frames"]["total"], sum(counters["graph_break"].values())
 
 
 def graph_break_reasons() -> list[str]:
     """The first line of each distinct graph-break reason so far."""
-    from torch._dynamo.utils import counters
     return sorted({reason.strip().splitlines()[0] for reason in counters["graph_break"]})
 
 

@@ -43,7 +43,7 @@ from engine.training.config import (
     run_dir,
     save_dir,
 )
-from engine.training.compile import CompileCounts, compile_layers
+from engine.training.compile import CompileCounts, compile_layers, graph_break_reasons
 from engine.training.data import TrainingData, prepare_data
 from engine.training.metrics import (
     MetricsWriter,
@@ -691,6 +691,9 @@ class Trainer:
                 if rec["step"] % cfg.run.log_interval == 0 or rec["skipped"]:
                     metrics.write(rec)
                     progress.log(step_line(rec, cfg.run.steps))
+                if rec.get("graph_breaks"):  # (--compile) each break splits a layer's graph: name the causes
+                    progress.log(f"--compile: {rec['graph_breaks']} graph break(s) in step {rec['step']}; causes so "
+                                 f"far: {'; '.join(graph_break_reasons())}")
                 progress.advance()
                 if self._check_divergence(rec, metrics, progress):
                     continue
