@@ -96,6 +96,7 @@ class Layout:
     precision: str = "bf16"
     recompute: str = "none"
     loss_chunk_tokens: int = 0  # the trainer's --loss-chunk-tokens: head and loss fused, a chunk at a time
+    fused_elementwise: bool = False  # the trainer's --fused-elementwise: RMSNorm and SwiGLU keep less
 
 
 def stage_parameters(cfg: ModelConfig, tp: int, pp: int, stage: int) -> int:
@@ -118,7 +119,8 @@ def state_bytes(params: int, precision: str, zero: int, dp: int) -> dict:
 
 
 def saved_activations(cfg: ModelConfig, micro_batch_size: int, seq_length: int, recompute: str,
-                      bytes_per_element: int, device: str = "cuda") -> list[tuple[str, int, int, str]]:
+                      bytes_per_element: int, device: str = "cuda",
+                      fused_elementwise: bool = False) -> list[tuple[str, int, int, str]]:
     """The tensors one transformer layer saves for backward: (what, elements, bytes per element, region).
 
     Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"), adapted to this
@@ -143,6 +145,9 @@ def saved_activations(cfg: ModelConfig, micro_batch_size: int, seq_length: int, 
     activations during its backward, gradient buffers) are not counted. With dropout > 0 the residual dropout
     masks are counted as CUDA's native_dropout keeps them (1 byte each); dropout on the attention
     probabilities is not (flash attention replays it from the RNG state).
+
+    fused_elementwise (engine/models/fused.py): each RMSNorm keeps its input (not upcast) and 1/rms only, and
+    SwiGLU its gate and up (not SiLU(gate)); the rotary embedding keeps nothing either way.
     """
     e, sb, h, f = bytes_per_element, micro_batch_size * seq_length, cfg.hidden_size, cfg.ffn_hidden_size
     q, kv, heads = cfg.num_heads * cfg.head_dim, cfg.kv_dim, cfg.num_heads
@@ -150,9 +155,7 @@ def saved_activations(cfg: ModelConfig, micro_batch_size: int, seq_length: int, 
         return [("layer input", sb * h, e, "seq")]
 
     def norm(name: str, consumer: str) -> list:
-        return [(f"{name} input, upcast to fp32", sb * h, 4, "seq"), (f"{name} 1/rms", sb, 4, "seq"),
-                (f"{name} normalised x (for the weight grad)", sb * h, e, "seq"),
-                (f"{name} output = {consumer} input", sb * h, e, "seq")]
+        return [*norm_rows(name, sb, h, e, fused_elementwise), (f"{name} output = {consumer} input", sb * h, e, "seq")]
     native = kv == q or sdpa_native_gqa(device, fp32=bytes_per_element == 4)
     sdpa_kv, expanded = (kv, "") if native else (q, ", expanded to num_heads")
     attention_core = {
@@ -165,14 +168,25 @@ def saved_activations(cfg: ModelConfig, micro_batch_size: int, seq_length: int, 
                       ("v (checkpoint input)", sb * kv, e, "tp")],
     }[recompute]
     dropout_masks = [("residual dropout mask", sb * h, 1, "seq")] * 2 if cfg.dropout > 0 else []
+    swiglu = [("gate = SiLU input", sb * f, e, "tp"), *([] if fused_elementwise else [("SiLU(gate)", sb * f, e, "tp")]),
+              ("up", sb * f, e, "tp")]
     return [*norm("attn_norm", "wq/wk/wv"), *attention_core, ("attention output = wo input", sb * q, e, "tp"),
-            *norm("mlp_norm", "w_gate/w_up"),
-            ("gate = SiLU input", sb * f, e, "tp"), ("SiLU(gate)", sb * f, e, "tp"), ("up", sb * f, e, "tp"),
-            ("SiLU(gate) * up = w_down input", sb * f, e, "tp"), *dropout_masks]
+            *norm("mlp_norm", "w_gate/w_up"), *swiglu, ("SiLU(gate) * up = w_down input", sb * f, e, "tp"),
+            *dropout_masks]
+
+
+def norm_rows(name: str, sb: int, h: int, e: int, fused_elementwise: bool) -> list[tuple[str, int, int, str]]:
+    """What one RMSNorm saves besides its output: the plain code its input upcast to fp32, 1/rms and the
+    normalised x; the fused one its input and 1/rms."""
+    if fused_elementwise:
+        return [(f"{name} input", sb * h, e, "seq"), (f"{name} 1/rms", sb, 4, "seq")]
+    return [(f"{name} input, upcast to fp32", sb * h, 4, "seq"), (f"{name} 1/rms", sb, 4, "seq"),
+            (f"{name} normalised x (for the weight grad)", sb * h, e, "seq")]
 
 
 def saved_head_activations(cfg: ModelConfig, micro_batch_size: int, seq_length: int, tp: int,
-                           bytes_per_element: int, loss_chunk_tokens: int = 0) -> list[tuple[str, int, int, str]]:
+                           bytes_per_element: int, loss_chunk_tokens: int = 0,
+                           fused_elementwise: bool = False) -> list[tuple[str, int, int, str]]:
     """What the last stage saves beyond its layers: the final norm, and the fp32 softmax gradient of the
     (vocab-parallel, padded) logits that the cross-entropy keeps, with the head's input. With a chunked loss
     (loss_chunk_tokens > 0) the logits never outlive a chunk: the gradients of the head's input (all tokens, fp32)
@@ -181,8 +195,7 @@ def saved_head_activations(cfg: ModelConfig, micro_batch_size: int, seq_length: 
     saved_activations; region "all": held whole on every rank."""
     e, sb, h = bytes_per_element, micro_batch_size * seq_length, cfg.hidden_size
     padded_vocab = _ceil_div(cfg.vocab_size, tp) * tp
-    norm = [("final norm input, upcast to fp32", sb * h, 4, "seq"), ("final norm 1/rms", sb, 4, "seq"),
-            ("final norm normalised x", sb * h, e, "seq")]
+    norm = norm_rows("final norm", sb, h, e, fused_elementwise)
     if loss_chunk_tokens > 0:
         return norm + [("head input gradient, fp32", sb * h, 4, "all"),
                        ("head weight gradient, fp32", padded_vocab * h, 4, "tp")]
@@ -197,23 +210,25 @@ def _rows_bytes(rows: list, tp: int, sequence_parallel: bool) -> int:
 
 def activation_bytes_per_layer(cfg: ModelConfig, micro_batch_size: int, seq_length: int, tp: int,
                                sequence_parallel: bool, recompute: str, bytes_per_element: int,
-                               device: str = "cuda") -> int:
+                               device: str = "cuda", fused_elementwise: bool = False) -> int:
     """Bytes one rank saves for backward per transformer layer and micro-batch (see saved_activations)."""
-    rows = saved_activations(cfg, micro_batch_size, seq_length, recompute, bytes_per_element, device)
+    rows = saved_activations(cfg, micro_batch_size, seq_length, recompute, bytes_per_element, device,
+                             fused_elementwise)
     return _rows_bytes(rows, tp, sequence_parallel)
 
 
 def microbatch_activation_bytes(cfg: ModelConfig, micro_batch_size: int, seq_length: int, tp: int,
                                 sequence_parallel: bool, recompute: str, bytes_per_element: int,
                                 num_layers: int | None = None, last_stage: bool = True, device: str = "cuda",
-                                loss_chunk_tokens: int = 0) -> int:
+                                loss_chunk_tokens: int = 0, fused_elementwise: bool = False) -> int:
     """Bytes one rank saves for backward for one micro-batch through `num_layers` layers (default: all),
     plus the final norm and loss when it holds the last stage: what the trainer's memory event measures."""
     layers = cfg.num_layers if num_layers is None else num_layers
     total = layers * activation_bytes_per_layer(cfg, micro_batch_size, seq_length, tp, sequence_parallel,
-                                                recompute, bytes_per_element, device)
+                                                recompute, bytes_per_element, device, fused_elementwise)
     if last_stage:
-        rows = saved_head_activations(cfg, micro_batch_size, seq_length, tp, bytes_per_element, loss_chunk_tokens)
+        rows = saved_head_activations(cfg, micro_batch_size, seq_length, tp, bytes_per_element, loss_chunk_tokens,
+                                      fused_elementwise)
         total += _rows_bytes(rows, tp, sequence_parallel)
     return total
 
@@ -241,10 +256,11 @@ def memory_per_rank(cfg: ModelConfig, layout: Layout, stage: int) -> dict:
     mem = state_bytes(stage_parameters(cfg, lo.tp, lo.pp, stage), lo.precision, lo.zero, lo.dp * lo.cp)
     layers = inflight_chunks(lo.schedule, lo.pp, lo.vpp, stage, lo.microbatches) * cfg.num_layers // (lo.pp * lo.vpp)
     args = (cfg, lo.micro_batch_size, cfg.seq_length // lo.cp)
-    activations = layers * activation_bytes_per_layer(*args, lo.tp, lo.sequence_parallel, lo.recompute, e)
+    activations = layers * activation_bytes_per_layer(*args, lo.tp, lo.sequence_parallel, lo.recompute, e,
+                                                      fused_elementwise=lo.fused_elementwise)
     if stage == lo.pp - 1:
         head_inflight = (lo.microbatches or lo.pp) if lo.schedule == "gpipe" else 1
-        head = saved_head_activations(*args, lo.tp, e, lo.loss_chunk_tokens)
+        head = saved_head_activations(*args, lo.tp, e, lo.loss_chunk_tokens, lo.fused_elementwise)
         activations += head_inflight * _rows_bytes(head, lo.tp, lo.sequence_parallel)
     mem["activations"] = activations
     return {**mem, "total": sum(mem.values())}
@@ -286,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recompute", choices=["none", "selective", "full"], default="none", help="[none]")
     p.add_argument("--loss-chunk-tokens", type=int, default=0,
                    help="the trainer's fused, chunked head and loss: no [tokens, vocab] logits kept [0: off]")
+    p.add_argument("--fused-elementwise", action="store_true",
+                   help="the trainer's fused RMSNorm and SwiGLU, which keep fewer activations")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     model = p.add_argument_group("model overrides")
     for flag, kind, text in MODEL_FLAGS:
@@ -375,7 +393,7 @@ def _report(args: argparse.Namespace) -> dict:
                     sequence_parallel=args.sequence_parallel, micro_batch_size=args.micro_batch_size,
                     microbatches=args.global_batch_size // per_step if args.global_batch_size else None,
                     schedule=args.schedule, precision=args.precision, recompute=args.recompute,
-                    loss_chunk_tokens=args.loss_chunk_tokens)
+                    loss_chunk_tokens=args.loss_chunk_tokens, fused_elementwise=args.fused_elementwise)
     report = {"model": args.model or ("tiny" if cfg else None), "layout": dataclasses.asdict(layout)}
     if cfg is None:
         params = int(args.params)

@@ -1,5 +1,5 @@
-"""The fused kernels of csrc/ (AdamW step, multi-tensor L2 norm, in-place scale): how they are built, found and
-replaced.
+"""The fused kernels of csrc/ (AdamW step, multi-tensor L2 norm, in-place scale; on CUDA also the layer's
+elementwise work: RMSNorm, rotary embedding, SwiGLU): how they are built, found and replaced.
 
 For each device type ("cpu", "cuda") the kernels come from, in order:
 1. the prebuilt extension (`engine._fused_cpu` / `engine._fused_cuda`) that `pip install --no-build-isolation
@@ -7,6 +7,8 @@ For each device type ("cpu", "cuda") the kernels come from, in order:
 2. a JIT build of csrc/ by `torch.utils.cpp_extension.load` (ninja), done once and cached in torch's extension
    directory;
 3. `TorchOps`, the same operations in torch's foreach ops, with one warning saying why the kernels are missing.
+The elementwise kernels exist for CUDA only: elsewhere `elementwise_ops` gives TorchOps, whose elementwise methods
+compute what the kernels compute (the reference the CUDA tests hold them to).
 
 `python -m engine.ext` prints the path each kernel takes on each device type, and why.
 """
@@ -23,8 +25,9 @@ import torch
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 KERNELS = ("adamw", "l2norm", "scale")
+ELEMENTWISE = ("rms_norm", "rope", "swiglu")  # CUDA only
 SOURCES = {"cpu": ["cpu/binding.cpp", "cpu/kernels.cpp"],
-           "cuda": ["cuda/binding.cpp", "cuda/adamw.cu", "cuda/norm.cu"]}
+           "cuda": ["cuda/binding.cpp", "cuda/adamw.cu", "cuda/norm.cu", "cuda/elementwise.cu"]}
 # ATen's capability names and the compiler flags of each (ATen compiles its own kernels with the same ones).
 ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
              "AVX2": ["-mavx2", "-mfma", "-mf16c"],
@@ -82,6 +85,25 @@ class CompiledOps:
     def l2norm(self, tensors):
         return self.module.l2norm(list(tensors))
 
+    @property
+    def has_elementwise(self) -> bool:
+        return hasattr(self.module, "rms_norm")
+
+    def rms_norm(self, x, weight, eps):
+        return self.module.rms_norm(x, weight, float(eps))
+
+    def rms_norm_backward(self, dy, x, weight, rstd):
+        return self.module.rms_norm_backward(dy, x, weight, rstd)
+
+    def rope(self, x, cos, sin, backward=False):
+        return self.module.rope(x, cos, sin, bool(backward))
+
+    def swiglu(self, gate, up):
+        return self.module.swiglu(gate, up)
+
+    def swiglu_backward(self, dy, gate, up):
+        return self.module.swiglu_backward(dy, gate, up)
+
     def scale_(self, tensors, scale):
         if tensors:
             self.module.scale_(list(tensors), *_scalar(scale, tensors[0].device))
@@ -129,6 +151,46 @@ class TorchOps:
             torch._foreach_mul_(list(tensors), factor)
         else:  # in fp32, rounded once, as the kernels do: torch's in-place bf16/fp16 foreach rounds the factor too
             torch._foreach_copy_(list(tensors), torch._foreach_mul([t.float() for t in tensors], factor))
+
+    # The elementwise kernels' operations, as csrc/cuda/elementwise.cu computes them: in fp32, rounded to the
+    # tensors' dtype where the plain code of engine/models/llama.py rounds (each product of two bf16 tensors).
+    has_elementwise = True
+
+    def rms_norm(self, x, weight, eps):
+        """(weight * round(x * rstd), rstd): rstd = 1 / sqrt(mean(x^2) + eps) in fp32, one per row ([rows])."""
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * (xf * rstd).to(x.dtype), rstd.reshape(-1)
+
+    def rms_norm_backward(self, dy, x, weight, rstd):
+        """(dx, dweight) of rms_norm: dx = rstd * g - x * rstd^3 * mean(g * x), g = round(dy * weight)."""
+        xf, r = x.float(), rstd.reshape(*x.shape[:-1], 1)
+        g = (dy * weight).float()
+        dot = (g * xf).sum(-1, keepdim=True)
+        dx = (g * r - xf * (dot * (r * r * r) / x.shape[-1])).to(x.dtype)
+        dweight = (dy * (xf * r).to(x.dtype)).float().reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        return dx, dweight
+
+    def rope(self, x, cos, sin, backward=False):
+        """Rotary embedding in the half-split convention (x [b, heads, s, d], tables [s, d]); backward: the
+        transposed rotation, which is the gradient of the forward."""
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        c1, c2, s1, s2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
+        out = torch.empty_like(x)  # x's memory layout, as the kernel's output (and the plain code's) has
+        out[..., :half] = x1 * c1 + x2 * s2 if backward else x1 * c1 - x2 * s1
+        out[..., half:] = x2 * c2 - x1 * s1 if backward else x2 * c2 + x1 * s2
+        return out
+
+    def swiglu(self, gate, up):
+        return torch.nn.functional.silu(gate) * up
+
+    def swiglu_backward(self, dy, gate, up):
+        """(dgate, dup) of swiglu, with ATen's SiLU derivative: sigmoid(g) * (1 + g * (1 - sigmoid(g)))."""
+        g = gate.float()
+        sg = torch.sigmoid(g)
+        dgate = ((dy * up).float() * sg * (1 + g * (1 - sg))).to(gate.dtype)
+        return dgate, dy * torch.nn.functional.silu(gate)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,11 +284,18 @@ class KernelLoader:
 
 
 LOADER = KernelLoader()
+TORCH_OPS = TorchOps()
 
 
 def ops_for(device) -> CompiledOps | TorchOps:
     """The kernels for tensors on `device` (compiled if possible; see the module docstring)."""
     return LOADER.ops(device)
+
+
+def elementwise_ops(device) -> CompiledOps | TorchOps:
+    """The elementwise kernels for tensors on `device`: the compiled CUDA ones where they exist, else TorchOps."""
+    ops = LOADER.ops(device)
+    return ops if isinstance(ops, CompiledOps) and ops.has_elementwise else TORCH_OPS
 
 
 def report(loader: KernelLoader = LOADER) -> list[str]:
@@ -235,7 +304,14 @@ def report(loader: KernelLoader = LOADER) -> list[str]:
         path = loader.path(backend)
         label = {"prebuilt": backend.upper(), "jit": backend.upper(), "fallback": "fallback"}[path.kind]
         for kernel in KERNELS:
-            lines.append(f"  {kernel:<7} {backend:<4}: {label:<8} [{path.kind}] {path.why}")
+            lines.append(f"  {kernel:<8} {backend:<4}: {label:<8} [{path.kind}] {path.why}")
+        compiled = isinstance(path.ops, CompiledOps) and path.ops.has_elementwise
+        for kernel in ELEMENTWISE:
+            if compiled:
+                lines.append(f"  {kernel:<8} {backend:<4}: {label:<8} [{path.kind}] {path.why}")
+            else:
+                why = "the elementwise kernels are CUDA only" if backend != "cuda" else path.why
+                lines.append(f"  {kernel:<8} {backend:<4}: torch    [reference] {why}")
     return lines
 
 

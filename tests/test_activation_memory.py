@@ -19,7 +19,8 @@ def predicted(trainer) -> int:
     cfg, p = trainer.model_cfg, trainer.cfg.parallel
     return est.microbatch_activation_bytes(cfg, trainer.cfg.batch.micro_batch_size, cfg.seq_length, p.tp,
                                            p.sequence_parallel, trainer.cfg.recompute.recompute, 4, device="cpu",
-                                           loss_chunk_tokens=trainer.cfg.performance.loss_chunk_tokens)
+                                           loss_chunk_tokens=trainer.cfg.performance.loss_chunk_tokens,
+                                           fused_elementwise=trainer.cfg.performance.fused_elementwise)
 
 
 def measure(argv, world=1):
@@ -48,6 +49,18 @@ def test_chunked_loss_keeps_no_logits(corpus, tmp_path, monkeypatch):
     assert plain - measured == sb * vocab * 4 + sb * h * 4 - (sb * h * 4 + vocab * h * 4)
 
 
+@pytest.mark.parametrize("recompute", ["none", "selective"])
+def test_fused_elementwise_keeps_less(corpus, recompute, tmp_path, monkeypatch):
+    """--fused-elementwise: the estimator's rows hold, and each RMSNorm keeps its input in place of the fp32 copy
+    and the normalised x (fp32 here: 2 of 3 hidden-wide tensors less), SwiGLU no SiLU(gate)."""
+    monkeypatch.chdir(tmp_path)
+    plain, _ = measure(MODEL + ["--data", corpus, "--recompute", recompute])
+    measured, expected = measure(MODEL + ["--data", corpus, "--recompute", recompute, "--fused-elementwise"])
+    assert measured == expected
+    sb, h, f, norms = 2 * 32, 64, 128, 2 * 2 + 1
+    assert plain - measured == norms * sb * h * 4 + 2 * sb * f * 4
+
+
 def _worker(rank, world, corpus, workdir):
     import os
     os.chdir(workdir)
@@ -57,6 +70,8 @@ def _worker(rank, world, corpus, workdir):
             assert measured == expected, (layout, recompute, measured, expected)
         measured, expected = measure(MODEL + ["--data", corpus, "--loss-chunk-tokens", "24"] + layout, world)
         assert measured == expected, (layout, "chunked loss", measured, expected)
+        measured, expected = measure(MODEL + ["--data", corpus, "--fused-elementwise"] + layout, world)
+        assert measured == expected, (layout, "fused elementwise", measured, expected)
 
 
 def test_tensor_and_sequence_parallel(corpus, tmp_path):

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from engine.models import fused
 from engine.models.documents import DocumentMask
 from engine.parallel.context import ring_attention, shard_positions, shard_sequence
 from engine.parallel.cross_entropy import chunked_head_cross_entropy, vocab_parallel_cross_entropy
@@ -157,12 +158,14 @@ def init_rows_(tensor: torch.Tensor, seed: int, name: str, std: float, row_offse
 # ---------------------------------------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, fused_kernel: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.fused_kernel = eps, fused_kernel
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_kernel and x.dtype == self.weight.dtype:
+            return fused.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -195,6 +198,7 @@ class Parallelism:
     recompute_layers: int | None = None  # with full: only the first N layers of this module
     cp_group: object = None  # context parallelism: the ring of ranks that each hold a shard of every sequence
     loss_chunk_tokens: int = 0  # > 0: Llama.head_loss runs the head and the loss this many tokens at a time
+    fused_elementwise: bool = False  # RMSNorm, RoPE and SwiGLU through engine.models.fused (the CUDA kernels)
 
     @property
     def cp(self) -> tuple[int, int]:
@@ -246,7 +250,8 @@ class Attention(nn.Module):
         q, k, v = (t.view(b, s, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if cos.dim() == 2:  # per-token tables (document masking) are [b, 1, s, d] already
             cos, sin = cos[:s], sin[:s]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rotate = fused.rope if self.par.fused_elementwise and cos.dim() == 2 and cos.dtype == q.dtype else apply_rope
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is not None:  # incremental decoding: attend to the cached positions as well
             k, v = cache.update(k, v)
         if self.par.recompute == "selective":  # (the random streams need replaying only for dropout)
@@ -309,14 +314,14 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, par: Parallelism):
         super().__init__()
         tp = par.tp
-        self.tp = tp
+        self.tp, self.fused_kernel = tp, par.fused_elementwise
         self.w_gate = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, tp)
         self.w_up = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, tp)
         self.w_down = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.tp.enter_linears(x, [self.w_gate.weight, self.w_up.weight])
-        return self.w_down(F.silu(gate) * up)
+        return self.w_down(fused.swiglu(gate, up) if self.fused_kernel else F.silu(gate) * up)
 
 
 class TransformerLayer(nn.Module):
@@ -324,9 +329,9 @@ class TransformerLayer(nn.Module):
         super().__init__()
         par = par or Parallelism()
         self.par = par
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, par.fused_elementwise)
         self.attn = Attention(cfg, par)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, par.fused_elementwise)
         self.mlp = MLP(cfg, par)
         self.dropout = nn.Dropout(cfg.dropout)
         for norm in (self.attn_norm, self.mlp_norm):
@@ -404,7 +409,7 @@ class Llama(nn.Module):
         self.vocab_start = par.tp.rank * (padded_vocab // par.tp.size)
         self.embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, par.tp) if has_embedding else None
         self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, par) for i in layers})
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps) if has_head else None
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, par.fused_elementwise) if has_head else None
         if self.norm is not None:
             self.norm.weight.sequence_parallel = par.tp.sequence_parallel
         self.head = None

@@ -119,13 +119,16 @@ def trainer_banner(trainer, blend: list | None = None) -> str:
         kernels = f"{backend}: torch foreach ops"
     perf = cfg.performance
     kernels += " | layers compiled (torch.compile)" if perf.compile else " | layers eager"
+    if perf.fused_elementwise:
+        fused = isinstance(ext.elementwise_ops(trainer.device), ext.CompiledOps)
+        kernels += f" | RMSNorm, RoPE, SwiGLU fused ({'CUDA kernels' if fused else 'in torch ops: no kernels here'})"
     if perf.loss_chunk_tokens:
         kernels += f" | head + loss fused, {perf.loss_chunk_tokens:,} tokens at a time"
     estimate = Layout(tp=p.tp, cp=p.cp, pp=p.pp, dp=p.dp, vpp=p.vpp, zero=p.zero,
                       sequence_parallel=p.sequence_parallel, micro_batch_size=b.micro_batch_size,
                       microbatches=b.global_batch_size // (b.micro_batch_size * p.dp), schedule=p.schedule,
                       precision=trainer.precision, recompute=cfg.recompute.recompute,
-                      loss_chunk_tokens=perf.loss_chunk_tokens)
+                      loss_chunk_tokens=perf.loss_chunk_tokens, fused_elementwise=perf.fused_elementwise)
     stage, memory = peak_memory(mcfg, estimate)
     loss_scale = None
     if trainer.precision == "fp16":

@@ -90,6 +90,10 @@ class PerformanceArgs:
     loss_chunk_tokens: int = _f(0, "compute the LM head and the cross-entropy this many tokens at a time, never "
                                    "holding the whole [tokens, vocab] logits (same loss and gradients; e.g. 4096; "
                                    "0: off)")
+    fused_elementwise: bool = _f(False, "RMSNorm, RoPE and SwiGLU (forward and backward) through the engine's fused "
+                                        "CUDA kernels, which also keep fewer activations (eager layers; not with "
+                                        "--compile, which fuses them itself; elsewhere than CUDA the same functions "
+                                        "run in torch ops)")
 
 
 @dataclass
@@ -469,6 +473,8 @@ def validate(cfg: Config, world_size: int) -> None:
     if cfg.performance.loss_chunk_tokens < 0:
         errors.append(f"--loss-chunk-tokens: must be 0 (off) or a positive number of tokens, got "
                       f"{cfg.performance.loss_chunk_tokens}")
+    if cfg.performance.fused_elementwise and cfg.performance.compile:
+        errors.append("--fused-elementwise: not with --compile, which fuses the same work itself; choose one")
     if errors:
         raise ConfigError("\n".join(errors))
     model_parallel = p.tp * p.cp * p.pp

@@ -131,7 +131,8 @@ class Trainer:
         tp = TPContext(self.topo.tp_group, p.tp, self.topo.tp_rank, p.sequence_parallel)
         par = Parallelism(tp, self.rng, cfg.recompute.recompute, cfg.recompute.recompute_layers,
                           cp_group=self.topo.cp_group if self.topo.cp > 1 else None,
-                          loss_chunk_tokens=cfg.performance.loss_chunk_tokens)
+                          loss_chunk_tokens=cfg.performance.loss_chunk_tokens,
+                          fused_elementwise=cfg.performance.fused_elementwise)
         # (the layers are built on the CPU, then moved: on another device that draws on the caller's CPU generator)
         cpu_draws = contextlib.nullcontext() if self.device.type == "cpu" else torch.random.fork_rng(devices=[])
         with self.rng.fork("default"), cpu_draws:

@@ -1,0 +1,279 @@
+// The layer's elementwise work, fused: RMSNorm (forward, backward), rotary embedding (forward, backward) and
+// SwiGLU (forward, backward). Each kernel computes in fp32 and rounds where the plain torch code of
+// engine/models/llama.py rounds (one product of two bf16 tensors is one rounding), so in bf16/fp16 the results
+// are those of the plain code up to the order of the row sums (RMSNorm) and the last bit of exp (SiLU).
+#include <cmath>
+
+#include "multi_tensor.cuh"
+
+namespace engine_cuda {
+namespace {
+
+// x rounded to T and back (exact for fp32): where the plain code holds an intermediate in the tensors' dtype.
+template <typename T>
+__device__ __forceinline__ float rounded(float x) {
+  return to_float(from_float<T>(x));
+}
+
+int row_threads(int64_t cols) {  // a multiple of 32 (block_sum), one pack of kILP columns per thread up to 512
+  const int64_t packs = (cols + kILP - 1) / kILP;
+  const int64_t warps = (packs + 31) / 32;
+  return static_cast<int>(warps < 1 ? 32 : warps > kThreads / 32 ? kThreads : warps * 32);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// RMSNorm: y = w * round(x * rstd), rstd = 1 / sqrt(mean(x^2) + eps) in fp32; one block per row.
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    rms_norm_kernel(const T* x, const T* w, float eps, int cols, T* y, float* rstd) {
+  __shared__ float row_rstd;
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * cols;
+  T* yr = y + row * cols;
+  const bool aligned = is_aligned(xr) && is_aligned(w) && is_aligned(yr);
+  float acc = 0.0f;
+  for (int i = threadIdx.x * kILP; i < cols; i += blockDim.x * kILP) {
+    float r[kILP];
+    load(r, xr, i, cols, aligned);
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) acc += r[k] * r[k];
+  }
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) {
+    row_rstd = rsqrtf(acc / static_cast<float>(cols) + eps);
+    rstd[row] = row_rstd;
+  }
+  __syncthreads();
+  const float s = row_rstd;
+  for (int i = threadIdx.x * kILP; i < cols; i += blockDim.x * kILP) {
+    float r[kILP], g[kILP];
+    load(r, xr, i, cols, aligned);
+    load(g, w, i, cols, aligned);
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) r[k] = g[k] * rounded<T>(r[k] * s);
+    store(yr, r, i, cols, aligned);
+  }
+}
+
+// dx = rstd * (g - x * rstd^2 * mean(g * x)), g = round(dy * w); the weight gradient's fp32 partial sums of
+// round(dy * round(x * rstd)) over this block's rows go to partial[blockIdx.x, :]. Each thread owns the same
+// columns in every row, so its accumulators (shared memory, one float per column) need no synchronisation.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    rms_norm_backward_kernel(const T* dy, const T* x, const T* w, const float* rstd, int64_t rows, int cols,
+                             int64_t rows_per_block, T* dx, float* partial) {
+  extern __shared__ float acc[];
+  __shared__ float row_dot;
+  for (int i = threadIdx.x; i < cols; i += blockDim.x) acc[i] = 0.0f;
+  __syncthreads();
+  const int64_t first = blockIdx.x * rows_per_block;
+  const int64_t last = first + rows_per_block < rows ? first + rows_per_block : rows;
+  for (int64_t row = first; row < last; ++row) {
+    const T* dyr = dy + row * cols;
+    const T* xr = x + row * cols;
+    T* dxr = dx + row * cols;
+    const bool aligned = is_aligned(dyr) && is_aligned(xr) && is_aligned(w) && is_aligned(dxr);
+    const float s = rstd[row];
+    float dot = 0.0f;
+    for (int i = threadIdx.x * kILP; i < cols; i += blockDim.x * kILP) {
+      float d[kILP], r[kILP], g[kILP];
+      load(d, dyr, i, cols, aligned);
+      load(r, xr, i, cols, aligned);
+      load(g, w, i, cols, aligned);
+#pragma unroll
+      for (int k = 0; k < kILP; ++k) dot += rounded<T>(d[k] * g[k]) * r[k];
+    }
+    dot = block_sum(dot);
+    if (threadIdx.x == 0) row_dot = dot;
+    __syncthreads();
+    const float coef = row_dot * s * s * s / static_cast<float>(cols);
+    for (int i = threadIdx.x * kILP; i < cols; i += blockDim.x * kILP) {
+      float d[kILP], r[kILP], g[kILP], out[kILP];
+      load(d, dyr, i, cols, aligned);
+      load(r, xr, i, cols, aligned);
+      load(g, w, i, cols, aligned);
+#pragma unroll
+      for (int k = 0; k < kILP; ++k) {
+        out[k] = rounded<T>(d[k] * g[k]) * s - r[k] * coef;
+        if (i + k < cols) acc[i + k] += rounded<T>(d[k] * rounded<T>(r[k] * s));
+      }
+      store(dxr, out, i, cols, aligned);
+    }
+    __syncthreads();  // row_dot is rewritten by the next row
+  }
+  for (int i = threadIdx.x * kILP; i < cols; i += blockDim.x * kILP)
+#pragma unroll
+    for (int k = 0; k < kILP; ++k)
+      if (i + k < cols) partial[blockIdx.x * static_cast<int64_t>(cols) + i + k] = acc[i + k];
+}
+
+// dw[c] = the sum of partial[0 .. blocks, c], in block order.
+template <typename T>
+__global__ void rms_norm_weight_grad_kernel(const float* partial, int64_t blocks, int cols, T* dw) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  float sum = 0.0f;
+  for (int64_t b = 0; b < blocks; ++b) sum += partial[b * cols + c];
+  dw[c] = from_float<T>(sum);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Rotary embedding, half-split convention: out[j] = x[j] cos[j] - x[j + d/2] sin[j],
+// out[j + d/2] = x[j + d/2] cos[j + d/2] + x[j] sin[j + d/2]; backward applies the transposed rotation.
+
+template <typename T>
+__global__ void rope_kernel(RopeArgs a) {
+  const T* x = static_cast<const T*>(a.x);
+  const T* cos = static_cast<const T*>(a.cos);
+  const T* sin = static_cast<const T*>(a.sin);
+  T* out = static_cast<T*>(a.out);
+  const int64_t half = a.dim / 2;
+  const int64_t pairs = a.batch * a.heads * a.seq * half;
+  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < pairs;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t j = p % half, row = p / half;
+    const int64_t s = row % a.seq, h = (row / a.seq) % a.heads, b = row / (a.seq * a.heads);
+    const int64_t in = b * a.in_stride[0] + h * a.in_stride[1] + s * a.in_stride[2] + j;
+    const int64_t o = b * a.out_stride[0] + h * a.out_stride[1] + s * a.out_stride[2] + j;
+    const float x1 = to_float(x[in]), x2 = to_float(x[in + half]);
+    const float c1 = to_float(cos[s * a.dim + j]), c2 = to_float(cos[s * a.dim + j + half]);
+    const float s1 = to_float(sin[s * a.dim + j]), s2 = to_float(sin[s * a.dim + j + half]);
+    if (!a.backward) {
+      out[o] = from_float<T>(rounded<T>(x1 * c1) - rounded<T>(x2 * s1));
+      out[o + half] = from_float<T>(rounded<T>(x2 * c2) + rounded<T>(x1 * s2));
+    } else {
+      out[o] = from_float<T>(rounded<T>(x1 * c1) + rounded<T>(x2 * s2));
+      out[o + half] = from_float<T>(rounded<T>(x2 * c2) - rounded<T>(x1 * s1));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// SwiGLU: y = round(silu(gate)) * up; one block per kChunk elements.
+
+__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) swiglu_kernel(const T* gate, const T* up, int64_t numel, T* y) {
+  const int64_t start = blockIdx.x * static_cast<int64_t>(kChunk);
+  const int n = static_cast<int>(numel - start < kChunk ? numel - start : kChunk);
+  gate += start, up += start, y += start;
+  const bool aligned = is_aligned(gate) && is_aligned(up) && is_aligned(y);
+  for (int i = threadIdx.x * kILP; i < n; i += blockDim.x * kILP) {
+    float g[kILP], u[kILP];
+    load(g, gate, i, n, aligned);
+    load(u, up, i, n, aligned);
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) g[k] = rounded<T>(g[k] * sigmoid(g[k])) * u[k];
+    store(y, g, i, n, aligned);
+  }
+}
+
+// d_up = dy * round(silu(gate)); d_gate = round(dy * up) * sigmoid(gate) * (1 + gate * (1 - sigmoid(gate))).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) swiglu_backward_kernel(const T* dy, const T* gate, const T* up,
+                                                                   int64_t numel, T* dgate, T* dup) {
+  const int64_t start = blockIdx.x * static_cast<int64_t>(kChunk);
+  const int n = static_cast<int>(numel - start < kChunk ? numel - start : kChunk);
+  dy += start, gate += start, up += start, dgate += start, dup += start;
+  const bool aligned = is_aligned(dy) && is_aligned(gate) && is_aligned(up) && is_aligned(dgate) && is_aligned(dup);
+  for (int i = threadIdx.x * kILP; i < n; i += blockDim.x * kILP) {
+    float d[kILP], g[kILP], u[kILP], dg[kILP], du[kILP];
+    load(d, dy, i, n, aligned);
+    load(g, gate, i, n, aligned);
+    load(u, up, i, n, aligned);
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      const float sg = sigmoid(g[k]);
+      du[k] = d[k] * rounded<T>(g[k] * sg);
+      dg[k] = rounded<T>(d[k] * u[k]) * sg * (1.0f + g[k] * (1.0f - sg));
+    }
+    store(dgate, dg, i, n, aligned);
+    store(dup, du, i, n, aligned);
+  }
+}
+
+int64_t chunks(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
+
+}  // namespace
+
+int64_t rms_norm_partial_rows(int64_t rows) {
+  const int64_t blocks = rows < kNormPartials ? rows : kNormPartials;
+  return blocks == 0 ? 0 : (rows + blocks - 1) / blocks;
+}
+
+int64_t rms_norm_backward_scratch_size(int64_t rows, int64_t cols) {
+  const int64_t per_block = rms_norm_partial_rows(rows);
+  const int64_t blocks = per_block == 0 ? 0 : (rows + per_block - 1) / per_block;
+  return blocks * cols * static_cast<int64_t>(sizeof(float));
+}
+
+cudaError_t rms_norm(const RowsArgs& a, const void* weight, float eps, void* y, float* rstd, cudaStream_t stream) {
+  if (a.rows == 0) return cudaSuccess;
+  return with_dtype(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    rms_norm_kernel<T><<<static_cast<unsigned>(a.rows), row_threads(a.cols), 0, stream>>>(
+        static_cast<const T*>(a.x), static_cast<const T*>(weight), eps, static_cast<int>(a.cols),
+        static_cast<T*>(y), rstd);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t rms_norm_backward(const RowsArgs& a, const void* dy, const void* weight, const float* rstd, void* dx,
+                              void* dweight, void* scratch, cudaStream_t stream) {
+  if (a.rows == 0) return cudaSuccess;
+  const int64_t per_block = rms_norm_partial_rows(a.rows);
+  const int64_t blocks = (a.rows + per_block - 1) / per_block;
+  const int cols = static_cast<int>(a.cols);
+  const size_t shared = static_cast<size_t>(cols) * sizeof(float);
+  float* partial = static_cast<float*>(scratch);
+  return with_dtype(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    cudaError_t err = cudaFuncSetAttribute(rms_norm_backward_kernel<T>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
+    if (err != cudaSuccess) return err;
+    rms_norm_backward_kernel<T><<<static_cast<unsigned>(blocks), row_threads(cols), shared, stream>>>(
+        static_cast<const T*>(dy), static_cast<const T*>(a.x), static_cast<const T*>(weight), rstd, a.rows, cols,
+        per_block, static_cast<T*>(dx), partial);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    rms_norm_weight_grad_kernel<T><<<(cols + 255) / 256, 256, 0, stream>>>(partial, blocks, cols,
+                                                                          static_cast<T*>(dweight));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t rope(const RopeArgs& a, cudaStream_t stream) {
+  const int64_t pairs = a.batch * a.heads * a.seq * (a.dim / 2);
+  if (pairs == 0) return cudaSuccess;
+  const int64_t blocks = (pairs + 255) / 256;
+  return with_dtype(a.dtype, [&](auto tag) {
+    rope_kernel<decltype(tag)><<<static_cast<unsigned>(blocks < 65535 * 16 ? blocks : 65535 * 16), 256, 0,
+                                 stream>>>(a);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t swiglu(int64_t numel, DType dtype, const void* gate, const void* up, void* y, cudaStream_t stream) {
+  if (numel == 0) return cudaSuccess;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    swiglu_kernel<T><<<static_cast<unsigned>(chunks(numel)), kThreads, 0, stream>>>(
+        static_cast<const T*>(gate), static_cast<const T*>(up), numel, static_cast<T*>(y));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t swiglu_backward(int64_t numel, DType dtype, const void* dy, const void* gate, const void* up,
+                            void* dgate, void* dup, cudaStream_t stream) {
+  if (numel == 0) return cudaSuccess;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    swiglu_backward_kernel<T><<<static_cast<unsigned>(chunks(numel)), kThreads, 0, stream>>>(
+        static_cast<const T*>(dy), static_cast<const T*>(gate), static_cast<const T*>(up), numel,
+        static_cast<T*>(dgate), static_cast<T*>(dup));
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace engine_cuda
