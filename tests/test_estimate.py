@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 import engine.models.llama as llama
 from engine import estimate as est
-from engine.models.llama import Llama, ModelConfig, preset
+from engine.models.llama import Llama, ModelConfig, Parallelism, preset
 
 REPO = Path(__file__).resolve().parents[1]
 GQA_TIED = ModelConfig(num_layers=3, hidden_size=64, ffn_hidden_size=96, num_heads=8, num_kv_heads=2,
@@ -168,10 +168,11 @@ def _saved_bytes(fn, skip_tensors) -> int:
 @pytest.mark.parametrize("dtype,nbytes", [(torch.float32, 4), (torch.bfloat16, 2)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kv_heads", [8, 2], ids=["mha", "gqa"])
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
-def test_activation_table_matches_autograd(monkeypatch, dtype, nbytes, kv_heads, recompute):
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_activation_table_matches_autograd(monkeypatch, dtype, nbytes, kv_heads, recompute, fused):
     cfg = ModelConfig(num_layers=1, hidden_size=64, ffn_hidden_size=96, num_heads=8, num_kv_heads=kv_heads,
                       vocab_size=50, seq_length=16)
-    model = Llama(cfg).to(dtype)
+    model = Llama(cfg, parallelism=Parallelism(fused_elementwise=fused)).to(dtype)
     layer, cos, sin = model.layers["0"], model.rope_cos.to(dtype), model.rope_sin.to(dtype)
     x = torch.randn(2, 16, 64, dtype=dtype, requires_grad=True)
     if recompute == "selective":
@@ -180,7 +181,8 @@ def test_activation_table_matches_autograd(monkeypatch, dtype, nbytes, kv_heads,
     run = (lambda: checkpoint(layer, x, cos, sin, use_reentrant=True)) if recompute == "full" \
         else (lambda: layer(x, cos, sin))
     measured = _saved_bytes(run, [*model.parameters(), cos, sin])
-    assert measured == est.activation_bytes_per_layer(cfg, 2, 16, 1, False, recompute, nbytes, device="cpu")
+    assert measured == est.activation_bytes_per_layer(cfg, 2, 16, 1, False, recompute, nbytes, device="cpu",
+                                                      fused_elementwise=fused)
 
 
 def test_gqa_kv_width_follows_the_attention_kernel():
@@ -199,12 +201,14 @@ def test_gqa_kv_width_follows_the_attention_kernel():
 
 
 @pytest.mark.parametrize("dtype,nbytes", [(torch.float32, 4), (torch.bfloat16, 2)], ids=["fp32", "bf16"])
-def test_head_activation_table_matches_autograd(dtype, nbytes):
-    model = Llama(GQA_TIED, layers=[], has_embedding=False).to(dtype)
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_head_activation_table_matches_autograd(dtype, nbytes, fused):
+    model = Llama(GQA_TIED, layers=[], has_embedding=False,
+                  parallelism=Parallelism(fused_elementwise=fused)).to(dtype)
     x = torch.randn(2, 16, 64, dtype=dtype, requires_grad=True)
     targets = torch.randint(0, 50, (32,))
     measured = _saved_bytes(lambda: F.cross_entropy(model(x).float().flatten(0, 1), targets), model.parameters())
-    rows = est.saved_head_activations(GQA_TIED, 2, 16, 1, nbytes)
+    rows = est.saved_head_activations(GQA_TIED, 2, 16, 1, nbytes, fused_elementwise=fused)
     assert measured == sum(n * b for _, n, b, _ in rows)
 
 

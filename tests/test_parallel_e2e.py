@@ -96,6 +96,9 @@ LAYOUTS = [
     (2, ["--cp", "2", "--recompute", "selective", "--loss-chunk-tokens", "24"]),
     (2, ["--dp", "2", "--zero", "3"]),
     (4, ["--dp", "4", "--zero", "3", "--zero3-keep-params", "--recompute", "full"]),
+    # the fused elementwise functions (their torch reference ops here) under SP, selective recompute, pp and ZeRO-3
+    (2, ["--tp", "2", "--sequence-parallel", "--recompute", "selective", "--fused-elementwise"]),
+    (4, ["--pp", "2", "--dp", "2", "--zero", "3", "--recompute", "full", "--fused-elementwise"]),
     (8, ["--tp", "2", "--pp", "2", "--dp", "2", "--zero", "3", "--sequence-parallel"]),
 ]
 
