@@ -1,8 +1,10 @@
-"""The memory-bound elementwise pieces of the LLaMA layer, eager against torch.compile: are they at the bandwidth
-limit, or would hand-written kernels (csrc/) pay?
+"""The memory-bound elementwise pieces of the LLaMA layer three ways: eager, torch.compile, and the engine's own
+fused kernels (--fused-elementwise: csrc/cuda/elementwise.cu). Which is at the bandwidth limit, and so which should
+the engine use?
 
 Pieces (the engine's own code, from engine.models.llama; `compiled` is torch.compile(..., fullgraph=True) of
-exactly the same module or function, as --compile compiles whole layers):
+exactly the same module or function, as --compile compiles whole layers; `fused` is engine.models.fused's function
+for the piece, as --fused-elementwise runs it: the CUDA kernels on a GPU, their torch reference ops on the CPU):
 
     rmsnorm   RMSNorm.forward on x [b, s, hidden] (fp32 upcast, rsqrt of the mean square, weight multiply);
               x and the weight in --dtype, as the trainer runs it (the model is cast to the parameter dtype).
@@ -39,17 +41,17 @@ Every call of a side uses the next of K identical sets of inputs (K chosen so th
 --rotate-mib MiB, at most 16 sets), so consecutive calls do not find their inputs in the last-level cache (50 MiB
 on an H100): the figures are DRAM bandwidth, as in a training step where the layer's activations do not fit.
 
-Timing (benchmarks/ab.py): before timing, each piece runs one forward+backward of both sides on the same inputs,
-and the outputs and gradients are compared (max |compiled - eager| over max |eager| per tensor, within a tolerance
+Timing (benchmarks/ab.py): before timing, each piece runs one forward+backward of every side on the same inputs,
+and the outputs and gradients are compared (max |side - eager| over max |eager| per tensor, within a tolerance
 of 3e-2 for bf16, 5e-3 for fp16, 1e-4 for fp32 on CUDA, 1e-5 for fp32 on the CPU); that first compiled call
 compiles the forward and backward graphs, and its wall time is reported as the compile time. Then run_ab warms up
-and runs --repeats interleaved rounds (the order flips every round), each timing --iters back-to-back calls
+and runs --repeats interleaved rounds (the order rotates every round), each timing --iters back-to-back calls
 between two device syncs (so launch latency and syncs do not dominate); the tables give the median time per
-call, and the ratio compiled / eager is the median of the per-round ratios. On CUDA a second table gives the
-GPU kernel time per call from torch.profiler (the union of the kernel/memcpy/memset intervals, annotations left
-out) and the kernel count per call: what the kernels themselves achieve, without the host overhead a standalone
-call of a small compiled graph pays and that a whole compiled layer amortises (its wall/kernel columns say how
-host-bound each standalone call is).
+call, and the ratios compiled / eager and fused / eager are medians of the per-round ratios. On CUDA a second
+table gives the GPU kernel time per call from torch.profiler (the union of the kernel/memcpy/memset intervals,
+annotations left out) and the kernel count per call: what the kernels themselves achieve, without the host
+overhead a standalone call of a small compiled graph pays and that a whole compiled layer amortises (its
+wall/kernel columns say how host-bound each standalone call is).
 
     python benchmarks/bench_elementwise.py [--device cpu|cuda] [--pieces rmsnorm rope swiglu] [--smoke]
         [--tokens 8192] [--seq 2048] [--hidden 2048] [--ffn 5632] [--heads 32] [--kv-heads 4] [--head-dim 64]
@@ -84,10 +86,12 @@ except ImportError:  # running from a checkout without `pip install -e .`
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # `from ab import`, also when imported by a test
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from engine.models import fused  # noqa: E402
 from engine.models.llama import RMSNorm, apply_rope, rope_tables  # noqa: E402
 from ab import add_timing_args, markdown_table, profile, run_ab, sync, timed, write_json  # noqa: E402
 
 PIECES = ("rmsnorm", "rope", "swiglu")
+SIDES = ("eager", "compiled", "fused")  # the first is the baseline of the ratios
 PASSES = ("fwd", "fwd+bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NORM_EPS = 1e-5  # ModelConfig.norm_eps
@@ -107,6 +111,10 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """RoPE as Attention.forward applies it: the same tables to q and to k."""
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def rope_qk_fused(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    return fused.rope(q, cos, sin), fused.rope(k, cos, sin)
 
 
 @dataclasses.dataclass
@@ -131,6 +139,7 @@ class Piece:
     name: str
     eager: Callable
     compiled: Callable
+    fused: Callable
     make_inputs: Callable[[], Inputs]
     fwd_bytes: int
     bwd_bytes: int
@@ -177,7 +186,8 @@ def make_piece(name: str, sh: Shapes, device, compile_kwargs: dict, rope_layout:
             return Inputs((x,), (x, norm.weight), (_randn(b, s, sh.hidden, device=device, dtype=dt),))
 
         N = T * sh.hidden
-        return Piece(name, norm, torch.compile(norm, fullgraph=True, **compile_kwargs), make,
+        return Piece(name, norm, torch.compile(norm, fullgraph=True, **compile_kwargs),
+                     lambda x: fused.rms_norm(x, norm.weight, NORM_EPS), make,
                      fwd_bytes=2 * N * e + sh.hidden * e + T * 4,
                      bwd_bytes=3 * N * e + 2 * sh.hidden * e + T * 4,
                      outputs=("y", "dx", "dw"))
@@ -195,7 +205,7 @@ def make_piece(name: str, sh: Shapes, device, compile_kwargs: dict, rope_layout:
 
         qk_elems = b * s * (sh.heads + sh.kv_heads) * sh.head_dim
         tables = 2 * s * sh.head_dim * e
-        return Piece(name, rope_qk, torch.compile(rope_qk, fullgraph=True, **compile_kwargs), make,
+        return Piece(name, rope_qk, torch.compile(rope_qk, fullgraph=True, **compile_kwargs), rope_qk_fused, make,
                      fwd_bytes=2 * qk_elems * e + tables, bwd_bytes=2 * qk_elems * e + tables,
                      outputs=("q_out", "k_out", "dq", "dk"))
     if name == "swiglu":
@@ -204,7 +214,7 @@ def make_piece(name: str, sh: Shapes, device, compile_kwargs: dict, rope_layout:
             return Inputs((gate, up), (gate, up), (_randn(b, s, sh.ffn, device=device, dtype=dt),))
 
         M = T * sh.ffn
-        return Piece(name, swiglu, torch.compile(swiglu, fullgraph=True, **compile_kwargs), make,
+        return Piece(name, swiglu, torch.compile(swiglu, fullgraph=True, **compile_kwargs), fused.swiglu, make,
                      fwd_bytes=3 * M * e, bwd_bytes=5 * M * e, outputs=("out", "dgate", "dup"))
     raise ValueError(f"unknown piece {name!r}; choose from {PIECES}")
 
@@ -269,7 +279,8 @@ def first_calls(piece: Piece, inp: Inputs, device) -> dict:
     """One forward+backward of each side on the same inputs: the first (compiling) call of the compiled side,
     timed forward and backward apart; returns their values and times."""
     result = {}
-    for side, fn in (("eager", piece.eager), ("compiled", piece.compiled)):
+    for side in SIDES:
+        fn = getattr(piece, side)
         sync(device)
         t0 = time.perf_counter()
         outs = _outputs(fn(*inp.args))
@@ -283,9 +294,16 @@ def first_calls(piece: Piece, inp: Inputs, device) -> dict:
 
 
 def check(piece: Piece, first: dict, tol: float) -> dict:
-    errors = {name: rel_error(c, e) for name, c, e in
-              zip(piece.outputs, first["compiled"]["values"], first["eager"]["values"], strict=True)}
-    return {"errors": errors, "tolerance": tol, "ok": all(err <= tol for err in errors.values())}
+    """{"errors": {side: {output: error}} of each side against eager, "tolerance", "ok"}."""
+    errors = {side: {name: rel_error(c, e) for name, c, e in
+                     zip(piece.outputs, first[side]["values"], first["eager"]["values"], strict=True)}
+              for side in SIDES[1:]}
+    return {"errors": errors, "tolerance": tol,
+            "ok": all(err <= tol for side in errors.values() for err in side.values())}
+
+
+def _errors_text(errors: dict) -> str:
+    return "; ".join(f"{side}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()) for side, errs in errors.items())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -405,37 +423,37 @@ def run_piece(name: str, args, sh: Shapes, copy_bps: float, clock: Clock) -> dic
     out["check"] = check(piece, first, args.tol if args.tol is not None else tolerance(sh.torch_dtype,
                                                                                         torch.device(device).type))
     del first
-    errs = ", ".join(f"{n} {e:.1e}" for n, e in out["check"]["errors"].items())
+    errs = _errors_text(out["check"]["errors"])
     clock.say(f"{name}: compiled in {out['compile_s']:.1f} s (fwd {out['compile_fwd_s']:.1f} + bwd "
-              f"{out['compile_bwd_s']:.1f}); compiled vs eager {errs} (tolerance {out['check']['tolerance']:.0e}): "
+              f"{out['compile_bwd_s']:.1f}); against eager {errs} (tolerance {out['check']['tolerance']:.0e}): "
               f"{'ok' if out['check']['ok'] else 'MISMATCH'}")
 
     frames0 = _frames()
     out["timings"], out["ab"], out["kernel"] = {}, {}, {}
     for pass_ in PASSES:
-        sides = {side: looped(fn, CALLS[pass_], sets)
-                 for side, fn in (("eager", piece.eager), ("compiled", piece.compiled))}
+        sides = {side: looped(getattr(piece, side), CALLS[pass_], sets) for side in SIDES}
         res = run_ab({s: (lambda run=run: run(args.iters)) for s, run in sides.items()}, args.repeats, args.warmup,
                      device=device)
         med = {s: res.median(s) / args.iters for s in sides}
         ratio = res.ratio_summary("compiled", "eager")
+        fused_ratio = res.ratio_summary("fused", "eager")
         out["ab"][pass_] = res.to_dict()
-        out["timings"][pass_] = {"eager_s": med["eager"], "compiled_s": med["compiled"], "ratio": ratio["median"],
+        out["timings"][pass_] = {**{f"{s}_s": med[s] for s in SIDES}, "ratio": ratio["median"],
                                  "ratio_q1": ratio["q1"], "ratio_q3": ratio["q3"],
-                                 "eager_best_s": res.best("eager") / args.iters,
-                                 "compiled_best_s": res.best("compiled") / args.iters}
+                                 "fused_ratio": fused_ratio["median"], "fused_ratio_q1": fused_ratio["q1"],
+                                 "fused_ratio_q3": fused_ratio["q3"],
+                                 **{f"{s}_best_s": res.best(s) / args.iters for s in SIDES}}
         kern = {s: kernel_time(run, args.kernel_calls, device) for s, run in sides.items()}
         if all(kern.values()):
             out["kernel"][pass_] = kern
         if args.details:
             print(f"\n{name} {pass_}, seconds per {args.iters} calls:\n{markdown_table(res, 'eager')}\n", flush=True)
         line = (f"{name} {pass_}: eager {med['eager'] * 1e3:.3f} ms, compiled {med['compiled'] * 1e3:.3f} ms "
-                f"(compiled/eager {ratio['median']:.3f}); compiled {piece.bytes_of(pass_) / med['compiled'] / 1e9:.0f}"
-                f" GB/s = {100 * piece.bytes_of(pass_) / med['compiled'] / copy_bps:.0f}% of copy")
+                f"(compiled/eager {ratio['median']:.3f}), fused {med['fused'] * 1e3:.3f} ms (fused/eager "
+                f"{fused_ratio['median']:.3f}); % of copy: " + ", ".join(
+                    f"{s} {100 * piece.bytes_of(pass_) / med[s] / copy_bps:.0f}%" for s in SIDES))
         if pass_ in out["kernel"]:
-            kc = out["kernel"][pass_]["compiled"]
-            line += (f"; kernels: compiled {kc['s'] * 1e3:.3f} ms, {kc['kernels']:.0f}/call, eager "
-                     f"{out['kernel'][pass_]['eager']['kernels']:.0f}/call")
+            line += "; kernels/call: " + ", ".join(f"{s} {out['kernel'][pass_][s]['kernels']:.0f}" for s in SIDES)
         clock.say(line)
         if args.profile:
             for side, run in sides.items():
@@ -456,34 +474,40 @@ def table_rows(result: dict) -> tuple[list[dict], list[dict]]:
         if "timings" not in p or len(p["timings"]) < len(PASSES):
             continue
         t = dict(p["timings"])
-        t["bwd"] = {side: t["fwd+bwd"][side] - t["fwd"][side] for side in ("eager_s", "compiled_s")}
-        t["bwd"]["ratio"] = t["bwd"]["compiled_s"] / t["bwd"]["eager_s"] if t["bwd"]["eager_s"] > 0 else math.nan
+        t["bwd"] = {f"{side}_s": t["fwd+bwd"][f"{side}_s"] - t["fwd"][f"{side}_s"] for side in SIDES}
         for pass_ in ("fwd", "bwd", "fwd+bwd"):
-            nbytes, row = p["bytes"][pass_], t[pass_]
-            wall.append(_row(p["piece"], pass_, nbytes, row["eager_s"], row["compiled_s"], row["ratio"], copy_bps))
+            row = _row(p["piece"], pass_, p["bytes"][pass_], {s: t[pass_][f"{s}_s"] for s in SIDES}, copy_bps)
+            if pass_ != "bwd":  # the timed passes: the median of the per-round ratios
+                row["ratio"], row["fused_ratio"] = t[pass_]["ratio"], t[pass_]["fused_ratio"]
+            wall.append(row)
         if len(p["kernel"]) == len(PASSES):
             k = dict(p["kernel"])
             k["bwd"] = {side: {"s": k["fwd+bwd"][side]["s"] - k["fwd"][side]["s"],
                                "kernels": k["fwd+bwd"][side]["kernels"] - k["fwd"][side]["kernels"]}
-                        for side in ("eager", "compiled")}
+                        for side in SIDES}
             for pass_ in ("fwd", "bwd", "fwd+bwd"):
-                e, c = k[pass_]["eager"], k[pass_]["compiled"]
-                row = _row(p["piece"], pass_, p["bytes"][pass_], e["s"], c["s"],
-                           c["s"] / e["s"] if e["s"] > 0 else math.nan, copy_bps)
-                row.update(eager_kernels=e["kernels"], compiled_kernels=c["kernels"],
-                           eager_wall_over_kernel=t[pass_]["eager_s"] / e["s"] if e["s"] > 0 else math.nan,
-                           compiled_wall_over_kernel=t[pass_]["compiled_s"] / c["s"] if c["s"] > 0 else math.nan)
+                row = _row(p["piece"], pass_, p["bytes"][pass_], {s: k[pass_][s]["s"] for s in SIDES}, copy_bps)
+                for side in SIDES:
+                    busy = k[pass_][side]["s"]
+                    row[f"{side}_kernels"] = k[pass_][side]["kernels"]
+                    row[f"{side}_wall_over_kernel"] = t[pass_][f"{side}_s"] / busy if busy > 0 else math.nan
                 kern.append(row)
     return wall, kern
 
 
-def _row(piece: str, pass_: str, nbytes: int, eager_s: float, compiled_s: float, ratio: float, copy_bps: float):
+def _row(piece: str, pass_: str, nbytes: int, seconds: dict, copy_bps: float) -> dict:
+    """One table row: per side ms, GB/s and % of the copy bandwidth; `ratio` compiled/eager, `fused_ratio`
+    fused/eager (of these times: the wall-clock table's own ratios are the per-round medians, see run_piece)."""
     def gbps(s):
         return nbytes / s / 1e9 if s > 0 else math.nan
-    return {"piece": piece, "pass": pass_, "MB": nbytes / 1e6, "eager_ms": eager_s * 1e3,
-            "compiled_ms": compiled_s * 1e3, "ratio": ratio, "eager_GBps": gbps(eager_s),
-            "compiled_GBps": gbps(compiled_s), "eager_pct_copy": 100 * gbps(eager_s) * 1e9 / copy_bps,
-            "compiled_pct_copy": 100 * gbps(compiled_s) * 1e9 / copy_bps}
+    row = {"piece": piece, "pass": pass_, "MB": nbytes / 1e6}
+    for side, sec in seconds.items():
+        row.update({f"{side}_ms": sec * 1e3, f"{side}_GBps": gbps(sec),
+                    f"{side}_pct_copy": 100 * gbps(sec) * 1e9 / copy_bps})
+    eager = seconds["eager"]
+    row["ratio"] = seconds["compiled"] / eager if eager > 0 else math.nan
+    row["fused_ratio"] = seconds["fused"] / eager if eager > 0 else math.nan
+    return row
 
 
 def _gb(x: float) -> str:
@@ -496,18 +520,20 @@ def format_tables(result: dict) -> str:
              f"{sh['tokens']} tokens (batch {sh['tokens'] // sh['seq']} x seq {sh['seq']}), hidden {sh['hidden']}, "
              f"ffn {sh['ffn']}, {sh['heads']} heads / {sh['kv_heads']} kv heads x {sh['head_dim']}, {sh['dtype']}; "
              f"copy bandwidth {result['copy_GBps']:.0f} GB/s at the start, {result['copy_GBps_end']:.0f} at the end",
-             f"wall clock: medians of {result['repeats']} interleaved rounds x {result['iters']} calls; ratio = "
-             "median per-round compiled/eager (< 1: compiled faster); bwd = (fwd+bwd) - fwd; GB/s from the minimum "
-             "bytes (see the docstring)", ""]
+             f"wall clock: medians of {result['repeats']} interleaved rounds x {result['iters']} calls; ratios to "
+             "eager: medians of the per-round ratios (< 1: faster than eager); bwd = (fwd+bwd) - fwd (its ratios: of "
+             "the medians); GB/s from the minimum bytes (see the docstring); fused: " + result.get("fused_path", "?"),
+             ""]
     wall, kern = table_rows(result)
-    header = ("| piece | pass | min MB | eager ms | compiled ms | compiled/eager | eager GB/s | compiled GB/s | "
-              "eager % of copy | compiled % of copy |")
-    sep = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    header = ("| piece | pass | min MB | eager ms | compiled ms | fused ms | compiled/eager | fused/eager | "
+              "eager % of copy | compiled % of copy | fused % of copy |")
+    sep = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 
     def fmt(r, extra=""):
-        return (f"| {r['piece']} | {r['pass']} | {r['MB']:.1f} | {r['eager_ms']:.4g} | {r['compiled_ms']:.4g} | "
-                f"{r['ratio']:.3f} | {_gb(r['eager_GBps'])} | {_gb(r['compiled_GBps'])} | {r['eager_pct_copy']:.0f}% | "
-                f"{r['compiled_pct_copy']:.0f}% |{extra}")
+        return (f"| {r['piece']} | {r['pass']} | {r['MB']:.1f} | "
+                + " | ".join(f"{r[f'{s}_ms']:.4g}" for s in SIDES)
+                + f" | {r['ratio']:.3f} | {r['fused_ratio']:.3f} | "
+                + " | ".join(f"{r[f'{s}_pct_copy']:.0f}%" for s in SIDES) + f" |{extra}")
 
     lines += [header, sep] + [fmt(r) for r in wall]
     if kern:
@@ -515,20 +541,20 @@ def format_tables(result: dict) -> str:
                   "union of kernel/memcpy/memset intervals). wall/kernel well above 1: the standalone call is "
                   "host-bound (dispatch, launches), which a whole compiled layer amortises; judge the kernels by "
                   "this table then:", "",
-                  header + " kernels/call eager | kernels/call compiled | wall/kernel eager | wall/kernel compiled |",
-                  sep + "---:|---:|---:|---:|"]
-        lines += [fmt(r, f" {r['eager_kernels']:.0f} | {r['compiled_kernels']:.0f} | "
-                         f"{r['eager_wall_over_kernel']:.2f} | {r['compiled_wall_over_kernel']:.2f} |") for r in kern]
+                  header + "".join(f" kernels/call {s} |" for s in SIDES)
+                  + "".join(f" wall/kernel {s} |" for s in SIDES),
+                  sep + "---:|" * (2 * len(SIDES))]
+        lines += [fmt(r, "".join(f" {r[f'{s}_kernels']:.0f} |" for s in SIDES)
+                      + "".join(f" {r[f'{s}_wall_over_kernel']:.2f} |" for s in SIDES)) for r in kern]
     lines += ["", "| piece | compile s (first fwd + bwd) | eager first call s | input sets | check: max rel. error "
-              "compiled vs eager |", "|---|---:|---:|---:|---|"]
+              "against eager |", "|---|---:|---:|---:|---|"]
     for p in result["pieces"]:
         if "error" in p:
             lines.append(f"| {p['piece']} | FAILED: {p['error']} | | | |")
             continue
         c = p["check"]
-        errs = ", ".join(f"{n} {e:.1e}" for n, e in c["errors"].items())
         lines.append(f"| {p['piece']} | {p['compile_s']:.1f} | {p['eager_first_call_s']:.2f} | {p['input_sets']} | "
-                     f"{errs} (tol {c['tolerance']:.0e}) {'ok' if c['ok'] else '**MISMATCH**'} |")
+                     f"{_errors_text(c['errors'])} (tol {c['tolerance']:.0e}) {'ok' if c['ok'] else '**MISMATCH**'} |")
     return "\n".join(lines)
 
 
@@ -603,6 +629,9 @@ def run(args) -> dict:
               "rotate_mib": args.rotate_mib, "copy_mib": args.copy_mib, "smoke": args.smoke, "pieces": []}
     clock.say(f"{result['machine']}, torch {torch.__version__}; measuring the copy bandwidth "
               f"({args.copy_mib} MiB)")
+    from engine import ext
+    result["fused_path"] = ("CUDA kernels" if isinstance(ext.elementwise_ops(device), ext.CompiledOps)
+                            else "torch reference ops (no elementwise kernels on this device)")
     copy_bps = copy_bandwidth(device, args.copy_mib * 2 ** 20)
     result["copy_GBps"] = copy_bps / 1e9
     clock.say(f"copy bandwidth {copy_bps / 1e9:.0f} GB/s")

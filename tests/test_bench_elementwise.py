@@ -71,6 +71,9 @@ def test_smoke_run_on_cpu(tmp_path, capsys):
     assert [(r["piece"], r["pass"]) for r in result["table"]] == \
         [(p, s) for p in ("swiglu", "rope") for s in ("fwd", "bwd", "fwd+bwd")]
     assert all(p["check"]["ok"] and p["compile_s"] > 0 for p in result["pieces"])
+    assert all(set(p["check"]["errors"]) == {"compiled", "fused"} for p in result["pieces"])
+    assert all(r["fused_ms"] > 0 and r["fused_ratio"] > 0 for r in result["table"] if r["pass"] != "bwd")
+    assert result["fused_path"].startswith("torch reference ops")
     assert "| swiglu | fwd+bwd |" in capsys.readouterr().out
 
 
@@ -86,6 +89,7 @@ def test_kernel_table_path_with_cpu_profiles(tmp_path, capsys, monkeypatch):
     assert [r["pass"] for r in result["kernel_table"]] == ["fwd", "bwd", "fwd+bwd"]
     # (the bwd row is the difference of two timings, so on a busy machine its ratio can come out at or below 0)
     measured = [r for r in result["kernel_table"] if r["pass"] != "bwd"]
-    assert all(r["compiled_kernels"] > 0 and r["compiled_wall_over_kernel"] > 0 for r in measured)
+    assert all(r[f"{side}_kernels"] > 0 and r[f"{side}_wall_over_kernel"] > 0 for r in measured
+               for side in bench.SIDES)
     text = capsys.readouterr().out
     assert "GPU kernel time per call" in text and text.count("| swiglu | fwd+bwd |") == 2
