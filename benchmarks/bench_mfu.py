@@ -16,7 +16,7 @@ Default batches (sized for an 80 GB H100 at seq 2048; --micro-batch-size / --glo
 124m and 350m micro-batch 8, 1b micro-batch 4; global batch 16 everywhere (32768 tokens per optimizer step, 2 or 4
 micro-batches of gradient accumulation).
 
-Sides (--sides; default all four):
+Sides (--sides; default all five):
 
     ours-eager                the engine's Trainer, one process, --precision bf16 (bf16 parameters, fp32 gradient
                               buffers, fp32 master weights + AdamW state in the optimizer), --clip-grad 1.0, constant
@@ -25,6 +25,9 @@ Sides (--sides; default all four):
     ours-compile              the same with --compile (per-transformer-layer torch.compile)
     ours-compile-fused-loss   the same with --compile --loss-chunk-tokens 4096 (head matmul + cross-entropy in chunks
                               of tokens, never the whole logits)
+    ours-fused                eager layers with the engine's own fused kernels instead of the compiler:
+                              --fused-elementwise --loss-chunk-tokens 4096 (RMSNorm, RoPE, SwiGLU in
+                              csrc/cuda/elementwise.cu; their torch reference ops on the CPU)
     peer                      nanoGPT-style plain PyTorch (PeerLlama below): fp32 parameters under
                               torch.autocast(bfloat16), torch.compile(model) of the whole model with the loss,
                               torch.optim.AdamW(fused=True) (foreach=True where fused is unavailable),
@@ -57,7 +60,7 @@ step that is not its own persistent state. "state" is the side's own parameters 
 (ours: bf16 parameters, fp32 gradient buffers, fp32 master weights + two moments = 18 B/parameter; peer: fp32
 parameters, fp32 gradients, two moments = 16 B/parameter; the peer's gradients exist only within a step).
 Sizes whose sides' states would not fit side by side (estimated state bytes of all sides above 40% of the device's
-memory: the 1b size on an 80 GB card, 3 x 18 + 16 B x 1.1B = 77 GB) run their sides one after the other
+memory: the 1b size on an 80 GB card, 4 x 18 + 16 B x 1.1B = 97 GB) run their sides one after the other
 (--sequential forces that for every size, --no-sequential forbids it): each side is built, warmed up, timed and
 freed before the next, so its peak is its own.
 
@@ -107,7 +110,7 @@ from engine.training.metrics import peak_tflops  # noqa: E402
 GiB = 2.0 ** 30
 LR, BETAS, EPS, WEIGHT_DECAY, CLIP = 3e-4, (0.9, 0.95), 1e-8, 0.1, 1.0
 SEED = 1234
-SIDES = ["ours-eager", "ours-compile", "ours-compile-fused-loss", "peer"]
+SIDES = ["ours-eager", "ours-compile", "ours-compile-fused-loss", "ours-fused", "peer"]
 SIZES = ["124m", "350m", "1b"]
 SMOKE_SIZES = ["smoke", "smoke-gqa"]
 DEFAULT_BATCH = {"124m": (8, 16), "350m": (8, 16), "1b": (4, 16), "smoke": (2, 4), "smoke-gqa": (2, 4)}
@@ -319,7 +322,8 @@ def _optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 def ours_flags(side: str, loss_chunk_tokens: int) -> list[str]:
     return {"ours-eager": [], "ours-compile": ["--compile"],
-            "ours-compile-fused-loss": ["--compile", "--loss-chunk-tokens", str(loss_chunk_tokens)]}[side]
+            "ours-compile-fused-loss": ["--compile", "--loss-chunk-tokens", str(loss_chunk_tokens)],
+            "ours-fused": ["--fused-elementwise", "--loss-chunk-tokens", str(loss_chunk_tokens)]}[side]
 
 
 def unknown_flags(flags: list[str]) -> list[str]:
@@ -496,7 +500,7 @@ def prepare_side(name: str, ctx: dict, record: dict, warmup: int):
         record["compiled_graphs"] = _compiled_graphs() - graphs
         record["status"] = "ok"
         log(f"{ctx['size']}: {name} built in {record['build_s']:.1f}s, first step {first_s:.1f}s"
-            f"{'' if name == 'ours-eager' else ' (compiling)'}, warm-up {sum(record['warmup_s']):.1f}s; first-step "
+            f"{' (compiling)' if name == 'peer' or '--compile' in ours_flags(name, 1) else ''}, warm-up {sum(record['warmup_s']):.1f}s; first-step "
             f"loss {record['first_loss']:.4f}; {record['compiled_graphs']} graphs compiled"
             + (f"; {allocated_gib(device)}" if cuda(device) else ""))
         return measured
@@ -788,7 +792,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="bf16: ours --precision bf16, the peer under bf16 autocast (both with fp32 master "
                              "weights) [bf16]")
     parser.add_argument("--loss-chunk-tokens", type=int, default=None,
-                        help="ours-compile-fused-loss's --loss-chunk-tokens [4096; smoke: 48]")
+                        help="--loss-chunk-tokens of ours-compile-fused-loss and ours-fused [4096; smoke: 48]")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="peak TFLOP/s per device for MFU [engine.training.metrics.peak_tflops: by card name]")
     parser.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,

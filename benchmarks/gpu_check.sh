@@ -3,9 +3,10 @@
 # build the extensions, report which kernels are in use, run the kernel tests (CUDA ones included), benchmark the
 # kernels against torch's fused AdamW and clip_grad_norm_ with the bandwidth as a share of the card's measured
 # device-to-device copy, measure training throughput and MFU against a compiled plain-PyTorch peer
-# (bench_mfu.py: 124M, 350M, 1B; eager, --compile, --compile + chunked loss), the elementwise pieces eager vs
-# compiled (bench_elementwise.py), the head + loss plain vs chunked (bench_loss.py), and run a short training job
-# with --compile --loss-chunk-tokens through the command line. Each stage has its own time limit; a failed stage
+# (bench_mfu.py: 124M, 350M, 1B; eager, --compile, --compile + chunked loss, own fused kernels + chunked loss), the
+# elementwise pieces eager vs compiled vs the engine's fused kernels (bench_elementwise.py), the head + loss plain
+# vs chunked (bench_loss.py), and run a short training job with --compile --loss-chunk-tokens through the command
+# line. Each stage has its own time limit; a failed stage
 # does not stop the others; a summary closes the run. Meant to finish in about 8 minutes (the MFU stage is the
 # long one, and writes its JSON after each model size).
 # With --suite it instead builds and runs the whole test suite on the GPU host (single-process tests on the CPU
@@ -124,8 +125,8 @@ ext_report() {  # the CUDA kernels must be compiled (prebuilt or JIT), not the f
 tests() {
   local filter=() rc
   [[ -n "$TEST_FILTER" ]] && filter=(-k "$TEST_FILTER")
-  "$PY" -m pytest tests/test_kernels.py tests/test_fused_adamw.py -q -rs -p no:cacheprovider \
-    --junitxml="$OUT/pytest.xml" ${filter[@]+"${filter[@]}"} >/tmp/gpu_check_pytest.txt 2>&1
+  "$PY" -m pytest tests/test_kernels.py tests/test_fused_adamw.py tests/test_fused_elementwise.py -q -rs \
+    -p no:cacheprovider --junitxml="$OUT/pytest.xml" ${filter[@]+"${filter[@]}"} >/tmp/gpu_check_pytest.txt 2>&1
   rc=$?
   cat /tmp/gpu_check_pytest.txt
   tail -1 /tmp/gpu_check_pytest.txt >>"$SUMMARY"
@@ -208,8 +209,8 @@ stage tests 300 bash -c tests
 # arrays do not cross `bash -c`: pass the sizes and the model flags as words
 export BENCH_SIZES_STR="${BENCH_SIZES[*]}" TRAIN_MODEL_STR="${TRAIN_MODEL[*]}"
 stage bench 150 bash -c 'BENCH_SIZES=($BENCH_SIZES_STR); bench'
-stage mfu 330 bash -c 'BENCH_ARGS=($BENCH_ARGS_STR); mfu'
-stage elementwise 120 bash -c 'BENCH_ARGS=($BENCH_ARGS_STR); elementwise'
+stage mfu 360 bash -c 'BENCH_ARGS=($BENCH_ARGS_STR); mfu'
+stage elementwise 150 bash -c 'BENCH_ARGS=($BENCH_ARGS_STR); elementwise'
 stage loss 60 bash -c 'BENCH_ARGS=($BENCH_ARGS_STR); loss'
 stage train 150 bash -c 'TRAIN_MODEL=($TRAIN_MODEL_STR); train'
 note "failed stages: $FAILED"

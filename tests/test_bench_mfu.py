@@ -108,6 +108,7 @@ def test_mfu_arithmetic_is_the_trainers():
 def test_flags_the_config_lacks_are_found():
     assert bench.unknown_flags(["--seed", "--no-such-flag", "3"]) == ["--no-such-flag"]
     assert bench.unknown_flags(["--compil"]) == ["--compil"]  # a prefix argparse would accept is not the flag
+    assert all(bench.unknown_flags(bench.ours_flags(side, 64)) == [] for side in bench.SIDES if side != "peer")
 
 
 def _run(tmp_path, monkeypatch, extra):
