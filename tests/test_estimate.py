@@ -285,3 +285,17 @@ def test_chunked_loss_replaces_the_logits_by_two_gradients():
                                                               )["memory_bytes"]["activations"]
     with pytest.raises(SystemExit):
         est.estimate(["--loss-chunk-tokens", "-1"])
+
+
+def test_fused_elementwise_flag_keeps_less_per_layer():
+    """--fused-elementwise: per layer, each RMSNorm keeps its input (bf16) instead of an fp32 copy and the normalised
+    x, and SwiGLU keeps no SiLU(gate); the layout records the flag."""
+    cfg = preset("llama-1b")
+    sb, h, f = 2048, cfg.hidden_size, cfg.ffn_hidden_size
+    plain = est.activation_bytes_per_layer(cfg, 1, 2048, 1, False, "none", 2)
+    fused = est.activation_bytes_per_layer(cfg, 1, 2048, 1, False, "none", 2, fused_elementwise=True)
+    # per norm: fp32 copy (4 B) + normalised x (2 B) out, bf16 input (2 B) in; SwiGLU: SiLU(gate) (2 B) out
+    assert plain - fused == 2 * sb * h * (4 + 2 - 2) + sb * f * 2
+    out = est.estimate(["--model", "llama-1b", "--fused-elementwise"])
+    assert out["layout"]["fused_elementwise"] is True
+    assert out["memory_bytes"]["activations"] < est.estimate(["--model", "llama-1b"])["memory_bytes"]["activations"]

@@ -106,13 +106,17 @@ def test_banner_names_the_speed_flags_and_estimates_with_them(run_dir, corpus):
     from engine.training.banner import trainer_banner
     from engine.training.trainer import Trainer
     rows = {}
-    for name, flags in (("plain", []), ("fast", ["--compile", "--loss-chunk-tokens", "64"])):
+    for name, flags in (("plain", []), ("fast", ["--compile", "--loss-chunk-tokens", "64"]),
+                        ("fused", ["--fused-elementwise"])):
         cfg = parse_config(SMALL + ["--data", corpus, "--run-name", name, "--seq-length", "128"] + flags)
         validate(cfg, 1)
         rows[name] = banner_rows(trainer_banner(Trainer(cfg)))
     assert rows["fast"]["kernels"].endswith(" | layers compiled (torch.compile) | head + loss fused, 64 tokens at a "
                                             "time")
     assert rows["fast"]["memory"] != rows["plain"]["memory"]  # the estimate without the logits (vocab 259 > 64)
+    assert rows["fused"]["kernels"].endswith(" | layers eager | RMSNorm, RoPE, SwiGLU fused (in torch ops: no kernels "
+                                             "here)")
+    assert rows["fused"]["memory"] != rows["plain"]["memory"]  # the norms and SwiGLU keep less
 
 
 def test_human_units():
