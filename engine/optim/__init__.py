@@ -9,15 +9,21 @@ from .scaler import LossScaler
 from .zero import ZeroOptimizer
 
 __all__ = ["Adafactor", "FusedAdamW", "LRSchedule", "LossScaler", "ZeroOptimizer", "build_optimizer", "clip_coefficient",
-           "clip_grad_norm_", "global_grad_norm", "param_groups"]
+           "clip_grad_norm_", "global_grad_norm", "no_weight_decay", "param_groups"]
+
+
+def no_weight_decay(name: str, param) -> bool:
+    """The engine's rule (the trainer's, and ZeroOptimizer's no_weight_decay argument): weight decay on matrices
+    (linear weights and embeddings), none on vectors (norm gains, biases)."""
+    return param.ndim < 2
 
 
 def param_groups(named_params, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (linear weights and embeddings), none on vectors (norm gains, biases)."""
+    """The parameters in two groups by no_weight_decay: with weight_decay, and with 0."""
     decay, no_decay = [], []
-    for _, p in named_params:
+    for name, p in named_params:
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (no_decay if no_weight_decay(name, p) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -19,7 +19,7 @@ from engine.data.tokenizers import build_tokenizer
 from engine.estimate import model_flops_per_token
 from engine.models.documents import DocumentMask
 from engine.models.llama import Llama, ModelConfig, Parallelism
-from engine.optim import Adafactor, LossScaler, LRSchedule
+from engine.optim import Adafactor, LossScaler, LRSchedule, no_weight_decay
 from engine.optim.adamw import FusedAdamW
 from engine.optim.zero import ZeroOptimizer
 from engine.parallel import (
@@ -207,7 +207,7 @@ class Trainer:
         # context-parallel rank holds the gradient of its part of every sequence); ZeRO shards over both.
         return ZeroOptimizer(self.chunks, stage=p.zero, group=self.topo.dp_cp_group, units=self._units(),
                              grad_reduction="sum", bucket_numel=self.cfg.run.bucket_size,
-                             no_weight_decay=lambda name, q: q.ndim < 2, partial_grad_group=self._partial_grad_group,
+                             no_weight_decay=no_weight_decay, partial_grad_group=self._partial_grad_group,
                              keep_params_in_step=p.zero3_keep_params, overlap_param_gather=p.overlap_param_gather,
                              **inner)
 
