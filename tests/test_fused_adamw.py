@@ -142,6 +142,33 @@ def test_found_inf_skips_the_step(path):
     assert not all(torch.equal(p, b) for p, b in zip(params, before))
 
 
+def test_found_inf_skipped_by_the_kernels_then_counters_undone(path):
+    """skip_on_device: nothing reads found_inf on the host; the kernels leave parameters and moments alone, the
+    step counters advance until undo_step_counters(); the steps after are those of an optimizer that never saw the
+    skipped one."""
+    device, ops = path
+    params, ref = make_params(device), make_params(device)
+    opt, ref_opt = FusedAdamW(params, **HYPER, ops=ops), FusedAdamW(ref, **HYPER, ops=ops)
+    run(opt, params, 2)
+    run(ref_opt, ref, 2)
+    before = [p.detach().clone() for p in params]
+    states = [{k: v.clone() for k, v in s.items()} for s in opt.state.values()]
+    set_grads(params, 7)
+    opt.step(found_inf=torch.ones((), device=device), skip_on_device=True)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    for state, saved in zip(opt.state.values(), states):
+        assert all(torch.equal(state[k], saved[k]) for k in state if k != "step")
+        assert state["step"] == saved["step"] + 1
+    opt.undo_step_counters()
+    for state, saved in zip(opt.state.values(), states):
+        assert all(torch.equal(state[k], saved[k]) for k in state)
+    for step in (3, 4):
+        for ps, o in ((params, opt), (ref, ref_opt)):
+            set_grads(ps, step)
+            o.step(found_inf=torch.zeros((), device=device), skip_on_device=True)
+    assert all(torch.equal(p, q) for p, q in zip(params, ref))
+
+
 def snapshot(opt):
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)

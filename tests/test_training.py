@@ -134,10 +134,13 @@ def test_nonfinite_gradient_skips_the_update(run_dir, corpus):
 
     trainer.forward_backward = poisoned
     weights = lambda: [p.detach().clone() for _, p in trainer.named_params]
+    # (the skip is decided by the optimizer's kernels on the device; its step counters are put back afterwards)
+    opt_state = lambda: [t.clone() for s in trainer.zero.optimizer.state.values() for t in s.values()]
     records = [trainer.train_step()]
-    after_first = weights()
+    after_first, state_after_first = weights(), opt_state()
     records.append(trainer.train_step())
     assert all(torch.equal(a, b) for a, b in zip(after_first, weights()))
+    assert all(torch.equal(a, b) for a, b in zip(state_after_first, opt_state()))
     records.append(trainer.train_step())
     assert [r["skipped"] for r in records] == [False, True, False]
     assert trainer.state.skipped_steps == 1 and trainer.state.step == 3

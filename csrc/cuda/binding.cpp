@@ -82,8 +82,12 @@ void check_contiguous(std::initializer_list<const at::Tensor*> ts, const char* w
 engine_cuda::RowsArgs norm_rows(const at::Tensor& x, const at::Tensor& weight, const char* what) {
   TORCH_CHECK(x.dim() >= 1 && weight.dim() == 1 && weight.size(0) == x.size(-1), what,
               ": weight must be 1-D of x's last size");
-  TORCH_CHECK(x.size(-1) <= engine_cuda::kMaxNormCols, what, ": at most ", engine_cuda::kMaxNormCols,
-              " features per row");
+  // the backward keeps a float per feature in shared memory (plus a little of its own)
+  int optin = 0;
+  check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.device().index()), what);
+  const int64_t most = std::min<int64_t>(engine_cuda::kMaxNormCols, (optin - 1024) / 4);
+  TORCH_CHECK(x.size(-1) <= most, what, ": at most ", most, " features per row on this GPU (", optin,
+              " bytes of shared memory per block), got ", x.size(-1), "; leave out --fused-elementwise");
   engine_cuda::RowsArgs a;
   a.cols = x.size(-1);
   a.rows = a.cols == 0 ? 0 : x.numel() / a.cols;
@@ -113,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& dy, const
                   rstd.device() == x.device(),
               "rms_norm_backward: dy must match x, rstd must be fp32 with one value per row");
   auto dx = at::empty_like(x);
-  auto dweight = at::empty_like(weight);
+  auto dweight = a.rows == 0 ? at::zeros_like(weight) : at::empty_like(weight);
   auto scratch = at::empty({engine_cuda::rms_norm_backward_scratch_size(a.rows, a.cols)},
                            x.options().dtype(at::kByte));
   check(engine_cuda::rms_norm_backward(a, dy.data_ptr(), weight.data_ptr(), rstd.data_ptr<float>(), dx.data_ptr(),

@@ -2,6 +2,8 @@
 // SwiGLU (forward, backward). Each kernel computes in fp32 and rounds where the plain torch code of
 // engine/models/llama.py rounds (one product of two bf16 tensors is one rounding), so in bf16/fp16 the results
 // are those of the plain code up to the order of the row sums (RMSNorm) and the last bit of exp (SiLU).
+//
+// Partitions are fixed by the shapes, never by the device, so results are deterministic and the same on every GPU.
 #include <cmath>
 
 #include "multi_tensor.cuh"
@@ -108,34 +110,50 @@ __global__ void __launch_bounds__(kThreads)
       if (i + k < cols) partial[blockIdx.x * static_cast<int64_t>(cols) + i + k] = acc[i + k];
 }
 
-// dw[c] = the sum of partial[0 .. blocks, c], in block order.
+// dw[c] = the sum of partial[0 .. blocks, c]: thread (x, y) of a block sums the partials y, y + kSumRows, ... of
+// column blockIdx.x * 32 + x (32 consecutive columns per warp: coalesced), then the kSumRows sums are added in y
+// order through shared memory.
+constexpr int kSumRows = 16;
+
 template <typename T>
-__global__ void rms_norm_weight_grad_kernel(const float* partial, int64_t blocks, int cols, T* dw) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= cols) return;
+__global__ void __launch_bounds__(32 * kSumRows)
+    rms_norm_weight_grad_kernel(const float* partial, int64_t blocks, int cols, T* dw) {
+  __shared__ float sums[kSumRows][33];
+  const int c = blockIdx.x * 32 + threadIdx.x;
   float sum = 0.0f;
-  for (int64_t b = 0; b < blocks; ++b) sum += partial[b * cols + c];
-  dw[c] = from_float<T>(sum);
+  if (c < cols)
+    for (int64_t b = threadIdx.y; b < blocks; b += kSumRows) sum += partial[b * cols + c];
+  sums[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < cols) {
+    float total = 0.0f;
+    for (int y = 0; y < kSumRows; ++y) total += sums[y][threadIdx.x];
+    dw[c] = from_float<T>(total);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // Rotary embedding, half-split convention: out[j] = x[j] cos[j] - x[j + d/2] sin[j],
 // out[j + d/2] = x[j + d/2] cos[j + d/2] + x[j] sin[j + d/2]; backward applies the transposed rotation.
 
+// A block takes kRopeRowsPerBlock rows (one (batch, head, position) each): threadIdx.y picks the row, threadIdx.x
+// walks its d/2 pairs. 32-bit index arithmetic for the row (the launcher refuses more rows), 64-bit offsets.
+constexpr int kRopeThreadsX = 32, kRopeRowsPerBlock = 8;
+
 template <typename T>
-__global__ void rope_kernel(RopeArgs a) {
+__global__ void __launch_bounds__(kRopeThreadsX * kRopeRowsPerBlock) rope_kernel(RopeArgs a) {
   const T* x = static_cast<const T*>(a.x);
   const T* cos = static_cast<const T*>(a.cos);
   const T* sin = static_cast<const T*>(a.sin);
   T* out = static_cast<T*>(a.out);
-  const int64_t half = a.dim / 2;
-  const int64_t pairs = a.batch * a.heads * a.seq * half;
-  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < pairs;
-       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t j = p % half, row = p / half;
-    const int64_t s = row % a.seq, h = (row / a.seq) % a.heads, b = row / (a.seq * a.heads);
-    const int64_t in = b * a.in_stride[0] + h * a.in_stride[1] + s * a.in_stride[2] + j;
-    const int64_t o = b * a.out_stride[0] + h * a.out_stride[1] + s * a.out_stride[2] + j;
+  const int half = static_cast<int>(a.dim / 2), seq = static_cast<int>(a.seq), heads = static_cast<int>(a.heads);
+  const int row = blockIdx.x * kRopeRowsPerBlock + threadIdx.y;
+  if (row >= static_cast<int>(a.batch) * heads * seq) return;
+  const int s = row % seq, h = (row / seq) % heads, b = row / (seq * heads);
+  const int64_t in_row = b * a.in_stride[0] + h * a.in_stride[1] + s * a.in_stride[2];
+  const int64_t out_row = b * a.out_stride[0] + h * a.out_stride[1] + s * a.out_stride[2];
+  for (int j = threadIdx.x; j < half; j += kRopeThreadsX) {
+    const int64_t in = in_row + j, o = out_row + j;
     const float x1 = to_float(x[in]), x2 = to_float(x[in + half]);
     const float c1 = to_float(cos[s * a.dim + j]), c2 = to_float(cos[s * a.dim + j + half]);
     const float s1 = to_float(sin[s * a.dim + j]), s2 = to_float(sin[s * a.dim + j + half]);
@@ -150,14 +168,18 @@ __global__ void rope_kernel(RopeArgs a) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// SwiGLU: y = round(silu(gate)) * up; one block per kChunk elements.
+// SwiGLU: y = round(silu(gate)) * up; one block per kSwigluChunk elements.
 
+// As ATen computes them: silu(x) = x / (1 + exp(-x)); its derivative from sigmoid(x) = 1 / (1 + exp(-x)).
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+constexpr int kSwigluChunk = 8192;  // elements per block: enough blocks for every SM from ~1M elements on
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) swiglu_kernel(const T* gate, const T* up, int64_t numel, T* y) {
-  const int64_t start = blockIdx.x * static_cast<int64_t>(kChunk);
-  const int n = static_cast<int>(numel - start < kChunk ? numel - start : kChunk);
+  const int64_t start = blockIdx.x * static_cast<int64_t>(kSwigluChunk);
+  const int n = static_cast<int>(numel - start < kSwigluChunk ? numel - start : kSwigluChunk);
   gate += start, up += start, y += start;
   const bool aligned = is_aligned(gate) && is_aligned(up) && is_aligned(y);
   for (int i = threadIdx.x * kILP; i < n; i += blockDim.x * kILP) {
@@ -165,7 +187,7 @@ __global__ void __launch_bounds__(kThreads) swiglu_kernel(const T* gate, const T
     load(g, gate, i, n, aligned);
     load(u, up, i, n, aligned);
 #pragma unroll
-    for (int k = 0; k < kILP; ++k) g[k] = rounded<T>(g[k] * sigmoid(g[k])) * u[k];
+    for (int k = 0; k < kILP; ++k) g[k] = rounded<T>(silu(g[k])) * u[k];
     store(y, g, i, n, aligned);
   }
 }
@@ -174,8 +196,8 @@ __global__ void __launch_bounds__(kThreads) swiglu_kernel(const T* gate, const T
 template <typename T>
 __global__ void __launch_bounds__(kThreads) swiglu_backward_kernel(const T* dy, const T* gate, const T* up,
                                                                    int64_t numel, T* dgate, T* dup) {
-  const int64_t start = blockIdx.x * static_cast<int64_t>(kChunk);
-  const int n = static_cast<int>(numel - start < kChunk ? numel - start : kChunk);
+  const int64_t start = blockIdx.x * static_cast<int64_t>(kSwigluChunk);
+  const int n = static_cast<int>(numel - start < kSwigluChunk ? numel - start : kSwigluChunk);
   dy += start, gate += start, up += start, dgate += start, dup += start;
   const bool aligned = is_aligned(dy) && is_aligned(gate) && is_aligned(up) && is_aligned(dgate) && is_aligned(dup);
   for (int i = threadIdx.x * kILP; i < n; i += blockDim.x * kILP) {
@@ -186,7 +208,7 @@ __global__ void __launch_bounds__(kThreads) swiglu_backward_kernel(const T* dy, 
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
       const float sg = sigmoid(g[k]);
-      du[k] = d[k] * rounded<T>(g[k] * sg);
+      du[k] = d[k] * rounded<T>(silu(g[k]));
       dg[k] = rounded<T>(d[k] * u[k]) * sg * (1.0f + g[k] * (1.0f - sg));
     }
     store(dgate, dg, i, n, aligned);
@@ -194,7 +216,7 @@ __global__ void __launch_bounds__(kThreads) swiglu_backward_kernel(const T* dy, 
   }
 }
 
-int64_t chunks(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
+int64_t chunks(int64_t numel) { return (numel + kSwigluChunk - 1) / kSwigluChunk; }
 
 }  // namespace
 
@@ -237,19 +259,19 @@ cudaError_t rms_norm_backward(const RowsArgs& a, const void* dy, const void* wei
         static_cast<const T*>(dy), static_cast<const T*>(a.x), static_cast<const T*>(weight), rstd, a.rows, cols,
         per_block, static_cast<T*>(dx), partial);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    rms_norm_weight_grad_kernel<T><<<(cols + 255) / 256, 256, 0, stream>>>(partial, blocks, cols,
-                                                                          static_cast<T*>(dweight));
+    rms_norm_weight_grad_kernel<T><<<(cols + 31) / 32, dim3(32, kSumRows), 0, stream>>>(partial, blocks, cols,
+                                                                                       static_cast<T*>(dweight));
     return cudaGetLastError();
   });
 }
 
 cudaError_t rope(const RopeArgs& a, cudaStream_t stream) {
-  const int64_t pairs = a.batch * a.heads * a.seq * (a.dim / 2);
-  if (pairs == 0) return cudaSuccess;
-  const int64_t blocks = (pairs + 255) / 256;
+  const int64_t rows = a.batch * a.heads * a.seq;
+  if (rows == 0 || a.dim == 0) return cudaSuccess;
+  if (rows > INT32_MAX) return cudaErrorInvalidValue;
+  const int64_t blocks = (rows + kRopeRowsPerBlock - 1) / kRopeRowsPerBlock;
   return with_dtype(a.dtype, [&](auto tag) {
-    rope_kernel<decltype(tag)><<<static_cast<unsigned>(blocks < 65535 * 16 ? blocks : 65535 * 16), 256, 0,
-                                 stream>>>(a);
+    rope_kernel<decltype(tag)><<<static_cast<unsigned>(blocks), dim3(kRopeThreadsX, kRopeRowsPerBlock), 0, stream>>>(a);
     return cudaGetLastError();
   });
 }

@@ -81,6 +81,7 @@ class FusedAdamW(torch.optim.Optimizer):
         self.master_weights = master_weights
         self.ops = ops
         self._plans: dict[int, tuple] = {}  # id(param group) -> (signature, the state it was built on, buckets)
+        self._advanced: list[torch.Tensor] = []  # the step counters the last step advanced
 
     def _state(self, p: torch.Tensor) -> dict:
         """The parameter's state, created on first use and normalised (fp32, on the right devices) after a restore."""
@@ -99,26 +100,37 @@ class FusedAdamW(torch.optim.Optimizer):
         return st
 
     @torch.no_grad()
-    def step(self, closure=None, grad_scale=None, found_inf=None):
+    def step(self, closure=None, grad_scale=None, found_inf=None, *, skip_on_device=False):
         """One step. grad_scale (a number or a one-element tensor) multiplies the gradients inside the pass (the
         fp16 unscale 1/loss_scale times the clip coefficient); found_inf (a one-element tensor), when nonzero,
-        skips the step, step counters included (it is read on the host, as the counters live there)."""
+        skips the step, step counters included: read on the host, as the counters live there, or with
+        skip_on_device left to the kernels, so that nothing waits for the device - the counters advance then, and
+        the caller, once it has read found_inf and found it nonzero, calls undo_step_counters()."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if found_inf is not None and bool(found_inf):
+        if found_inf is not None and not skip_on_device and bool(found_inf):
             return loss
+        self._advanced = []
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for b in self._plan(group):
-                step = int(b.step.add_(1.0).item())
+                step = int(b.step.add_(1.0).item())  # (a CPU tensor: no device sync)
+                self._advanced.append(b.step)
                 ops = self.ops or ext.ops_for(b.params[0].device)
                 ops.adamw_(b.params, [gradient(p).contiguous() for p in b.params], b.exp_avgs, b.exp_avg_sqs,
                            b.masters, lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                            weight_decay=group["weight_decay"], step=step, adam_w_mode=group["adam_w_mode"],
-                           grad_scale=grad_scale)
+                           grad_scale=grad_scale, found_inf=found_inf if skip_on_device else None)
         return loss
+
+    def undo_step_counters(self) -> None:
+        """After a step(skip_on_device=True) whose found_inf was nonzero: the step counters back where they were
+        (the kernels left everything else untouched)."""
+        for counter in self._advanced:
+            counter.sub_(1.0)
+        self._advanced = []
 
     def _signature(self, group) -> list:
         """What the group's plan depends on, per parameter."""

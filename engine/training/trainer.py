@@ -306,7 +306,10 @@ class Trainer:
         if any(tuple(x.shape) != (seq + 1,) for x in samples):
             raise StopTraining(f"train_data: an item at sample position {position}.. is not {seq + 1} token ids "
                                "(--seq-length + 1)")
-        return list(torch.stack(samples).to(self.device).split(self.cfg.batch.micro_batch_size))
+        batch = torch.stack(samples)
+        if self.device.type == "cuda":  # from pinned memory the copy is asynchronous: no wait for the device
+            batch = batch.pin_memory()
+        return list(batch.to(self.device, non_blocking=True).split(self.cfg.batch.micro_batch_size))
 
     def _loss_fn(self, num_tokens: int):
         """A micro-batch's token cross-entropy / num_tokens, from the summed loss (fp32, vocabulary-parallel) the
@@ -378,21 +381,26 @@ class Trainer:
             loss.mul_(100.0)
         loss_scale = self.scaler.scale if self.scaler else 1.0
         grad_norm = self.grad_norm() / loss_scale
-        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
+        # Unscaling, clipping and skipping a non-finite step happen inside the optimizer's pass, decided on the
+        # device (clip coefficient as torch's clip_grad_norm_ computes it), so the host queues the update right
+        # after the backward instead of waiting for the norm.
+        finite = torch.isfinite(grad_norm) & torch.isfinite(loss)
         max_norm = self.cfg.optimizer.clip_grad
-        clip = max_norm / (grad_norm.item() + 1e-6) if finite and max_norm > 0 and grad_norm.item() > max_norm else 1.0
-        if finite:  # unscaling and clipping are folded into the optimizer's pass over the gradients
-            if self.pending_save is not None:  # a background save's writer must hold its copy of the state first
-                self.snapshot_wait_s += self.pending_save.wait_snapshot()
-            for group in self.zero.param_groups:
-                group["lr"] = lr
-            self.zero.step(grad_scale=clip / loss_scale)
-        else:
+        clip = torch.where(grad_norm > max_norm, max_norm / (grad_norm + 1e-6), 1.0) if max_norm > 0 else 1.0
+        if self.pending_save is not None:  # a background save's writer must hold its copy of the state first
+            self.snapshot_wait_s += self.pending_save.wait_snapshot()
+        for group in self.zero.param_groups:
+            group["lr"] = lr
+        self.zero.step(grad_scale=clip / loss_scale, found_inf=~finite)
+        # The step's one wait for the device: its figures, read after all its work on the compute stream (gathers
+        # that --overlap-param-gather leaves in flight run on, on their own stream).
+        loss_value, norm_value, finite = torch.stack([loss.float(), grad_norm.float(), finite.float()]).tolist()
+        finite = finite == 1.0
+        if not finite:
+            self.zero.undo_step_counters()
             st.skipped_steps += 1
         if self.scaler is not None:
             self.scaler.update(found_inf=not finite)
-        if self.device.type == "cuda":  # the compute stream only: --overlap-param-gather leaves gathers in flight
-            torch.cuda.current_stream(self.device).synchronize()
         elapsed = time.perf_counter() - start
         if self.blend is not None:  # (every rank counts the whole global batch: the counts agree)
             counts = self.blend.source_counts(self.sampler.indices(st.data_position, global_batch))
@@ -401,7 +409,7 @@ class Trainer:
         st.data_position += global_batch
         tokens = global_batch * self.model_cfg.seq_length
         tflops = self.flops_per_token * tokens / elapsed / self.world_size / 1e12
-        return {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+        return {"step": step, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
                 "global_batch_size": global_batch, "consumed_samples": st.consumed_samples,
                 "tokens_per_s": tokens / elapsed, "tflops_per_device": tflops,
                 "mfu": tflops / self.peak_tflops if self.peak_tflops else None,

@@ -186,9 +186,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return total
 
     # ---- the update ---------------------------------------------------------------------------------------
-    def step(self, closure=None, *, grad_scale: float = 1.0):
+    def step(self, closure=None, *, grad_scale=1.0, found_inf=None):
         """One update of this rank's shards with each param group's lr (then stages 1-2 all-gather them);
-        grad_scale multiplies the gradients (FusedAdamW and Adafactor fold it into their pass)."""
+        grad_scale (a number or a one-element device tensor) multiplies the gradients (FusedAdamW and Adafactor
+        fold it into their pass). found_inf (a one-element tensor), when nonzero, skips the update: with
+        FusedAdamW decided by its kernels, without waiting for the device (then call undo_step_counters() if it
+        was nonzero), otherwise read here. Returns the closure's loss."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -196,13 +199,24 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if self.grads.armed:  # a trainer-style step whose finish_gradients() was not called
             self.finish_gradients()
         self.params.wait_all()  # the last step's, where no forward waited (unused parameters)
-        if grad_scale != 1.0 or isinstance(self.optimizer, FusedAdamW):
+        fused = isinstance(self.optimizer, FusedAdamW)
+        if found_inf is not None and not fused and bool(found_inf):
+            return loss
+        if fused:
+            self.optimizer.step(grad_scale=grad_scale, found_inf=found_inf, skip_on_device=True)
+        elif torch.is_tensor(grad_scale) or grad_scale != 1.0:
             self.optimizer.step(grad_scale=grad_scale)
         else:
             self.optimizer.step()
         if self.stage in (1, 2) and self.dp > 1:
             self.params.gather_updated(async_op=self.overlap_param_gather)
         return loss
+
+    def undo_step_counters(self) -> None:
+        """After a step whose found_inf turned out nonzero (FusedAdamW skipped it on the device): its step counters
+        back where they were. A no-op for other optimizers (their step was skipped before it began)."""
+        if isinstance(self.optimizer, FusedAdamW):
+            self.optimizer.undo_step_counters()
 
     def full_state_dict(self) -> dict:
         """The module's full state (weights gathered under ZeRO-3) as cloned tensors, on every rank (a
