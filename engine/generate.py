@@ -2,6 +2,7 @@
 
     python -m engine.generate CKPT_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K]
                               [--seed S] [--tokenizer byte|PATH/tokenizer.json] [--device cpu|cuda]
+                              [--dtype fp32|bf16|fp16]
 
 prints the prompt followed by its continuation. Temperature 0 is greedy decoding.
 """
@@ -19,6 +20,9 @@ from engine.training import checkpoint as ckpt
 
 class GenerateError(ValueError):
     pass
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> int:
@@ -95,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", default=None,
                         help="'byte' or PATH/tokenizer.json [the one the checkpoint was trained with]")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="[cuda when available]")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="parameters, activations and KV cache [bf16 on cuda, fp32 on cpu]")
     args = parser.parse_args(argv)
     try:
         if args.max_new_tokens < 0:
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             raise GenerateError(f"the prompt has token id {int(prompt.max())}, outside the model's vocabulary "
                                 f"({vocab_size}); the tokenizer does not match this checkpoint")
         from engine import load_model
-        model = load_model(step_dir, device)
+        model = load_model(step_dir, device, DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")])
         generator = torch.Generator()
         if args.seed is None:
             generator.seed()

@@ -79,6 +79,20 @@ def test_kv_cache_matches_full_recomputation(tie):
     assert prompt + got[:-1] == reference
 
 
+@torch.no_grad()
+def test_kv_cache_in_bf16():
+    """A bf16 model decodes with a bf16 cache; its cached logits follow its own full forward to bf16 rounding."""
+    model = random_model().to(torch.bfloat16)
+    ids = torch.randint(0, 259, (1, 9), generator=torch.Generator().manual_seed(1))
+    cache = KVCache(model.cfg, batch=1, dtype=torch.bfloat16)
+    logits = torch.cat([model(ids[:, :5], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(5, 9)],
+                       dim=1)
+    assert logits.dtype == torch.bfloat16 and cache.length == 9
+    full = model(ids)
+    torch.testing.assert_close(logits.float(), full.float(), rtol=0, atol=3e-2 * full.float().abs().max().item())
+    assert len(gen.generate(model, [1, 2, 3], 6, temperature=0)) == 6
+
+
 def test_kv_cache_refusals():
     model = random_model()
     ids = torch.zeros(1, 4, dtype=torch.long)
@@ -165,6 +179,13 @@ def test_cli(trained, capsys):
         sampled.append(capsys.readouterr().out)
     assert sampled[0] == sampled[1] != sampled[2]
     assert all(s.startswith("def") for s in sampled)
+
+    # --dtype bf16: the model and its cache in bf16 (greedy, as load_model(dtype=) + generate give it)
+    assert gen.main(argv + ["--temperature", "0", "--dtype", "bf16"]) == 0
+    model = engine.load_model(save_dir, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    greedy = gen.generate(model, ByteTokenizer().encode(PROMPT), 8, temperature=0)
+    assert capsys.readouterr().out == PROMPT + ByteTokenizer().decode(greedy) + "\n"
 
 
 def save_weights(save_dir, model, run_config):

@@ -383,8 +383,9 @@ class CheckpointReader:
         return out
 
 
-def load_full_model(path: str, device: str = "cpu"):
-    """engine.load_model: rebuilds the whole model from any checkpoint's slices."""
+def load_full_model(path: str, device: str = "cpu", dtype=None):
+    """engine.load_model: rebuilds the whole model from any checkpoint's slices (read in fp32, then cast to
+    `dtype`, default fp32)."""
     from engine.models.llama import Llama, ModelConfig
 
     step_dir = resolve(path)
@@ -395,7 +396,7 @@ def load_full_model(path: str, device: str = "cpu"):
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(reader.read(f"model/{name}"))
-    return model.to(device).eval()
+    return model.to(device, dtype or torch.float32).eval()
 
 
 # ---- model and optimizer shards ------------------------------------------------------------------------
