@@ -34,14 +34,7 @@ __global__ void __launch_bounds__(kThreads)
   const T* xr = x + row * cols;
   T* yr = y + row * cols;
   const bool aligned = is_aligned(xr) && is_aligned(w) && is_aligned(yr);
-  float acc = 0.0f;
-  for (int i = threadIdx.x * kILP; i < cols; i += blockDim.x * kILP) {
-    float r[kILP];
-    load(r, xr, i, cols, aligned);
-#pragma unroll
-    for (int k = 0; k < kILP; ++k) acc += r[k] * r[k];
-  }
-  acc = block_sum(acc);
+  const float acc = block_sum_squares(xr, cols, aligned);
   if (threadIdx.x == 0) {
     row_rstd = rsqrtf(acc / static_cast<float>(cols) + eps);
     rstd[row] = row_rstd;

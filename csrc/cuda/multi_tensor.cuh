@@ -92,6 +92,19 @@ __device__ T block_sum(T v) {
   return v;
 }
 
+// The sum of squares of x[0 .. n) over the block (fp32 accumulation), valid in thread 0.
+template <typename T>
+__device__ float block_sum_squares(const T* x, int n, bool aligned) {
+  float acc = 0.0f;
+  for (int i = threadIdx.x * kILP; i < n; i += blockDim.x * kILP) {
+    float r[kILP];
+    load(r, x, i, n, aligned);
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) acc += r[k] * r[k];
+  }
+  return block_sum(acc);
+}
+
 // op(meta, slot, start, n): block blockIdx.x handles elements [start, start + n) of the tensor in `slot`.
 template <int Depth, typename Op>
 __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(TensorMeta<Depth> meta, Op op) {

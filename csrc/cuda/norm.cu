@@ -18,15 +18,7 @@ struct SumSqOp {
 
   __device__ void operator()(const TensorMeta<1>& meta, int slot, int64_t start, int n) const {
     const T* x = static_cast<const T*>(meta.ptr[0][slot]) + start;
-    const bool aligned = is_aligned(x);
-    float acc = 0.0f;
-    for (int i = threadIdx.x * kILP; i < n; i += blockDim.x * kILP) {
-      float r[kILP];
-      load(r, x, i, n, aligned);
-#pragma unroll
-      for (int k = 0; k < kILP; ++k) acc += r[k] * r[k];
-    }
-    acc = block_sum(acc);
+    const float acc = block_sum_squares(x, n, is_aligned(x));
     if (threadIdx.x == 0) partial[meta.first_chunk + blockIdx.x] = acc;
   }
 };
