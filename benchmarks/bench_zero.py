@@ -3,7 +3,8 @@
 
 All contenders run in the same processes (launch with torchrun; gloo on CPU), on the same model shape, the
 same initial weights (``Llama.init_weights`` is layout-invariant), the same micro-batches (taken from our
-trainer's sampler: ``Trainer._micro_batches(position, global_batch)``), the same precision and clipping:
+trainer's sampler: ``Trainer._micro_batches(position, global_batch)``, moved to the device), the same precision
+and clipping:
 
 * ours: a ``Trainer`` built from ``parse_config([... "--dp", W, "--zero", Z ...])`` + ``validate(cfg, W)``;
   a step is ``trainer.train_step()`` (micro-batches -> forward/backward with gradients in flat fp32 buckets whose
@@ -243,7 +244,7 @@ class Theirs:
         self.model.init_weights(SEED)
 
     def micro_batches(self):
-        mbs = self.source._micro_batches(self.position, self.global_batch)
+        mbs = self.source._on_device(self.source._micro_batches(self.position, self.global_batch))
         self.position += self.global_batch
         return mbs
 

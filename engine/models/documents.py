@@ -85,13 +85,20 @@ class DocumentMask:
             self._mask = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
         return self._mask
 
-    def to(self, device) -> DocumentMask:
-        """The same layout with its tensors on `device`."""
+    def to(self, device, non_blocking: bool = False) -> DocumentMask:
+        """The same layout with its tensors on `device`; non_blocking: from host memory through pinned copies, so
+        that the host does not wait for the device."""
+        device = torch.device(device)
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if non_blocking and t.device.type == "cpu" and device.type == "cuda":
+                t = t.pin_memory()
+            return t.to(device, non_blocking=non_blocking)
         out = object.__new__(DocumentMask)
         out.__dict__.update(self.__dict__)
         for name in ("segment_ids", "positions", "cu_seqlens"):
-            setattr(out, name, getattr(self, name).to(device))
-        out._mask = None if self._mask is None else self._mask.to(device)
+            setattr(out, name, move(getattr(self, name)))
+        out._mask = None if self._mask is None else move(self._mask)
         return out
 
     def __repr__(self) -> str:

@@ -292,6 +292,7 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------------------------
     def _micro_batches(self, position: int, global_batch: int) -> list[torch.Tensor]:
+        """This rank's micro-batches of the global batch at sample `position`, in host memory (see _host)."""
         if self.stream is None:
             indices = self.sampler.rank_slice(position, global_batch, self.topo.dp_rank, self.topo.dp)
             items = [self.train_data[i] for i in indices]
@@ -306,19 +307,28 @@ class Trainer:
         if any(tuple(x.shape) != (seq + 1,) for x in samples):
             raise StopTraining(f"train_data: an item at sample position {position}.. is not {seq + 1} token ids "
                                "(--seq-length + 1)")
-        batch = torch.stack(samples)
-        if self.device.type == "cuda":  # from pinned memory the copy is asynchronous: no wait for the device
-            batch = batch.pin_memory()
-        return list(batch.to(self.device, non_blocking=True).split(self.cfg.batch.micro_batch_size))
+        return self._host(torch.stack(samples))
+
+    def _host(self, samples: torch.Tensor) -> list[torch.Tensor]:
+        """samples [n, seq + 1] as micro-batches in host memory: pinned for a GPU, so that copying them (and the
+        document layouts derived from them) does not wait for the device."""
+        if self.device.type == "cuda":
+            samples = samples.pin_memory()
+        return list(samples.split(self.cfg.batch.micro_batch_size))
+
+    def _on_device(self, host: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [mb.to(self.device, non_blocking=True) for mb in host]
 
     def _loss_fn(self, num_tokens: int):
         """A micro-batch's token cross-entropy / num_tokens, from the summed loss (fp32, vocabulary-parallel) the
         last stage computes in its forward (targets_in_forward: the head's matmul is part of the loss)."""
         return lambda summed, targets: summed / num_tokens
 
-    def forward_backward(self, micro_batches: list[torch.Tensor], num_tokens: int) -> torch.Tensor:
+    def forward_backward(self, micro_batches: list[torch.Tensor], num_tokens: int,
+                         host_micro_batches: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Runs the pipeline schedule over this rank's micro-batches, accumulating gradients of the global-batch
-        mean loss; returns this rank's share of that loss (the loss lives on the last pipeline stage)."""
+        mean loss; returns this rank's share of that loss (the loss lives on the last pipeline stage).
+        host_micro_batches: the same in host memory, where the document layouts are derived without a wait."""
         for chunk in self.chunks:
             chunk.train()
         counter = None
@@ -330,7 +340,8 @@ class Trainer:
             loss = self.executor.run(self.schedule(len(micro_batches)), *self._inputs_and_targets(micro_batches),
                                      self._loss_fn(num_tokens), self.scaler.scale if self.scaler else 1.0,
                                      first_forward_context=(lambda: counter) if counter else contextlib.nullcontext,
-                                     forward_kwargs=self._forward_kwargs(micro_batches), targets_in_forward=True)
+                                     forward_kwargs=self._forward_kwargs(host_micro_batches or micro_batches),
+                                     targets_in_forward=True)
         if counter is not None:
             self.activation_bytes = counter.bytes
         return loss
@@ -346,10 +357,13 @@ class Trainer:
 
     def _forward_kwargs(self, micro_batches: list[torch.Tensor]) -> list[dict] | None:
         """--document-mask: each micro-batch's document layout, for every pipeline stage's forward (every rank reads
-        the micro-batches, so each derives it from the token ids)."""
+        the micro-batches, so each derives it from the token ids; from host memory, the layout's lengths are read
+        without waiting for the device)."""
         if not self.cfg.data.document_mask:
             return None
-        return [{"documents": DocumentMask.from_tokens(mb[:, :-1], self.tokenizer.eos_id)} for mb in micro_batches]
+        return [{"documents": DocumentMask.from_tokens(mb[:, :-1], self.tokenizer.eos_id).to(self.device,
+                                                                                              non_blocking=True)}
+                for mb in micro_batches]
 
     def grad_norm(self) -> torch.Tensor:
         """The global gradient norm over the whole model (each slice counted once: tensor-parallel shards
@@ -367,10 +381,11 @@ class Trainer:
         lr = self.lr_schedule(step)
         start = time.perf_counter()
         self.monitor.begin_step(step)
-        micro_batches = self._micro_batches(st.data_position, global_batch)
+        host = self._micro_batches(st.data_position, global_batch)
+        micro_batches = self._on_device(host)
         faults = self._faults_at(step)
         self.zero.start_step(len(micro_batches))
-        loss = self.forward_backward(micro_batches, global_batch * self.model_cfg.seq_length)
+        loss = self.forward_backward(micro_batches, global_batch * self.model_cfg.seq_length, host)
         self.monitor.phase("gradient reduction and norm")
         self.zero.finish_gradients()
         if "nan" in faults:  # as a diverged step looks: a non-finite loss and gradients
@@ -460,12 +475,11 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for it in range(self.cfg.data.eval_iters):
             first = it * gbs + self.topo.dp_rank * per_rank
-            samples = torch.stack([torch.as_tensor(self.valid_data[i % len(self.valid_data)]).long()
-                                   for i in range(first, first + per_rank)])
-            micro_batches = samples.to(self.device).split(mbs)
-            total += self.executor.run(actions, *self._inputs_and_targets(micro_batches), self._loss_fn(1),
-                                       forward_only=True,
-                                       forward_kwargs=self._forward_kwargs(micro_batches), targets_in_forward=True)
+            host = self._host(torch.stack([torch.as_tensor(self.valid_data[i % len(self.valid_data)]).long()
+                                           for i in range(first, first + per_rank)]))
+            total += self.executor.run(actions, *self._inputs_and_targets(self._on_device(host)), self._loss_fn(1),
+                                       forward_only=True, forward_kwargs=self._forward_kwargs(host),
+                                       targets_in_forward=True)
         self._share_loss(total)
         return total.item() / (self.cfg.data.eval_iters * gbs * seq)
 
