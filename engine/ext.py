@@ -303,15 +303,14 @@ def report(loader: KernelLoader = LOADER) -> list[str]:
     for backend in SOURCES:
         path = loader.path(backend)
         label = {"prebuilt": backend.upper(), "jit": backend.upper(), "fallback": "fallback"}[path.kind]
+        kind, why = path.kind, path.why
         for kernel in KERNELS:
-            lines.append(f"  {kernel:<8} {backend:<4}: {label:<8} [{path.kind}] {path.why}")
-        compiled = isinstance(path.ops, CompiledOps) and path.ops.has_elementwise
+            lines.append(f"  {kernel:<8} {backend:<4}: {label:<8} [{kind}] {why}")
+        if not (isinstance(path.ops, CompiledOps) and path.ops.has_elementwise):
+            label, kind = "torch", "reference"
+            why = why if backend == "cuda" else "the elementwise kernels are CUDA only"
         for kernel in ELEMENTWISE:
-            if compiled:
-                lines.append(f"  {kernel:<8} {backend:<4}: {label:<8} [{path.kind}] {path.why}")
-            else:
-                why = "the elementwise kernels are CUDA only" if backend != "cuda" else path.why
-                lines.append(f"  {kernel:<8} {backend:<4}: torch    [reference] {why}")
+            lines.append(f"  {kernel:<8} {backend:<4}: {label:<8} [{kind}] {why}")
     return lines
 
 

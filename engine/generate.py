@@ -14,15 +14,12 @@ import sys
 
 import torch
 
-from engine.models.llama import KVCache, Llama
+from engine.models.llama import PRECISION_DTYPES, KVCache, Llama
 from engine.training import checkpoint as ckpt
 
 
 class GenerateError(ValueError):
     pass
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> int:
@@ -99,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", default=None,
                         help="'byte' or PATH/tokenizer.json [the one the checkpoint was trained with]")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="[cuda when available]")
-    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+    parser.add_argument("--dtype", choices=list(PRECISION_DTYPES), default=None,
                         help="parameters, activations and KV cache [bf16 on cuda, fp32 on cpu]")
     args = parser.parse_args(argv)
     try:
@@ -122,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             raise GenerateError(f"the prompt has token id {int(prompt.max())}, outside the model's vocabulary "
                                 f"({vocab_size}); the tokenizer does not match this checkpoint")
         from engine import load_model
-        model = load_model(step_dir, device, DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")])
+        dtype = PRECISION_DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
+        model = load_model(step_dir, device, dtype)
         generator = torch.Generator()
         if args.seed is None:
             generator.seed()

@@ -61,7 +61,7 @@ void scale_(const Tensors& tensors, double scale, const OptTensor& scale_tensor)
 // ---------------------------------------------------------------------------------------------------------
 // The elementwise kernels (elementwise.cu).
 
-// Checks that the tensors are CUDA tensors of one dtype on one device, contiguous from `contiguous_from` on.
+// Checks that the tensors are CUDA tensors of one supported dtype on one device; returns the device.
 c10::Device same_cuda(std::initializer_list<const at::Tensor*> ts, const char* what) {
   const at::Tensor& first = **ts.begin();
   TORCH_CHECK(first.is_cuda(), what, ": the CUDA kernels got a tensor on ", first.device());

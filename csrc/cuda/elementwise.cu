@@ -211,17 +211,18 @@ __global__ void __launch_bounds__(kThreads) swiglu_backward_kernel(const T* dy, 
 
 int64_t chunks(int64_t numel) { return (numel + kSwigluChunk - 1) / kSwigluChunk; }
 
+// How the backward splits `rows` (> 0): rows per block (each writes one partial sum), and the blocks that takes
+// (at most kNormPartials, every one with at least a row).
+struct NormPartials {
+  int64_t per_block, blocks;
+  explicit NormPartials(int64_t rows)
+      : per_block((rows + kNormPartials - 1) / kNormPartials), blocks((rows + per_block - 1) / per_block) {}
+};
+
 }  // namespace
 
-int64_t rms_norm_partial_rows(int64_t rows) {
-  const int64_t blocks = rows < kNormPartials ? rows : kNormPartials;
-  return blocks == 0 ? 0 : (rows + blocks - 1) / blocks;
-}
-
 int64_t rms_norm_backward_scratch_size(int64_t rows, int64_t cols) {
-  const int64_t per_block = rms_norm_partial_rows(rows);
-  const int64_t blocks = per_block == 0 ? 0 : (rows + per_block - 1) / per_block;
-  return blocks * cols * static_cast<int64_t>(sizeof(float));
+  return rows == 0 ? 0 : NormPartials(rows).blocks * cols * static_cast<int64_t>(sizeof(float));
 }
 
 cudaError_t rms_norm(const RowsArgs& a, const void* weight, float eps, void* y, float* rstd, cudaStream_t stream) {
@@ -238,8 +239,8 @@ cudaError_t rms_norm(const RowsArgs& a, const void* weight, float eps, void* y, 
 cudaError_t rms_norm_backward(const RowsArgs& a, const void* dy, const void* weight, const float* rstd, void* dx,
                               void* dweight, void* scratch, cudaStream_t stream) {
   if (a.rows == 0) return cudaSuccess;
-  const int64_t per_block = rms_norm_partial_rows(a.rows);
-  const int64_t blocks = (a.rows + per_block - 1) / per_block;
+  const NormPartials split(a.rows);
+  const int64_t per_block = split.per_block, blocks = split.blocks;
   const int cols = static_cast<int>(a.cols);
   const size_t shared = static_cast<size_t>(cols) * sizeof(float);
   float* partial = static_cast<float*>(scratch);

@@ -35,8 +35,7 @@ constexpr int64_t kNormPartials = 512;   // RMSNorm backward: weight-gradient pa
 
 // y = weight * round(x * rstd), rstd[row] = 1 / sqrt(mean(x^2) + eps) (fp32).
 cudaError_t rms_norm(const RowsArgs& a, const void* weight, float eps, void* y, float* rstd, cudaStream_t stream);
-// Rows per weight-gradient partial sum, and the bytes of scratch the backward needs for them.
-int64_t rms_norm_partial_rows(int64_t rows);
+// The bytes of scratch the backward needs (its weight-gradient partial sums).
 int64_t rms_norm_backward_scratch_size(int64_t rows, int64_t cols);
 cudaError_t rms_norm_backward(const RowsArgs& a, const void* dy, const void* weight, const float* rstd, void* dx,
                               void* dweight, void* scratch, cudaStream_t stream);

@@ -100,6 +100,8 @@ def _llama1(layers, hidden, heads, ffn):
                        num_kv_heads=heads, vocab_size=32000, seq_length=2048, norm_eps=1e-6)
 
 
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision, --dtype
+
 PRESETS: dict[str, ModelConfig] = {
     # ~3.1M parameters, byte vocabulary: trains on a 2-core CPU in minutes.
     "tiny": ModelConfig(),

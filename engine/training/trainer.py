@@ -18,7 +18,7 @@ from engine.data.sampler import BatchSizeRampup, GlobalBatchSampler, IterableSam
 from engine.data.tokenizers import build_tokenizer
 from engine.estimate import model_flops_per_token
 from engine.models.documents import DocumentMask
-from engine.models.llama import Llama, ModelConfig, Parallelism
+from engine.models.llama import PRECISION_DTYPES, Llama, ModelConfig, Parallelism
 from engine.optim import Adafactor, LossScaler, LRSchedule, no_weight_decay
 from engine.optim.adamw import FusedAdamW
 from engine.optim.zero import ZeroOptimizer
@@ -89,10 +89,6 @@ def _shifted(micro_batches) -> tuple[list, list]:
 
 def _map_style(data) -> bool:
     return hasattr(data, "__len__") and hasattr(data, "__getitem__")
-
-
-def _dtype(precision: str) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 class Trainer:
@@ -190,7 +186,7 @@ class Trainer:
 
     @property
     def param_dtype(self) -> torch.dtype:
-        return _dtype(self.precision)
+        return PRECISION_DTYPES[self.precision]
 
     def _build_optimizer(self) -> ZeroOptimizer:
         """Flat parameter and gradient buffers, bucketed data-parallel reduction and the (ZeRO-sharded)
@@ -409,8 +405,8 @@ class Trainer:
         self.zero.step(grad_scale=clip / loss_scale, found_inf=~finite)
         # The step's one wait for the device: its figures, read after all its work on the compute stream (gathers
         # that --overlap-param-gather leaves in flight run on, on their own stream).
-        loss_value, norm_value, finite = torch.stack([loss.float(), grad_norm.float(), finite.float()]).tolist()
-        finite = finite == 1.0
+        loss_value, norm_value, finite_value = torch.stack([loss.float(), grad_norm.float(), finite.float()]).tolist()
+        finite = finite_value == 1.0
         if not finite:
             self.zero.undo_step_counters()
             st.skipped_steps += 1
