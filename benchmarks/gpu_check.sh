@@ -14,7 +14,7 @@
 #   bash benchmarks/gpu_check.sh                 # on the GPU machine
 #   bash benchmarks/gpu_check.sh --suite         # on the GPU machine: the whole suite (README's test command)
 #   bash benchmarks/gpu_check.sh --cpu-dry-run   # anywhere: the same stages, CPU-sized, to check the script itself
-#   bash benchmarks/gpu_check.sh --budget 420    # at most this many seconds in all [540]
+#   bash benchmarks/gpu_check.sh --budget 420    # at most this many seconds in all [480: the 8 minutes issue 14 asks for]
 #
 # The budget: each stage runs under the smaller of its own limit and what is left of the budget (less 10 s for
 # the summary); a stage with under 20 s left is skipped and counted as failed. So the run ends, summary and all,
@@ -34,7 +34,7 @@
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 
-DRY=0 SUITE=0 BUDGET=540
+DRY=0 SUITE=0 BUDGET=480
 while [[ $# -gt 0 ]]; do
   case $1 in
     --cpu-dry-run) DRY=1 ;;
