@@ -7,16 +7,21 @@ reports its peak resident memory (ru_maxrss of that child, from os.wait4) and to
 time less that of a process that only imports the preprocess module, i.e. torch). Streaming
 preprocessing keeps memory flat: the large corpus's peak should be about the small one's. With --in-memory the
 small corpus is also run through the trainer's in-memory path, write_indexed(tokenize_documents(...)), for
-comparison. Everything written is deleted at the end.
+comparison. With --processes N the small corpus is also loaded as the trainer loads text --data, by N processes
+started together (one node's ranks): tokenized in memory by each (--data-cache none), and through the token cache
+(engine.data.cache) cold (one process tokenizes, the others wait) and warm (a later run); reported are the largest
+peak RSS of one process, their sum, and the wall time until the last is done. Everything written is deleted at the
+end.
 
     python benchmarks/bench_preprocess.py [--small-mb 110 --large-mb 1200] [--format jsonl|parquet] [--in-memory]
-                                          [--json out.json]
+                                          [--processes N] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +39,13 @@ IN_MEMORY = ("import sys; from engine.data.datasets import iter_documents, token
              "from engine.data.tokenizers import ByteTokenizer; "
              "s = tokenize_documents(iter_documents([sys.argv[1]]), ByteTokenizer()); "
              "write_indexed(sys.argv[2], s, 259); print(f'{len(s.doc_offsets) - 1} documents, {len(s.tokens)} tokens')")
+
+# The trainer's load of text --data (engine.training.data.prepare_data's call) in one process: argv = corpus, cache
+# directory or "none".
+TRAINER_LOAD = ("import sys; from engine.data.datasets import load_stream; "
+                "from engine.data.tokenizers import ByteTokenizer; "
+                "s = load_stream([sys.argv[1]], ByteTokenizer(), None if sys.argv[2] == 'none' else sys.argv[2]); "
+                "print(f'{len(s.doc_offsets) - 1} documents, {len(s.tokens)} tokens')")
 
 
 def documents(doc_bytes: int = 8000):
@@ -70,26 +82,35 @@ def write_corpus(path: str, megabytes: int, fmt: str) -> int:
     return os.path.getsize(path)
 
 
-def run_measured(cmd: list[str]) -> dict:
-    """Runs cmd; its peak RSS (MiB), wall time and the numbers of its summary line."""
+def run_measured(cmd: list[str], processes: int = 1) -> dict:
+    """Runs `processes` copies of cmd at once; the largest and the summed peak RSS (MiB), the wall time until the
+    last is done, and the numbers of the first one's summary line."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out_fh, tempfile.TemporaryFile("w+") as err_fh:
-        proc = subprocess.Popen(cmd, stdout=out_fh, stderr=err_fh, env=env)
-        # Reaped here rather than by Popen.wait, for this child's own rusage (RUSAGE_CHILDREN would be the
-        # largest of all children so far).
-        _, status, usage = os.wait4(proc.pid, 0)
+    outs, peaks = [], []
+    with tempfile.TemporaryDirectory() as logs:
+        procs = []
+        for i in range(processes):
+            out_fh, err_fh = (open(os.path.join(logs, f"{i}.{k}"), "w+") for k in ("out", "err"))
+            procs.append((subprocess.Popen(cmd, stdout=out_fh, stderr=err_fh, env=env), out_fh, err_fh))
+        for proc, out_fh, err_fh in procs:
+            # Reaped here rather than by Popen.wait, for this child's own rusage (RUSAGE_CHILDREN would be the
+            # largest of all children so far).
+            _, status, usage = os.wait4(proc.pid, 0)
+            peaks.append(usage.ru_maxrss / 1024)
+            out_fh.seek(0)
+            err_fh.seek(0)
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise SystemExit(f"error: {' '.join(cmd)} exited {os.waitstatus_to_exitcode(status)}: "
+                                 f"{err_fh.read().strip()}")
+            outs.append(out_fh.read())
+            out_fh.close()
+            err_fh.close()
         wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out_fh.seek(0)
-        err_fh.seek(0)
-        out, err = out_fh.read(), err_fh.read()
-    if proc.returncode != 0:
-        raise SystemExit(f"error: {' '.join(cmd)} exited {proc.returncode}: {err.strip()}")
-    words = out.split()
+    words = outs[0].split()
     tokens = int(words[words.index("tokens") - 1])
-    return {"peak_rss_mib": usage.ru_maxrss / 1024, "wall_s": wall, "tokens": tokens,
-            "documents": int(words[words.index("documents,") - 1])}
+    return {"peak_rss_mib": max(peaks), "sum_peak_rss_mib": sum(peaks), "wall_s": wall, "tokens": tokens,
+            "documents": int(words[words.index("documents,") - 1]), "processes": processes}
 
 
 def main(argv=None) -> int:
@@ -98,6 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--large-mb", type=int, default=1200)
     ap.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
     ap.add_argument("--in-memory", action="store_true", help="also run the in-memory path on the small corpus")
+    ap.add_argument("--processes", type=int, default=0,
+                    help="also load the small corpus as the trainer does, by this many processes at once")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     results = {"imports_only": run_measured([sys.executable, "-c", "import engine.data.preprocess; "
@@ -115,17 +138,25 @@ def main(argv=None) -> int:
                 results["small_in_memory"] = dict(r, corpus_bytes=size)
                 os.remove(prefix + "_mem.bin")
                 os.remove(prefix + "_mem.idx")
+            if args.processes and name == "small":
+                cache = os.path.join(root, "cache")
+                for label, where in (("in memory", "none"), ("cache, cold", cache), ("cache, warm", cache)):
+                    r = run_measured([sys.executable, "-c", TRAINER_LOAD, corpus, where], args.processes)
+                    results[f"trainer x{args.processes}, {label}"] = dict(r, corpus_bytes=size)
+                shutil.rmtree(cache)
             for path in (corpus, prefix + ".bin", prefix + ".idx"):
                 os.remove(path)
     startup = results["imports_only"]["wall_s"]
-    print("| run | corpus | documents | tokens | peak RSS | wall | tokens/s | tokens/s less start-up |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| run | corpus | documents | tokens | peak RSS (one process) | sum over processes | wall | tokens/s | "
+          "tokens/s less start-up |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in list(results.items())[1:]:
         corpus = f"{r['corpus_bytes'] / 1e6:,.0f} MB"
         r["tokens_per_s"] = r["tokens"] / r["wall_s"]
         r["tokens_per_s_net"] = r["tokens"] / max(r["wall_s"] - startup, 1e-9)
         print(f"| {name} | {corpus} | {r['documents']:,} | {r['tokens']:,} | {r['peak_rss_mib']:,.0f} MiB | "
-              f"{r['wall_s']:.1f} s | {r['tokens_per_s'] / 1e6:.1f} M | {r['tokens_per_s_net'] / 1e6:.1f} M |")
+              f"{r['sum_peak_rss_mib']:,.0f} MiB | {r['wall_s']:.1f} s | {r['tokens_per_s'] / 1e6:.1f} M | "
+              f"{r['tokens_per_s_net'] / 1e6:.1f} M |")
     base = results["imports_only"]["peak_rss_mib"]
     print(f"start-up (a process that only imports engine.data.preprocess): {base:.0f} MiB, {startup:.1f} s")
     ratio = results["large"]["peak_rss_mib"] / results["small"]["peak_rss_mib"]

@@ -1,6 +1,8 @@
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -22,8 +24,15 @@ def shard_blocks(p):
 
 
 def pytest_configure(config):
+    # The trainer tokenizes text --data into $XDG_CACHE_HOME/engine/tokens (--data-cache auto): the tests' own
+    # directory, inherited by every process they launch, keeps the user's cache out of it.
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="engine-tests-cache-")
     config.addinivalue_line("markers", "e2e: slow multi-process training runs (torchrun launches or spawned trainer "
                                        "pools); `-m 'not e2e'` leaves them out for a quick pass")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 
 def write_corpus(root) -> str:

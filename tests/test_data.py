@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 import pytest
 
 from conftest import ROOT, SMALL, step_losses
@@ -60,7 +61,12 @@ def test_validation_split_holds_out_the_last_documents():
     stream = tokenize_documents([f"document number {i} " * 5 for i in range(100)], ByteTokenizer())
     train, valid = train_valid_split(stream, seq_length=16, valid_fraction=0.1)
     cut = stream.doc_offsets[90]
-    assert len(train.tokens) == cut and len(valid.tokens) == len(stream.tokens) - cut
+    assert train.num_tokens == cut and valid.num_tokens == len(stream.tokens) - cut
+    assert torch.equal(valid[0], torch.from_numpy(stream.tokens[cut:cut + 17].astype(np.int64)))
+    assert torch.equal(train[len(train) - 1], torch.from_numpy(stream.tokens[(len(train) - 1) * 16:][:17]
+                                                               .astype(np.int64)))
+    with pytest.raises(IndexError):
+        train[len(train)]
     assert train_valid_split(stream, 16, 0.0)[1] is None
 
 
@@ -255,12 +261,18 @@ def test_version_1_index_still_reads_and_merging_keeps_what_is_known(tmp_path, c
     small = tokenize_documents(["ab"], tok)
     write_indexed(str(tmp_path / "new"), small, 300)  # recorded as written with a larger vocabulary
     merged = load_stream([str(tmp_path / "old"), str(tmp_path / "new")], tok)
-    assert (merged.vocab_size, merged.max_id) == (300, None)  # old's max id is unknown, so the merge's is
+    assert (merged.vocab_size, merged.max_id) == (300, 257)  # old's max id is unknown: read at the merge
     assert len(merged.tokens) == len(stream.tokens) + 3
+    assert np.array_equal(merged.tokens[:], np.concatenate([stream.tokens, small.tokens]))
     assert merged.doc_offsets.tolist()[-2:] == [len(stream.tokens), len(stream.tokens) + 3]
     merged = load_stream([str(tmp_path / "new"), str(tmp_path / "new"), corpus], tok)
     assert (merged.vocab_size, merged.max_id) == (300, 257)
     assert merged.doc_offsets.tolist()[:3] == [0, 3, 6] and merged.doc_offsets[-1] == len(merged.tokens)
+    # Read through a view (the memory-mapped parts are not copied): samples across part boundaries as if flat.
+    assert isinstance(merged.tokens.parts[0], np.memmap)
+    flat = np.concatenate([small.tokens, small.tokens, stream.tokens])
+    chained, packed = PackedDataset(merged.tokens, 7), PackedDataset(flat, 7)
+    assert len(chained) == len(packed) and all(torch.equal(chained[i], packed[i]) for i in range(len(packed)))
 
 
 def test_a_token_id_that_does_not_fit_the_bin_is_an_error(tmp_path):

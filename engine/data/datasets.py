@@ -105,18 +105,27 @@ def _iter_parquet(path: str, batch_rows: int = 1024):
                 yield text
 
 
-def iter_documents(paths: list[str]):
-    """Yields the text of every document under `paths`: text files, directories (walked in sorted order),
-    .jsonl files with a 'text' field, .parquet files with a 'text' column (needs pyarrow)."""
+def list_files(paths: list[str]) -> list[str]:
+    """The files of `paths` in reading order: each given file, and each directory's files walked in sorted order
+    (hidden files and directories, whose names start with '.', left out)."""
+    files = []
     for path in paths:
         if os.path.isdir(path):
             for dirpath, dirnames, filenames in os.walk(path):
-                dirnames.sort()
-                for name in sorted(filenames):
-                    yield from iter_documents([os.path.join(dirpath, name)])
-        elif not os.path.isfile(path):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                files += [os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".")]
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
             raise FileNotFoundError(f"--data: {path!r} not found")
-        elif path.endswith(".jsonl"):
+    return files
+
+
+def iter_documents(paths: list[str]):
+    """Yields the text of every document in list_files(paths): text files, .jsonl files with a 'text' field,
+    .parquet files with a 'text' column (needs pyarrow)."""
+    for path in list_files(paths):
+        if path.endswith(".jsonl"):
             yield from _iter_jsonl(path)
         elif path.endswith(".parquet"):
             yield from _iter_parquet(path)
@@ -310,21 +319,55 @@ def _check_not_half_a_pair(path: str) -> None:
                          "PREFIX.idx, passed as PREFIX")
 
 
+class ChainedTokens:
+    """Several token arrays (memory maps, say) read as one without copying them: a slice copies only the
+    tokens it covers."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.ends = np.cumsum([len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1])
+
+    def __getitem__(self, window: slice) -> np.ndarray:
+        start, stop, step = window.indices(len(self))
+        if step != 1:
+            raise IndexError("ChainedTokens: only contiguous slices")
+        pieces = []
+        part = int(np.searchsorted(self.ends, start, side="right"))
+        while start < stop:
+            begin = int(self.ends[part]) - len(self.parts[part])
+            end = min(stop, int(self.ends[part]))
+            pieces.append(np.asarray(self.parts[part][start - begin:end - begin], dtype=np.int32))
+            start, part = end, part + 1
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+
+
 def _merge(streams: list[TokenStream]) -> TokenStream:
-    tokens = np.concatenate([np.asarray(s.tokens, dtype=np.int32) for s in streams])
+    """The streams one after another, as a ChainedTokens view (a big memory-mapped corpus is not loaded)."""
+    tokens = ChainedTokens([s.tokens for s in streams])
     starts = np.cumsum([0] + [len(s.tokens) for s in streams[:-1]])
     offsets = np.concatenate([s.doc_offsets[:-1] + a for s, a in zip(streams, starts)] + [[len(tokens)]])
     vocabs = [s.vocab_size for s in streams if s.vocab_size is not None]
-    max_ids = [s.max_id for s in streams]
-    # One part with an unknown max leaves the whole maximum unknown (it could be that part's).
-    return TokenStream(tokens, offsets.astype(np.int64), vocab_size=max(vocabs) if vocabs else None,
-                       max_id=None if None in max_ids else max(max_ids))
+    # A version-1 index does not record its largest id: read it here, once.
+    max_id = max(s.max_id if s.max_id is not None else int(np.max(s.tokens)) for s in streams)
+    return TokenStream(tokens, offsets.astype(np.int64), vocab_size=max(vocabs) if vocabs else None, max_id=max_id)
 
 
-def load_stream(paths: list[str] | None, tokenizer) -> TokenStream:
-    """The token stream of --data (built-in corpus when None). Several .bin/.idx prefixes are concatenated."""
+def load_stream(paths: list[str] | None, tokenizer, cache_dir: str | None = None) -> TokenStream:
+    """The token stream of --data (the built-in corpus when None). Several sources are read one after another.
+    Text is tokenized in memory, or with `cache_dir` once into a memory-mapped .bin/.idx there that every process
+    and later run reads (engine.data.cache)."""
+    from engine.data.cache import cached_prefix  # the cache writes with this module's IndexedWriter
+
+    def tokenized(text_paths: list[str]) -> TokenStream:
+        if cache_dir is None:
+            return tokenize_documents(iter_documents(text_paths), tokenizer)
+        return read_indexed(cached_prefix(text_paths, tokenizer, cache_dir))
+
     if not paths:
-        return tokenize_documents(iter_documents(stdlib_sources()), tokenizer)
+        return tokenized(stdlib_sources())
     streams = []
     text_paths = []
     for p in paths:
@@ -334,22 +377,26 @@ def load_stream(paths: list[str] | None, tokenizer) -> TokenStream:
             _check_not_half_a_pair(p)
             text_paths.append(p)
     if text_paths:
-        streams.append(tokenize_documents(iter_documents(text_paths), tokenizer))
+        streams.append(tokenized(text_paths))
     return streams[0] if len(streams) == 1 else _merge(streams)
 
 
 class PackedDataset(torch.utils.data.Dataset):
-    """Samples of seq_length + 1 consecutive tokens from tokens[start:end]."""
+    """Samples of seq_length + 1 consecutive tokens from tokens[start:end] (an array, memory map or
+    ChainedTokens; only the sample being read is copied)."""
 
-    def __init__(self, tokens: np.ndarray, seq_length: int):
-        self.tokens, self.seq_length = tokens, seq_length
-        self.num_samples = max((len(tokens) - 1) // seq_length, 0)
+    def __init__(self, tokens, seq_length: int, start: int = 0, end: int | None = None):
+        self.tokens, self.seq_length, self.start = tokens, seq_length, start
+        self.num_tokens = (len(tokens) if end is None else end) - start
+        self.num_samples = max((self.num_tokens - 1) // seq_length, 0)
 
     def __len__(self) -> int:
         return self.num_samples
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        start = i * self.seq_length
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"sample {i} of {self.num_samples}")
+        start = self.start + i * self.seq_length
         return torch.from_numpy(np.asarray(self.tokens[start:start + self.seq_length + 1], dtype=np.int64))
 
 
@@ -358,8 +405,8 @@ def train_valid_split(stream: TokenStream, seq_length: int, valid_fraction: floa
     num_docs = len(stream.doc_offsets) - 1
     num_valid = 0 if valid_fraction == 0 else min(max(1, round(num_docs * valid_fraction)), num_docs - 1)
     cut = int(stream.doc_offsets[num_docs - num_valid])
-    train = PackedDataset(stream.tokens[:cut], seq_length)
-    valid = PackedDataset(stream.tokens[cut:], seq_length) if num_valid else None
+    train = PackedDataset(stream.tokens, seq_length, 0, cut)
+    valid = PackedDataset(stream.tokens, seq_length, cut, len(stream.tokens)) if num_valid else None
     if len(train) == 0:
         raise ValueError(f"--data: only {cut} training tokens, fewer than one sample of --seq-length "
                          f"{seq_length} + 1; give more data or a shorter --seq-length")

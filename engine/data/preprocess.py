@@ -17,8 +17,9 @@ from engine.data.tokenizers import build_tokenizer
 
 
 def preprocess(paths: list[str], prefix: str, tokenizer, chunk_tokens: int = 1 << 20,
-               progress: bool = False) -> tuple[int, int]:
-    """Writes PREFIX.bin/.idx for the documents under `paths`; returns (documents, tokens)."""
+               progress: bool = False, flag: str = "--input") -> tuple[int, int]:
+    """Writes PREFIX.bin/.idx for the documents under `paths`; returns (documents, tokens). `flag` names the
+    sources in an error."""
     bar = tqdm(unit="tok", unit_scale=True, file=sys.stderr, disable=not progress, mininterval=0.5)
     pending = 0
     with bar, IndexedWriter(prefix, tokenizer.vocab_size, chunk_tokens) as writer:
@@ -30,7 +31,7 @@ def preprocess(paths: list[str], prefix: str, tokenizer, chunk_tokens: int = 1 <
                 bar.update(pending)
                 pending = 0
         if writer.num_docs == 0:
-            raise ValueError("--input: the given sources contain no text")
+            raise ValueError(f"{flag}: the given sources contain no text")
         writer.finish()
         bar.set_postfix_str(f"{writer.num_docs} docs", refresh=False)
         bar.update(pending)

@@ -1,6 +1,7 @@
 """Tokenizers: a byte-level one (always available) and Hugging Face `tokenizer.json` files."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -12,6 +13,7 @@ class ByteTokenizer:
 
     vocab_size = 259
     bos_id, eos_id, pad_id = 256, 257, 258
+    fingerprint = "byte"  # what names its tokenization (engine.data.cache)
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8", errors="replace"), dtype=np.uint8).astype(np.int32)
@@ -42,6 +44,8 @@ class HFTokenizer:
                                "pip install tokenizers, or use --tokenizer byte") from None
         try:
             self._tok = Tokenizer.from_file(path)
+            with open(path, "rb") as fh:
+                digest = hashlib.sha256(fh.read()).hexdigest()
         except Exception as exc:  # noqa: BLE001 - the Rust library raises a bare Exception for any parse error
             raise ValueError(f"--tokenizer {path}: not a readable tokenizer.json ({str(exc)[:120]}); give the "
                              "tokenizer.json a Hugging Face tokenizer was saved with") from None
@@ -62,6 +66,7 @@ class HFTokenizer:
             self.eos_id = ids[0]
         bos = _special_token_text(config.get("bos_token"))
         self.bos_id = self._tok.token_to_id(bos) if bos else None
+        self.fingerprint = f"tokenizer.json sha256 {digest}, eos {self.eos_id}"
 
     @staticmethod
     def _config(path: str) -> dict:

@@ -90,12 +90,12 @@ def format_banner(*, run_name: str, model: str, steps: int, params: int, params_
 
 
 def data_counts(train, valid, sources=None) -> dict:
-    """format_banner's `data`: samples (len()) and tokens (a packed dataset's `tokens`) of each split; documents
+    """format_banner's `data`: samples (len()) and tokens (a packed dataset's `num_tokens`) of each split; documents
     and tokens of the whole corpus from the trainer's data sources (objects with `documents` and `tokens`)."""
     def counts(dataset):
         if dataset is None:
             return None
-        return {"tokens": len(dataset.tokens) if hasattr(dataset, "tokens") else None,
+        return {"tokens": getattr(dataset, "num_tokens", None),
                 "samples": len(dataset) if hasattr(dataset, "__len__") else None}
     return {"documents": sum(s.documents for s in sources) if sources else None,
             "tokens": sum(s.tokens for s in sources) if sources else None,

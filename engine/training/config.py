@@ -138,6 +138,10 @@ class DataArgs:
                                     "split at each end-of-document token) and RoPE positions restart at each "
                                     "document (Llama 3's intra-document masking)")
     valid_fraction: float = _f(0.01, "fraction of documents held out for evaluation")
+    data_cache: str = _f("auto", "directory where text --data is tokenized once into a .bin/.idx that every process "
+                                 "and later run memory-maps (keyed by the files' paths, sizes and modification times "
+                                 "and the tokenizer); 'none' tokenizes in memory in each process "
+                                 "[auto: $XDG_CACHE_HOME/engine/tokens, else ~/.cache/engine/tokens]")
     eval_interval: int = _f(None, "evaluate every N steps [never]")
     eval_iters: int = _f(4, "global batches per evaluation")
 

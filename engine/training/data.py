@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from engine.data.blend import BlendedDataset, parse_blend
+from engine.data.cache import default_cache_dir
 from engine.data.datasets import load_stream, train_valid_split
 from engine.data.tokenizers import build_tokenizer
 from engine.training.config import Config, ConfigError
@@ -51,6 +52,11 @@ def check_token_ids(stream, name: str, tokenizer, vocab_size: int, tokenizer_spe
                          "preprocess with the tokenizer you train with, or raise --vocab-size")
 
 
+def cache_dir(spec: str) -> str | None:
+    """--data-cache: 'auto' -> the user's cache directory, 'none' -> None (tokenize in memory), else the path."""
+    return {"auto": default_cache_dir(), "none": None}.get(spec, spec)
+
+
 def prepare_data(cfg: Config) -> TrainingData:
     """Tokenizer, datasets and the token-id check of cfg.data; raises ConfigError with one line per problem."""
     d, seq = cfg.data, cfg.model_config().seq_length
@@ -63,7 +69,7 @@ def prepare_data(cfg: Config) -> TrainingData:
         sources, trains, valids = [], [], []
         for weight, paths in groups:
             name = " ".join(paths) or "built-in corpus"
-            stream = load_stream(paths or None, tokenizer)
+            stream = load_stream(paths or None, tokenizer, cache_dir(d.data_cache))
             check_token_ids(stream, name, tokenizer, vocab, d.tokenizer)
             train, valid = train_valid_split(stream, seq, d.valid_fraction)
             sources.append(Source(name, weight, len(stream.doc_offsets) - 1, len(stream.tokens), len(train)))

@@ -1,0 +1,136 @@
+"""Text --data tokenized once into the cache (engine.data.cache): the same stream as tokenizing in memory, reused
+while nothing changes, written by one process while the others wait, failures shared, the trainer's default."""
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, SMALL, step_losses
+from engine.data.cache import cache_key, cached_prefix
+from engine.data.datasets import list_files, load_stream, read_indexed
+from engine.data.tokenizers import ByteTokenizer
+
+# A child process tokenizing the files of argv[2] into the cache argv[1], slowly (so the others have to wait),
+# printing the prefix it got or the error it raised.
+CHILD = """
+import sys, time
+from engine.data.cache import cached_prefix
+from engine.data.tokenizers import ByteTokenizer
+
+class Slow(ByteTokenizer):
+    def encode(self, text):
+        time.sleep(0.02)
+        return super().encode(text)
+
+try:
+    print("prefix", cached_prefix([sys.argv[2]], Slow(), sys.argv[1]))
+except ValueError as exc:
+    print("error", exc)
+"""
+
+
+def test_cached_stream_equals_the_in_memory_one_and_is_reused(tmp_path, corpus, capfd):
+    cache = str(tmp_path / "cache")
+    tok = ByteTokenizer()
+    direct = load_stream([corpus], tok)
+    cached = load_stream([corpus], tok, cache)
+    assert np.array_equal(np.asarray(cached.tokens), direct.tokens)
+    assert np.array_equal(cached.doc_offsets, direct.doc_offsets)
+    assert (cached.vocab_size, cached.max_id) == (259, int(direct.tokens.max()))
+    assert "tokenizing --data" in capfd.readouterr().err
+    prefix = cached_prefix([corpus], tok, cache)
+    written = os.stat(prefix + ".bin").st_mtime_ns
+    load_stream([corpus], tok, cache)
+    assert os.stat(prefix + ".bin").st_mtime_ns == written and "tokenizing" not in capfd.readouterr().err
+    assert sorted(os.listdir(cache)) == sorted(os.path.basename(prefix) + ext
+                                               for ext in (".bin", ".idx", ".json", ".lock"))
+
+
+def test_the_key_follows_the_files_and_the_tokenizer(tmp_path, corpus):
+    tok = ByteTokenizer()
+    files = list_files([corpus])
+    key = cache_key(files, tok)
+    assert cache_key(list_files([corpus]), tok) == key
+    assert cache_key(files[::-1], tok) != key  # order is part of the stream
+
+    class Other(ByteTokenizer):
+        fingerprint = "other"
+    assert cache_key(files, Other()) != key
+    with open(files[3], "a") as fh:
+        fh.write("# one more line\n")
+    assert cache_key(files, tok) != key
+    os.utime(files[3], ns=(0, 0))
+    changed = cache_key(files, tok)
+    os.utime(files[3])
+    assert cache_key(files, tok) != changed  # touched: tokenized again
+    (tmp_path / "corpus" / "new.txt").write_text("a new document")
+    assert cache_key(list_files([corpus]), tok) != cache_key(files, tok)
+
+
+def test_hidden_files_in_a_directory_are_not_read(tmp_path):
+    (tmp_path / "a.txt").write_text("kept")
+    (tmp_path / ".notes.txt").write_text("hidden file")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("hidden directory")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text("kept too")
+    assert list_files([str(tmp_path)]) == [str(tmp_path / "a.txt"), str(tmp_path / "sub" / "b.txt")]
+    assert list_files([str(tmp_path / ".notes.txt")]) == [str(tmp_path / ".notes.txt")]  # named: read
+
+
+def _run_children(n, cache, source):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, cache, source], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(n)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    return [out.strip() for out, _ in outs], "".join(err for _, err in outs)
+
+
+def test_one_process_tokenizes_while_the_others_wait(tmp_path, corpus):
+    cache = str(tmp_path / "cache")
+    results, err = _run_children(4, cache, corpus)
+    assert err.count("tokenizing --data") == 1, err
+    assert len(set(results)) == 1 and results[0].startswith("prefix ")
+    stream = read_indexed(results[0].split(" ", 1)[1])
+    assert np.array_equal(np.asarray(stream.tokens), load_stream([corpus], ByteTokenizer()).tokens)
+
+
+def test_a_failure_is_raised_by_the_waiting_processes_without_tokenizing_again(tmp_path):
+    bad = tmp_path / "docs.jsonl"
+    bad.write_text("".join(f'{{"text": "document {i}"}}\n' for i in range(40)) + "not json\n")
+    cache = str(tmp_path / "cache")
+    results, err = _run_children(3, cache, str(bad))
+    assert err.count("tokenizing --data") == 1, err
+    assert results == ["error --data " + str(bad) + ": line 41 is not a JSON object with a 'text' field"] * 3
+    assert not [f for f in os.listdir(cache) if f.endswith((".bin", ".idx", ".tmp"))]
+    # A later run (nobody tokenizing, so no wait) does not take the old failure for its own: it tries again.
+    time.sleep(1.1)
+    with pytest.raises(ValueError, match="line 41"):
+        cached_prefix([str(bad)], ByteTokenizer(), cache)
+
+
+def test_a_cache_that_cannot_be_written_is_one_line(tmp_path, corpus):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match=r"--data-cache .*file/cache: cannot write there .*--data-cache none"):
+        cached_prefix([corpus], ByteTokenizer(), str(tmp_path / "file" / "cache"))
+
+
+def test_the_trainer_tokenizes_into_the_cache_by_default(tmp_path, corpus, monkeypatch):
+    from engine.training import main
+    monkeypatch.chdir(tmp_path)
+    cache = os.path.join(os.environ["XDG_CACHE_HOME"], "engine", "tokens")
+    before = set(os.listdir(cache)) if os.path.isdir(cache) else set()
+    assert main(SMALL + ["--data", corpus, "--steps", "3", "--run-name", "cached"]) == 0
+    made = set(os.listdir(cache)) - before
+    assert sorted(f.rsplit(".", 1)[1] for f in made) == ["bin", "idx", "json", "lock"]
+    assert main(SMALL + ["--data", corpus, "--steps", "3", "--run-name", "memory", "--data-cache", "none"]) == 0
+    assert main(SMALL + ["--data", corpus, "--steps", "3", "--run-name", "own",
+                         "--data-cache", str(tmp_path / "own")]) == 0
+    assert len(os.listdir(tmp_path / "own")) == 4
+    losses = step_losses("runs/cached/metrics.jsonl")
+    assert len(losses) == 3
+    assert losses == step_losses("runs/memory/metrics.jsonl") == step_losses("runs/own/metrics.jsonl")
