@@ -13,7 +13,8 @@ full recomputation (one more forward). Time: train_flops / (gpus * flops_per_gpu
 Memory is what one rank holds: its shard of the weights (matrices / tp, vocabulary rows / tp padded up, norms
 replicated; layers / pp with the embedding on the first stage and the final norm + head on the last, the last
 stage keeping its own copy of a tied embedding when pp > 1), gradients (fp32 "main_grad"), optimizer state
-(m and v, plus an fp32 master copy in bf16/fp16) with ZeRO sharding over dp x cp, and the saved activations of the
+(AdamW: m and v; Adafactor: a row and a column statistic per matrix, a full one per vector, and its momentum when
+beta1 > 0; plus an fp32 master copy in bf16/fp16) with ZeRO sharding over dp x cp, and the saved activations of the
 micro-batches in flight (each context-parallel rank holding 1/cp of every sequence). The stage whose total is
 largest is reported.
 """
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from engine.models.llama import PRESETS, ModelConfig, preset, sdpa_native_gqa
-from engine.parallel.rules import layout_errors
+from engine.parallel.rules import layout_errors, optimizer_errors
 
 H100_BF16_DENSE_FLOPS = 989e12
 BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -97,6 +98,8 @@ class Layout:
     recompute: str = "none"
     loss_chunk_tokens: int = 0  # the trainer's --loss-chunk-tokens: head and loss fused, a chunk at a time
     fused_elementwise: bool = False  # the trainer's --fused-elementwise: RMSNorm and SwiGLU keep less
+    optimizer: str = "adamw"  # or "adafactor" (tp 1, no ZeRO sharding)
+    beta1: float = 0.9  # Adafactor keeps a momentum only when beta1 > 0
 
 
 def stage_parameters(cfg: ModelConfig, tp: int, pp: int, stage: int) -> int:
@@ -108,6 +111,24 @@ def stage_parameters(cfg: ModelConfig, tp: int, pp: int, stage: int) -> int:
     first, last = stage == 0, stage == pp - 1
     has_head = last and not (cfg.tie_embeddings and first)
     return cfg.num_layers // pp * per_layer + first * vocab_shard + last * h + has_head * vocab_shard
+
+
+def adafactor_statistics(cfg: ModelConfig, pp: int, stage: int) -> int:
+    """Elements of Adafactor's second-moment statistics on a rank of pipeline stage `stage` (tp 1, unsharded): a
+    matrix [n, m] keeps n row and m column means, a vector (a norm's weight) one entry per element."""
+    h, q, kv, f = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.kv_dim, cfg.ffn_hidden_size
+    per_layer = (q + h) + 2 * (kv + h) + (h + q) + 2 * (f + h) + (h + f) + 2 * h  # q, k, v, o, gate, up, down, norms
+    first, last = stage == 0, stage == pp - 1
+    has_head = last and not (cfg.tie_embeddings and first)
+    return cfg.num_layers // pp * per_layer + first * (cfg.vocab_size + h) + last * h + has_head * (cfg.vocab_size + h)
+
+
+def adafactor_bytes(cfg: ModelConfig, layout: Layout, stage: int) -> int:
+    """Bytes of Adafactor's state on a rank of stage `stage`: fp32 statistics, momentum (beta1 > 0) and masters
+    (bf16/fp16)."""
+    params = stage_parameters(cfg, layout.tp, layout.pp, stage)
+    full_copies = (layout.beta1 > 0) + (layout.precision != "fp32")
+    return 4 * (adafactor_statistics(cfg, layout.pp, stage) + full_copies * params)
 
 
 def state_bytes(params: int, precision: str, zero: int, dp: int) -> dict:
@@ -254,6 +275,8 @@ def memory_per_rank(cfg: ModelConfig, layout: Layout, stage: int) -> dict:
     lo, e = layout, BYTES_PER_ELEMENT[layout.precision]
     # context-parallel ranks hold the same parameters (ZeRO shards over dp x cp) and 1/cp of each sequence
     mem = state_bytes(stage_parameters(cfg, lo.tp, lo.pp, stage), lo.precision, lo.zero, lo.dp * lo.cp)
+    if lo.optimizer == "adafactor":
+        mem["optimizer"] = adafactor_bytes(cfg, lo, stage)
     layers = inflight_chunks(lo.schedule, lo.pp, lo.vpp, stage, lo.microbatches) * cfg.num_layers // (lo.pp * lo.vpp)
     args = (cfg, lo.micro_batch_size, cfg.seq_length // lo.cp)
     activations = layers * activation_bytes_per_layer(*args, lo.tp, lo.sequence_parallel, lo.recompute, e,
@@ -323,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     layout.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=0, help="ZeRO stage [0]")
     layout.add_argument("--sequence-parallel", action="store_true", help="shard norm/residual activations over tp")
     layout.add_argument("--precision", choices=list(BYTES_PER_ELEMENT), default="bf16", help="[bf16]")
+    layout.add_argument("--optimizer", choices=["adamw", "adafactor"], default="adamw",
+                        help="[adamw]; adafactor keeps factored statistics (tp 1, no ZeRO sharding)")
+    layout.add_argument("--beta1", type=float, default=0.9,
+                        help="Adafactor's momentum (0: none, as the trainer's --beta1) [0.9]")
     return p
 
 
@@ -358,6 +385,10 @@ def _check(args, cfg: ModelConfig | None) -> list[str]:
                       "drop one of them or make them agree")
     args.gpus = args.gpus or model_parallel * args.dp
     args.schedule = args.schedule or ("interleaved" if vpp > 1 else "1f1b")
+    errors += optimizer_errors(args.optimizer, tp, args.zero, args.dp, args.cp)
+    if cfg is None and args.optimizer == "adafactor":
+        errors.append("--optimizer adafactor: its statistics follow the matrices' shapes, which --params does not "
+                      "give; use --model with overrides")
     if cfg is not None:  # the trainer's own rules
         return errors + layout_errors(cfg, tp, pp, vpp, args.dp, args.sequence_parallel, args.schedule,
                                       args.micro_batch_size, args.global_batch_size, cp=args.cp)
@@ -393,7 +424,8 @@ def _report(args: argparse.Namespace) -> dict:
                     sequence_parallel=args.sequence_parallel, micro_batch_size=args.micro_batch_size,
                     microbatches=args.global_batch_size // per_step if args.global_batch_size else None,
                     schedule=args.schedule, precision=args.precision, recompute=args.recompute,
-                    loss_chunk_tokens=args.loss_chunk_tokens, fused_elementwise=args.fused_elementwise)
+                    loss_chunk_tokens=args.loss_chunk_tokens, fused_elementwise=args.fused_elementwise,
+                    optimizer=args.optimizer, beta1=args.beta1)
     report = {"model": args.model or ("tiny" if cfg else None), "layout": dataclasses.asdict(layout)}
     if cfg is None:
         params = int(args.params)

@@ -91,6 +91,40 @@ def test_pipeline_stages_match_the_stage_models(cfg):
         assert est.stage_parameters(cfg, 1, pp, stage) == sum(p.numel() for p in part.parameters())
 
 
+@pytest.mark.parametrize("cfg", [preset("tiny"), GQA_TIED], ids=["untied", "tied"])
+@pytest.mark.parametrize("precision,beta1", [("fp32", 0.0), ("fp32", 0.9), ("bf16", 0.0), ("bf16", 0.9)])
+def test_adafactor_state_matches_the_optimizer(cfg, precision, beta1):
+    """The estimate of Adafactor's state equals the bytes of the state tensors the optimizer creates on each
+    pipeline stage's parameters (counted as ZeroOptimizer.optimizer_bytes counts them)."""
+    from engine.optim import Adafactor
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    pp = 3 if cfg.num_layers % 3 == 0 else 2
+    per = cfg.num_layers // pp
+    for stages in (1, pp):
+        for stage in range(stages):
+            layers = range(stage * per, (stage + 1) * per) if stages > 1 else None
+            part = Llama(cfg, layers=layers, has_embedding=stage == 0, has_head=stage == stages - 1).to(dtype)
+            params = list(part.parameters())
+            for p in params:
+                p.grad = torch.ones_like(p)
+            opt = Adafactor(params, beta1=beta1, master_weights=dtype != torch.float32)
+            opt.step()
+            held = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if t.ndim)
+            layout = est.Layout(pp=stages, precision=precision, optimizer="adafactor", beta1=beta1)
+            assert est.memory_per_rank(cfg, layout, stage)["optimizer"] == held, (stages, stage)
+
+
+def test_adafactor_flags(capsys):
+    adamw = run_json(capsys, "--model", "tiny", "--precision", "fp32")["memory_bytes"]["optimizer"]
+    factored = run_json(capsys, "--model", "tiny", "--precision", "fp32", "--optimizer", "adafactor",
+                        "--beta1", "0")["memory_bytes"]["optimizer"]
+    assert factored < adamw / 50  # row and column means instead of m and v
+    assert "adafactor: not with --tp 2" in run_error(capsys, "--model", "tiny", "--tp", "2", "--optimizer", "adafactor")
+    assert "over dp x cp = 2" in run_error(capsys, "--model", "tiny", "--cp", "2", "--zero", "1",
+                                           "--optimizer", "adafactor")
+    assert "use --model" in run_error(capsys, "--params", "1e9", "--optimizer", "adafactor")
+
+
 def test_tensor_parallel_shards():
     cfg = preset("llama-7b")
     counts = est.count_parameters(cfg)

@@ -382,6 +382,9 @@ def test_adafactor_bf16_keeps_fp32_masters_and_resumes_bit_exactly(run_dir, corp
     assert all("master_param" not in s for s in trainer.zero.optimizer.state.values())
     memory = [r for r in read_metrics("runs/a/metrics.jsonl") if r.get("event") == "memory"][0]
     assert memory["optimizer_bytes"] == expected_bytes
+    from engine.estimate import Layout, memory_per_rank
+    layout = Layout(precision="bf16", optimizer="adafactor", beta1=0.9)
+    assert memory_per_rank(trainer.cfg.model_config(), layout, 0)["optimizer"] == expected_bytes  # the banner's
 
 
 def test_trainer_leaves_the_callers_random_generator_alone(run_dir, corpus):

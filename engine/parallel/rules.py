@@ -8,6 +8,21 @@ from __future__ import annotations
 from engine.models.llama import ModelConfig
 
 
+def optimizer_errors(optimizer: str, tp: int = 1, zero: int = 0, dp: int = 1, cp: int = 1) -> list[str]:
+    """What the optimizer cannot do in this layout: Adafactor's factored statistics need whole matrices, so it
+    takes neither tensor parallelism nor ZeRO sharding (which shards over dp x cp)."""
+    if optimizer != "adafactor":
+        return []
+    errors = []
+    if tp > 1:
+        errors.append(f"--optimizer adafactor: not with --tp {tp} (its factored statistics span whole matrices, "
+                      "which tensor parallelism splits); use --tp 1 or --optimizer adamw")
+    if zero > 0 and dp * cp > 1:
+        errors.append(f"--optimizer adafactor: not with --zero {zero} over dp x cp = {dp * cp} ranks (ZeRO shards "
+                      "matrices, and its factored statistics need whole ones); use --zero 0 or --optimizer adamw")
+    return errors
+
+
 def layout_errors(model: ModelConfig, tp: int, pp: int, vpp: int = 1, dp: int = 1, sequence_parallel: bool = False,
                   schedule: str | None = None, micro_batch_size: int | None = None,
                   global_batch_size: int | None = None, cp: int = 1) -> list[str]:

@@ -128,7 +128,8 @@ def trainer_banner(trainer, blend: list | None = None) -> str:
                       sequence_parallel=p.sequence_parallel, micro_batch_size=b.micro_batch_size,
                       microbatches=b.global_batch_size // (b.micro_batch_size * p.dp), schedule=p.schedule,
                       precision=trainer.precision, recompute=cfg.recompute.recompute,
-                      loss_chunk_tokens=perf.loss_chunk_tokens, fused_elementwise=perf.fused_elementwise)
+                      loss_chunk_tokens=perf.loss_chunk_tokens, fused_elementwise=perf.fused_elementwise,
+                      optimizer=cfg.optimizer.optimizer, beta1=cfg.optimizer.beta1)
     stage, memory = peak_memory(mcfg, estimate)
     loss_scale = None
     if trainer.precision == "fp16":

@@ -20,7 +20,7 @@ except ImportError:  # Python 3.10
 
 from engine.data.blend import parse_blend
 from engine.models.llama import PRESETS, ModelConfig
-from engine.parallel.rules import layout_errors
+from engine.parallel.rules import layout_errors, optimizer_errors
 
 
 class ConfigError(ValueError):
@@ -498,6 +498,7 @@ def validate(cfg: Config, world_size: int) -> None:
                       "unit right before its forward")
     if p.schedule is None:
         p.schedule = "interleaved" if p.vpp > 1 else "1f1b"
+    errors += optimizer_errors(cfg.optimizer.optimizer, p.tp, p.zero, p.dp, p.cp)
     errors += layout_errors(model, p.tp, p.pp, p.vpp, p.dp, p.sequence_parallel, p.schedule, b.micro_batch_size,
                             b.global_batch_size, cp=p.cp)
     per_step = b.micro_batch_size * p.dp
@@ -591,11 +592,7 @@ def _check_implemented(cfg: Config) -> None:
     """Settings whose machinery has not landed yet fail with a clear message instead of running wrongly."""
     p = cfg.parallel
     pending = [("--cp", p.cp > 1 and (cfg.model.dropout or 0) > 0,
-                "attention dropout under context parallelism (the ring attention has none; use --dropout 0)"),
-               ("--optimizer adafactor", cfg.optimizer.optimizer == "adafactor" and p.tp > 1,
-                "Adafactor under tensor parallelism (its factored statistics span whole matrices)"),
-               ("--optimizer adafactor", cfg.optimizer.optimizer == "adafactor" and p.zero > 0 and p.dp > 1,
-                "Adafactor with ZeRO sharding (it needs whole matrices; use --zero 0)")]
+                "attention dropout under context parallelism (the ring attention has none; use --dropout 0)")]
     for flag, used, what in pending:
         if used:
             raise ConfigError(f"{flag}: {what} is not available in this version of the engine yet; "
