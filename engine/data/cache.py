@@ -14,11 +14,13 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 
 from engine.data.datasets import is_indexed, list_files
 
 CACHE_FORMAT = 1
+ANNOUNCE_AFTER_S = 2.0
 
 
 def default_cache_dir() -> str:
@@ -65,8 +67,11 @@ def cached_prefix(paths: list[str], tokenizer, cache_dir: str) -> str:
             with open(failure) as fh:
                 raise ValueError(fh.read().strip())
         name = paths[0] if len(paths) == 1 else f"{len(paths)} sources"
-        print(f"tokenizing --data {name} ({len(files)} files) once into {prefix}.bin/.idx; later runs reuse it",
-              file=sys.stderr, flush=True)
+        # Said only when it takes a while: a file refused at once stays a one-line error.
+        notice = threading.Timer(ANNOUNCE_AFTER_S, print, [f"tokenizing --data {name} ({len(files)} files) once "
+                                                           f"into {prefix}.bin/.idx; later runs reuse it"],
+                                 {"file": sys.stderr, "flush": True})
+        notice.start()
         try:
             documents, tokens = preprocess(files, prefix, tokenizer, progress=sys.stderr.isatty(),
                                            flag="--data")
@@ -74,6 +79,8 @@ def cached_prefix(paths: list[str], tokenizer, cache_dir: str) -> str:
             with open(failure, "w") as fh:
                 fh.write(str(exc))
             raise
+        finally:
+            notice.cancel()
         if os.path.exists(failure):
             os.remove(failure)
         with open(prefix + ".json", "w") as fh:  # for a person looking into the cache directory
