@@ -43,11 +43,12 @@ setup(
                       "tomli; python_version < '3.11'"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "transformers", "safetensors", "tokenizers", "matplotlib",
-                 "tensorboard", "pyarrow"],
+                 "tensorboard", "pyarrow", "zstandard"],
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],
         "hf": ["transformers", "tokenizers"],
         "parquet": ["pyarrow"],
+        "zstd": ["zstandard"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

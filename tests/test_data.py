@@ -145,7 +145,7 @@ def test_parquet_file_and_directory_stream_in_record_batches(tmp_path, monkeypat
     write_parquet(shards / "a.parquet", {"text": texts[:1000]})
     batches = []
     real = datasets._iter_parquet
-    monkeypatch.setattr(datasets, "_iter_parquet", lambda path: real(path, batch_rows=300))
+    monkeypatch.setattr(datasets, "_iter_parquet", lambda path, field: real(path, field, batch_rows=300))
     import pyarrow.parquet as pq
     real_iter = pq.ParquetFile.iter_batches
 
@@ -202,6 +202,64 @@ def test_parquet_without_a_text_column_names_the_file_and_its_columns(tmp_path):
     (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(ValueError, match=r"junk\.parquet: not a readable parquet file"):
         list(iter_documents([str(tmp_path / "junk.parquet")]))
+
+
+def test_parquet_text_field_names_the_column(tmp_path):
+    pytest.importorskip("pyarrow")
+    path = str(tmp_path / "docs.parquet")
+    write_parquet(path, {"id": [1, 2], "content": ["a", "b"]})
+    assert list(iter_documents([path], text_field="content")) == ["a", "b"]
+    with pytest.raises(ValueError, match="name the one holding the documents with --text-field"):
+        list(iter_documents([path]))
+
+
+def test_compressed_text_and_jsonl_read_as_the_plain_files(tmp_path, corpus, monkeypatch):
+    """.gz and .zst text and .jsonl files give the documents of their plain versions; --text-field picks the field;
+    a damaged or unsupported compressed file is one line."""
+    import gzip
+    zstandard = pytest.importorskip("zstandard")
+    texts = [open(os.path.join(corpus, f), encoding="utf-8").read() for f in sorted(os.listdir(corpus))[:6]]
+    lines = "".join(json.dumps({"id": i, "content": t}) + "\n" for i, t in enumerate(texts)).encode()
+    (tmp_path / "docs.jsonl").write_bytes(lines)
+    (tmp_path / "docs.jsonl.gz").write_bytes(gzip.compress(lines))
+    (tmp_path / "docs.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    (tmp_path / "one.txt.gz").write_bytes(gzip.compress(texts[0].encode()))
+    (tmp_path / "one.py.zst").write_bytes(zstandard.ZstdCompressor().compress(texts[0].encode()))
+    for name in ("docs.jsonl", "docs.jsonl.gz", "docs.jsonl.zst"):
+        assert list(iter_documents([str(tmp_path / name)], text_field="content")) == texts, name
+    assert list(iter_documents([str(tmp_path / "one.txt.gz"), str(tmp_path / "one.py.zst")])) == texts[:1] * 2
+    with pytest.raises(ValueError, match=r"line 1 is not a JSON object with a string field 'text' \(--text-field"):
+        list(iter_documents([str(tmp_path / "docs.jsonl.gz")]))
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(lines)[:-20])
+    (tmp_path / "junk.txt.zst").write_bytes(b"not zstd at all")
+    for name in ("cut.jsonl.gz", "junk.txt.zst"):
+        with pytest.raises(ValueError, match=f"{name}: not a readable compressed file") as err:
+            list(iter_documents([str(tmp_path / name)], text_field="content"))
+        assert "\n" not in str(err.value)
+    (tmp_path / "docs.parquet.gz").write_bytes(gzip.compress(b"PAR1"))
+    with pytest.raises(ValueError, match="give the .parquet file itself"):
+        list(iter_documents([str(tmp_path / "docs.parquet.gz")]))
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    with pytest.raises(RuntimeError, match="pip install zstandard"):
+        list(iter_documents([str(tmp_path / "one.py.zst")]))
+
+
+def test_the_trainer_reads_a_compressed_jsonl_field(tmp_path, corpus, monkeypatch):
+    """--text-field with a .jsonl.gz trains exactly as the same documents in plain text files, and preprocess
+    takes the flag too."""
+    import gzip
+    texts = [open(os.path.join(corpus, f), encoding="utf-8").read() for f in sorted(os.listdir(corpus))]
+    lines = "".join(json.dumps({"content": t}) + "\n" for t in texts).encode()
+    (tmp_path / "docs.jsonl.gz").write_bytes(gzip.compress(lines))
+    monkeypatch.chdir(tmp_path)
+    from engine.training import main
+    argv = SMALL + ["--steps", "2", "--valid-fraction", "0"]
+    assert main(argv + ["--data", "docs.jsonl.gz", "--text-field", "content", "--run-name", "gz"]) == 0
+    assert main(argv + ["--data", corpus, "--run-name", "txt"]) == 0
+    assert step_losses("runs/gz/metrics.jsonl") == step_losses("runs/txt/metrics.jsonl")
+    from engine.data.preprocess import main as preprocess_main
+    assert preprocess_main(["--input", "docs.jsonl.gz", "--text-field", "content", "--output-prefix", "pre"]) == 0
+    assert np.array_equal(np.asarray(read_indexed("pre").tokens), load_stream([corpus], ByteTokenizer()).tokens)
 
 
 def test_parquet_without_pyarrow_says_pip_install(tmp_path, monkeypatch):

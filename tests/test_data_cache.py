@@ -106,7 +106,8 @@ def test_a_failure_is_raised_by_the_waiting_processes_without_tokenizing_again(t
     cache = str(tmp_path / "cache")
     results, err = _run_children(3, cache, str(bad))
     assert err.count("tokenizing --data") == 1, err
-    assert results == ["error --data " + str(bad) + ": line 41 is not a JSON object with a 'text' field"] * 3
+    assert results == ["error --data " + str(bad) + ": line 41 is not a JSON object with a string field 'text' "
+                       "(--text-field names it)"] * 3
     assert not [f for f in os.listdir(cache) if f.endswith((".bin", ".idx", ".tmp"))]
     # A later run (nobody tokenizing, so no wait) does not take the old failure for its own: it tries again.
     time.sleep(1.1)

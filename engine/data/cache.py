@@ -29,14 +29,15 @@ def default_cache_dir() -> str:
     return os.path.join(root, "engine", "tokens")
 
 
-def cache_key(files: list[str], tokenizer) -> str:
-    """Hex digest naming the tokenization of `files` (in this order) by `tokenizer`."""
+def cache_key(files: list[str], tokenizer, text_field: str = "text") -> str:
+    """Hex digest naming the tokenization of `files` (in this order, documents from `text_field`) by `tokenizer`."""
     described = [[os.path.abspath(f), st.st_size, st.st_mtime_ns] for f, st in ((f, os.stat(f)) for f in files)]
-    text = json.dumps({"format": CACHE_FORMAT, "tokenizer": tokenizer.fingerprint, "files": described})
+    text = json.dumps({"format": CACHE_FORMAT, "tokenizer": tokenizer.fingerprint, "files": described,
+                       "text_field": text_field})
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def cached_prefix(paths: list[str], tokenizer, cache_dir: str) -> str:
+def cached_prefix(paths: list[str], tokenizer, cache_dir: str, text_field: str = "text") -> str:
     """The prefix of the cached .bin/.idx holding the documents of `paths` tokenized by `tokenizer`; writes it
     unless it exists (one process at a time: the others wait and reuse it)."""
     from engine.data.preprocess import preprocess
@@ -44,7 +45,7 @@ def cached_prefix(paths: list[str], tokenizer, cache_dir: str) -> str:
     files = list_files(paths)
     if not files:
         raise ValueError(f"--data {' '.join(paths)}: holds no files")
-    prefix = os.path.join(cache_dir, cache_key(files, tokenizer))
+    prefix = os.path.join(cache_dir, cache_key(files, tokenizer, text_field))
     if is_indexed(prefix):  # the writer renames .idx into place last: both present means complete
         return prefix
     try:
@@ -74,7 +75,7 @@ def cached_prefix(paths: list[str], tokenizer, cache_dir: str) -> str:
         notice.start()
         try:
             documents, tokens = preprocess(files, prefix, tokenizer, progress=sys.stderr.isatty(),
-                                           flag="--data")
+                                           flag="--data", text_field=text_field)
         except (OSError, ValueError, RuntimeError) as exc:
             with open(failure, "w") as fh:
                 fh.write(str(exc))
@@ -85,5 +86,5 @@ def cached_prefix(paths: list[str], tokenizer, cache_dir: str) -> str:
             os.remove(failure)
         with open(prefix + ".json", "w") as fh:  # for a person looking into the cache directory
             json.dump({"paths": [os.path.abspath(p) for p in paths], "files": len(files),
-                       "tokenizer": tokenizer.fingerprint, "documents": documents, "tokens": tokens}, fh, indent=1)
+                       "tokenizer": tokenizer.fingerprint, "text_field": text_field, "documents": documents, "tokens": tokens}, fh, indent=1)
     return prefix

@@ -9,10 +9,13 @@ exactly as Megatron's GPT dataset does. The last `valid_fraction` of the documen
 """
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import os
 import struct
 import sysconfig
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,9 +50,42 @@ def stdlib_sources() -> list[str]:
     return files
 
 
+def _open(path: str):
+    """The file as a binary stream, decompressed when it ends in .gz or .zst (the latter needs zstandard)."""
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError:
+            raise RuntimeError(f"--data {path}: reading .zst files needs the 'zstandard' package; "
+                               "pip install zstandard") from None
+        return io.BufferedReader(zstandard.open(path, "rb"))  # (its reader has no readline)
+    return open(path, "rb")
+
+
+def _damaged() -> tuple:
+    """The exceptions a damaged compressed file raises while it is read."""
+    errors = (EOFError, gzip.BadGzipFile, zlib.error)
+    try:
+        import zstandard
+    except ImportError:
+        return errors
+    return errors + (zstandard.ZstdError,)
+
+
+def _kind(path: str) -> str:
+    """'jsonl', 'parquet' or 'text', from the name without a compression suffix."""
+    name = path.removesuffix(".gz").removesuffix(".zst")
+    return "jsonl" if name.endswith(".jsonl") else "parquet" if name.endswith(".parquet") else "text"
+
+
 def _read_text(path: str) -> str:
-    with open(path, "rb") as fh:
-        data = fh.read()
+    try:
+        with _open(path) as fh:
+            data = fh.read()
+    except _damaged() as exc:
+        raise ValueError(f"--data {path}: not a readable compressed file ({exc})") from None
     head = data[:_SNIFF_BYTES]
     # Bytes dropped by a lenient decode are the invalid ones; a cut multi-byte character at the end of the
     # sample costs at most 3 of them.
@@ -61,22 +97,25 @@ def _read_text(path: str) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def _iter_jsonl(path: str):
-    with open(path, "rb") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line.decode("utf-8"))["text"]
-                if not isinstance(text, str):
-                    raise TypeError
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"--data {path}: line {line_no} is not a JSON object with a 'text' "
-                                 "field") from None
-            yield text
+def _iter_jsonl(path: str, field: str = "text"):
+    with _open(path) as fh:
+        try:
+            for line_no, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line.decode("utf-8"))[field]
+                    if not isinstance(text, str):
+                        raise TypeError
+                except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"--data {path}: line {line_no} is not a JSON object with a string field "
+                                     f"{field!r} (--text-field names it)") from None
+                yield text
+        except _damaged() as exc:
+            raise ValueError(f"--data {path}: not a readable compressed file ({exc})") from None
 
 
-def _iter_parquet(path: str, batch_rows: int = 1024):
+def _iter_parquet(path: str, field: str = "text", batch_rows: int = 1024):
     try:
         import pyarrow
         import pyarrow.parquet as pq
@@ -91,15 +130,15 @@ def _iter_parquet(path: str, batch_rows: int = 1024):
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ValueError(f"--data {path}: not a readable parquet file ({first})") from None
     schema = pf.schema_arrow
-    if "text" not in schema.names:
-        raise ValueError(f"--data {path}: no 'text' column (its columns: {', '.join(schema.names)}); "
-                         "write the documents to a string column named 'text'")
-    kind = schema.field("text").type
+    if field not in schema.names:
+        raise ValueError(f"--data {path}: no {field!r} column (its columns: {', '.join(schema.names)}); name the "
+                         "one holding the documents with --text-field")
+    kind = schema.field(field).type
     if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind)):
-        raise ValueError(f"--data {path}: column 'text' holds {kind}, not strings; store the documents as "
+        raise ValueError(f"--data {path}: column {field!r} holds {kind}, not strings; store the documents as "
                          "strings")
     # Small record batches: rows are whole documents, so the default 64Ki rows could be gigabytes.
-    for batch in pf.iter_batches(batch_size=batch_rows, columns=["text"], use_threads=False):
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=[field], use_threads=False):
         for text in batch.column(0).to_pylist():
             if text is not None:
                 yield text
@@ -121,14 +160,18 @@ def list_files(paths: list[str]) -> list[str]:
     return files
 
 
-def iter_documents(paths: list[str]):
-    """Yields the text of every document in list_files(paths): text files, .jsonl files with a 'text' field,
-    .parquet files with a 'text' column (needs pyarrow)."""
+def iter_documents(paths: list[str], text_field: str = "text"):
+    """Yields the text of every document in list_files(paths): text files, .jsonl files with a string field
+    `text_field`, .parquet files with a string column `text_field` (needs pyarrow). Text and .jsonl files may be
+    compressed (.gz; .zst with the zstandard package)."""
     for path in list_files(paths):
-        if path.endswith(".jsonl"):
-            yield from _iter_jsonl(path)
-        elif path.endswith(".parquet"):
-            yield from _iter_parquet(path)
+        kind = _kind(path)
+        if kind == "jsonl":
+            yield from _iter_jsonl(path, text_field)
+        elif kind == "parquet":
+            if path.endswith((".gz", ".zst")):
+                raise ValueError(f"--data {path}: parquet compresses its own pages; give the .parquet file itself")
+            yield from _iter_parquet(path, text_field)
         else:
             yield _read_text(path)
 
@@ -355,7 +398,8 @@ def _merge(streams: list[TokenStream]) -> TokenStream:
     return TokenStream(tokens, offsets.astype(np.int64), vocab_size=max(vocabs) if vocabs else None, max_id=max_id)
 
 
-def load_stream(paths: list[str] | None, tokenizer, cache_dir: str | None = None) -> TokenStream:
+def load_stream(paths: list[str] | None, tokenizer, cache_dir: str | None = None,
+                text_field: str = "text") -> TokenStream:
     """The token stream of --data (the built-in corpus when None). Several sources are read one after another.
     Text is tokenized in memory, or with `cache_dir` once into a memory-mapped .bin/.idx there that every process
     and later run reads (engine.data.cache)."""
@@ -363,8 +407,8 @@ def load_stream(paths: list[str] | None, tokenizer, cache_dir: str | None = None
 
     def tokenized(text_paths: list[str]) -> TokenStream:
         if cache_dir is None:
-            return tokenize_documents(iter_documents(text_paths), tokenizer)
-        return read_indexed(cached_prefix(text_paths, tokenizer, cache_dir))
+            return tokenize_documents(iter_documents(text_paths, text_field), tokenizer)
+        return read_indexed(cached_prefix(text_paths, tokenizer, cache_dir, text_field))
 
     if not paths:
         return tokenized(stdlib_sources())

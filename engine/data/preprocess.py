@@ -17,13 +17,13 @@ from engine.data.tokenizers import build_tokenizer
 
 
 def preprocess(paths: list[str], prefix: str, tokenizer, chunk_tokens: int = 1 << 20,
-               progress: bool = False, flag: str = "--input") -> tuple[int, int]:
-    """Writes PREFIX.bin/.idx for the documents under `paths`; returns (documents, tokens). `flag` names the
-    sources in an error."""
+               progress: bool = False, flag: str = "--input", text_field: str = "text") -> tuple[int, int]:
+    """Writes PREFIX.bin/.idx for the documents under `paths` (of .jsonl and .parquet files: their `text_field`);
+    returns (documents, tokens). `flag` names the sources in an error."""
     bar = tqdm(unit="tok", unit_scale=True, file=sys.stderr, disable=not progress, mininterval=0.5)
     pending = 0
     with bar, IndexedWriter(prefix, tokenizer.vocab_size, chunk_tokens) as writer:
-        for ids in encode_documents(iter_documents(paths), tokenizer):
+        for ids in encode_documents(iter_documents(paths, text_field), tokenizer):
             writer.add(ids)
             pending += len(ids)
             if writer.num_docs % 256 == 0:
@@ -41,8 +41,11 @@ def preprocess(paths: list[str], prefix: str, tokenizer, chunk_tokens: int = 1 <
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.data.preprocess", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", help="text files, directories, .jsonl or .parquet files "
+    parser.add_argument("--input", nargs="+", help="text files, directories, .jsonl or .parquet files; text and "
+                                                   ".jsonl may be compressed (.gz, .zst) "
                                                    "[the Python standard library's sources]")
+    parser.add_argument("--text-field", default="text",
+                        help="the .jsonl field / .parquet column holding each document [text]")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     parser.add_argument("--tokenizer", default="byte", help="'byte' or a tokenizer.json path [byte]")
     args = parser.parse_args(argv)
@@ -56,7 +59,8 @@ def main(argv=None) -> int:
                                     "exist; create it first")
         tokenizer = build_tokenizer(args.tokenizer)
         num_docs, num_tokens = preprocess(args.input or stdlib_sources(), prefix, tokenizer,
-                                          progress=sys.stderr.isatty())
+                                          progress=sys.stderr.isatty(),
+                                          text_field=args.text_field)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

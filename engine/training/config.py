@@ -129,8 +129,10 @@ class BatchArgs:
 @dataclass
 class DataArgs:
     data: list = _f(None, "text files, directories, .jsonl files (field 'text'), .parquet files (column 'text') or "
-                          "preprocessed .bin/.idx prefixes; W1 PATH1 W2 PATH2 ... blends sources by weight "
+                          "preprocessed .bin/.idx prefixes; text and .jsonl may be compressed (.gz, .zst); "
+                          "W1 PATH1 W2 PATH2 ... blends sources by weight "
                           "[built-in corpus: the Python standard library's sources]", nargs="+")
+    text_field: str = _f("text", "the .jsonl field / .parquet column that holds each document")
     tokenizer: str = _f("byte", "'byte' or a path to a tokenizer.json (needs the 'tokenizers' package)")
     eos_token: str = _f(None, "the end-of-document token of a tokenizer.json [its tokenizer_config.json's eos_token, "
                               "else </s>, <|endoftext|>, ...]")
@@ -560,6 +562,8 @@ def validate(cfg: Config, world_size: int) -> None:
                           "files or the prefix of a preprocessed .bin/.idx pair")
     if d.tokenizer != "byte" and not os.path.isfile(d.tokenizer):
         errors.append(f"--tokenizer: {d.tokenizer!r} is neither 'byte' nor an existing tokenizer.json file")
+    if not d.text_field:
+        errors.append("--text-field: must name a field, got an empty string")
     if not 0 <= d.valid_fraction < 1:
         errors.append(f"--valid-fraction: must be in [0, 1), got {d.valid_fraction}")
     if d.eval_interval is not None and (d.eval_interval < 1 or d.eval_iters < 1):

@@ -69,7 +69,7 @@ def prepare_data(cfg: Config) -> TrainingData:
         sources, trains, valids = [], [], []
         for weight, paths in groups:
             name = " ".join(paths) or "built-in corpus"
-            stream = load_stream(paths or None, tokenizer, cache_dir(d.data_cache))
+            stream = load_stream(paths or None, tokenizer, cache_dir(d.data_cache), d.text_field)
             check_token_ids(stream, name, tokenizer, vocab, d.tokenizer)
             train, valid = train_valid_split(stream, seq, d.valid_fraction)
             sources.append(Source(name, weight, len(stream.doc_offsets) - 1, len(stream.tokens), len(train)))
