@@ -121,6 +121,17 @@ def test_a_cache_that_cannot_be_written_is_one_line(tmp_path, corpus):
         cached_prefix([corpus], ByteTokenizer(), str(tmp_path / "file" / "cache"))
 
 
+def test_a_file_system_without_locks_is_one_line(tmp_path, corpus, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(OSError, match="does not support file locks .*local disk, or --data-cache none"):
+        cached_prefix([corpus], ByteTokenizer(), str(tmp_path / "cache"))
+
+
 def test_the_trainer_tokenizes_into_the_cache_by_default(tmp_path, corpus, monkeypatch):
     from engine.training import main
     monkeypatch.chdir(tmp_path)

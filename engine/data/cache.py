@@ -61,6 +61,9 @@ def cached_prefix(paths: list[str], tokenizer, cache_dir: str, text_field: str =
             waited_since = None
         except BlockingIOError:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another process is tokenizing these files
+        except OSError as exc:  # a network file system mounted without lock support
+            raise OSError(f"--data-cache {cache_dir}: its file system does not support file locks ({exc.strerror}); "
+                          "give a directory on a local disk, or --data-cache none") from None
         if is_indexed(prefix):
             return prefix
         failure = prefix + ".failed"
