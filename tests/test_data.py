@@ -111,6 +111,12 @@ def test_tokenizer_json(tmp_path, corpus, monkeypatch):
     assert hf.eos_id == tok.token_to_id("</s>") and hf.vocab_size == tok.get_vocab_size()
     text = "def f(x):\n    return x"
     assert len(hf.encode(text)) < len(text) and hf.decode(hf.encode(text)) == text
+    # the batched (multi-threaded) encoding the data path uses is the per-document one
+    texts = corpus_texts(corpus)[:8]
+    assert all(np.array_equal(a, hf.encode(t)) for a, t in zip(hf.encode_batch(texts), texts))
+    from engine.data.datasets import encode_documents
+    batched, single = (list(encode_documents(texts, hf, n)) for n in (1 << 20, 1))
+    assert len(batched) == 8 and all(np.array_equal(a, b) for a, b in zip(batched, single))
     monkeypatch.chdir(tmp_path)
     from engine.training import main
     assert main(SMALL + ["--data", corpus, "--tokenizer", path, "--steps", "8", "--lr", "1e-2",
