@@ -161,6 +161,39 @@ def test_estimate_and_trainer_share_the_layout_rules():
             assert trainer_ok == estimate_ok, (flags, trainer_ok, estimate_ok)
 
 
+def test_a_checkpoint_of_another_model_or_optimizer_is_refused_before_the_process_group(tmp_path, corpus,
+                                                                                          monkeypatch):
+    """--load of a checkpoint the flags do not fit names each differing model flag (saved and configured values)
+    or the optimizer, in validation: WORLD_SIZE 2 without a rendezvous would fail if a process group were begun."""
+    monkeypatch.chdir(tmp_path)
+    assert main(SMALL + ["--data", corpus, "--steps", "2", "--run-name", "a"]) == 0
+    load = ["--data", corpus, "--load", "runs/a/checkpoints", "--run-name", "b", "--dp", "2"]
+    err = run_error(monkeypatch, load + ["--num-layers", "3", "--tie-embeddings"], world=2)
+    assert ("holds another model: --num-layers (saved 2, configured 3), --tie-embeddings (saved False, configured "
+            "True); pass the model flags of the run that saved it") in err
+    err = run_error(monkeypatch, load + ["--optimizer", "adafactor", "--zero", "0"], world=2)
+    assert "was trained with --optimizer adamw; resume with the same optimizer" in err
+    err = run_error(monkeypatch, load + ["--vocab-size", "300"], world=2)
+    assert "--vocab-size (saved 259, configured 300)" in err
+
+
+def test_other_ranks_wait_for_the_first_then_print_a_problem_of_their_own(monkeypatch, capsys):
+    """A rank other than the node's first waits before exiting (so torchrun cannot kill the first before it
+    prints); if it is still alive after the wait, the problem was its own: it prints it."""
+    import time
+    from engine.training import config
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(config, "CONFIG_ERROR_GRACE_S", 0.3)
+
+    def refused():
+        raise config.ConfigError("--data-cache /x: cannot write there")
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exc:
+        config.exit_on_config_error(refused)
+    assert exc.value.code == 2 and time.perf_counter() - start >= 0.3
+    assert capsys.readouterr().err == "error: --data-cache /x: cannot write there\n"
+
+
 @pytest.mark.e2e
 def test_under_torchrun_the_line_is_printed_once(tmp_path):
     """Every rank finds the problem before any process group; the first rank of the node prints it."""

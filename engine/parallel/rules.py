@@ -18,8 +18,10 @@ def optimizer_errors(optimizer: str, tp: int = 1, zero: int = 0, dp: int = 1, cp
         errors.append(f"--optimizer adafactor: not with --tp {tp} (its factored statistics span whole matrices, "
                       "which tensor parallelism splits); use --tp 1 or --optimizer adamw")
     if zero > 0 and dp * cp > 1:
-        errors.append(f"--optimizer adafactor: not with --zero {zero} over dp x cp = {dp * cp} ranks (ZeRO shards "
-                      "matrices, and its factored statistics need whole ones); use --zero 0 or --optimizer adamw")
+        default = " (the trainer's default when dp > 1)" if zero == 1 else ""
+        errors.append(f"--optimizer adafactor: not with --zero {zero}{default} over dp x cp = {dp * cp} ranks (ZeRO "
+                      "shards matrices, and its factored statistics need whole ones); pass --zero 0, or use "
+                      "--optimizer adamw")
     return errors
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 try:
@@ -369,6 +370,25 @@ def checkpoint_to_load(cfg: Config) -> str | None:
     return found
 
 
+def checkpoint_mismatch(step_dir: str, meta: dict, model: ModelConfig, optimizer: str,
+                        skip: tuple = ()) -> list[str]:
+    """What keeps the checkpoint whose meta.json is `meta` from loading into a run of `model` with `optimizer`:
+    the model flags that differ (dropout and init_std aside; `skip`: fields not known yet), and a different
+    optimizer (a weights-only checkpoint, engine.convert's output, has no optimizer state to mismatch)."""
+    saved = meta.get("model_config", {})
+    differ = [f"--{f.name.replace('_', '-')} (saved {saved.get(f.name)}, configured {getattr(model, f.name)})"
+              for f in dataclasses.fields(ModelConfig)
+              if f.name not in ("dropout", "init_std", *skip) and saved.get(f.name) != getattr(model, f.name)]
+    errors = []
+    if differ:
+        errors.append(f"--load: {step_dir} holds another model: {', '.join(differ)}; pass the model flags of the "
+                      "run that saved it")
+    if meta.get("state") is not None and meta.get("optimizer") != optimizer:
+        errors.append(f"--load: {step_dir} was trained with --optimizer {meta.get('optimizer')}; resume with the "
+                      "same optimizer")
+    return errors
+
+
 def _check_checkpoints(cfg: Config) -> list[str]:
     """A mistyped --load is an error, and a run whose saves would move --save's `latest` back to an earlier step
     needs --overwrite-checkpoints (warned about otherwise)."""
@@ -382,9 +402,15 @@ def _check_checkpoints(cfg: Config) -> list[str]:
     if start_dir is not None:
         try:
             with open(os.path.join(start_dir, "meta.json")) as fh:
-                start = int(json.load(fh)["step"])
+                meta = json.load(fh)
+            start = int(meta["step"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             return [f"--load: {start_dir}/meta.json is unreadable ({exc}); load an intact step directory"]
+        # (the vocabulary is the tokenizer's unless --vocab-size: compared when the trainer loads)
+        mismatch = checkpoint_mismatch(start_dir, meta, cfg.model_config(), cfg.optimizer.optimizer,
+                                       skip=() if cfg.model.vocab_size else ("vocab_size",))
+        if mismatch:
+            return mismatch
     newer = ckpt.latest_step(save_dir(cfg))
     if newer is None or newer <= start:
         return []
@@ -596,20 +622,27 @@ def _check_implemented(cfg: Config) -> None:
     """Settings whose machinery has not landed yet fail with a clear message instead of running wrongly."""
     p = cfg.parallel
     pending = [("--cp", p.cp > 1 and (cfg.model.dropout or 0) > 0,
-                "attention dropout under context parallelism (the ring attention has none; use --dropout 0)")]
-    for flag, used, what in pending:
+                "attention dropout under context parallelism (the ring attention has none)", "use --dropout 0")]
+    for flag, used, what, fix in pending:
         if used:
-            raise ConfigError(f"{flag}: {what} is not available in this version of the engine yet; "
-                              "choose another layout or optimizer")
+            raise ConfigError(f"{flag}: {what} is not available in this version of the engine yet; {fix}")
+
+
+# How long the other ranks of a node wait before exiting on a ConfigError: torchrun stops every worker as soon as
+# one exits, so one that exited at once could get the first rank killed before it printed the message.
+CONFIG_ERROR_GRACE_S = 10.0
 
 
 def exit_on_config_error(fn):
     """Runs fn(); a ConfigError becomes one message on stderr and exit status 2, with no traceback. Under torchrun
-    every rank finds the same problem: only the first rank of each node prints it."""
+    every rank finds the same problem: the first rank of each node prints it and exits; the others wait (torchrun
+    ends them once that rank is gone), and print it themselves only if that does not happen (a problem that rank
+    did not have)."""
     try:
         return fn()
     except ConfigError as exc:
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            for line in str(exc).splitlines():
-                print(f"error: {line}", file=sys.stderr)
+        if os.environ.get("LOCAL_RANK", "0") != "0":
+            time.sleep(CONFIG_ERROR_GRACE_S)
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
         sys.exit(2)

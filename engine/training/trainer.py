@@ -37,6 +37,7 @@ from engine.training.banner import trainer_banner
 from engine.training.config import (
     Config,
     ConfigError,
+    checkpoint_mismatch,
     checkpoint_to_load,
     parse_fault,
     parse_rampup,
@@ -547,15 +548,10 @@ class Trainer:
     def load_checkpoint(self, step_dir: str) -> None:
         reader = ckpt.CheckpointReader(step_dir)
         meta = reader.meta
-        saved = ModelConfig(**meta["model_config"])
-        shape = lambda c: dataclasses.replace(c, dropout=0.0, init_std=0.0)  # noqa: E731
-        if shape(saved) != shape(self.model_cfg):
-            raise ConfigError(f"--load: {step_dir} holds a model of shape {saved}, not the configured "
-                              f"{self.model_cfg}; pass the same model flags as the run that saved it")
+        mismatch = checkpoint_mismatch(step_dir, meta, self.model_cfg, self.cfg.optimizer.optimizer)
+        if mismatch:
+            raise ConfigError("\n".join(mismatch))
         weights_only = meta.get("state") is None  # engine.convert output: a fresh run starting from them
-        if not weights_only and meta["optimizer"] != self.cfg.optimizer.optimizer:
-            raise ConfigError(f"--load: {step_dir} was trained with --optimizer {meta['optimizer']}; "
-                              "resume with the same optimizer")
         source = lambda name: "embedding.weight" if self._tied_copy(name) else name  # noqa: E731
         self.zero.gather_all()
         states = ckpt.load_shards(reader, self.named_params, source, with_optimizer=not weights_only)
@@ -588,7 +584,7 @@ class Trainer:
 
     def rollback(self, metrics: MetricsWriter, progress: Progress, reason: str = "loss spike") -> bool:
         """Back to this run's last checkpoint, skipping the data consumed since; False when there is none."""
-        self.finish_pending_save()
+        self._log_published(progress, self.finish_pending_save())  # (progress prints on the logging rank)
         self.monitor.phase(f"rolling back from step {self.state.step}", restart_clock=True)
         step_dir = self.last_checkpoint  # this run's, not whatever `latest` in --save names
         st = self.state
@@ -688,8 +684,9 @@ class Trainer:
         if step_dir is not None:
             self.load_checkpoint(step_dir)
             resumed = self.state.step > 0
-            print(f"resumed from {step_dir} at step {self.state.step}" if resumed else
-                  f"initialised from the weights in {step_dir}; starting at step 0")
+            if self.is_logger:
+                print(f"resumed from {step_dir} at step {self.state.step}" if resumed else
+                      f"initialised from the weights in {step_dir}; starting at step 0")
         metrics = MetricsWriter(self.metrics_path if self.is_logger else None, append=resumed)
         if self.is_logger and cfg.run.tensorboard:
             metrics.add_tensorboard(cfg.run.tensorboard, purge_step=self.state.step + 1)
