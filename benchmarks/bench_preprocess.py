@@ -101,6 +101,8 @@ def run_measured(cmd: list[str], processes: int = 1) -> dict:
             out_fh.seek(0)
             err_fh.seek(0)
             if os.waitstatus_to_exitcode(status) != 0:
+                for other, _, _ in procs:
+                    other.kill()
                 raise SystemExit(f"error: {' '.join(cmd)} exited {os.waitstatus_to_exitcode(status)}: "
                                  f"{err_fh.read().strip()}")
             outs.append(out_fh.read())

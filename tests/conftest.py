@@ -26,6 +26,9 @@ def shard_blocks(p):
 def pytest_configure(config):
     # The trainer tokenizes text --data into $XDG_CACHE_HOME/engine/tokens (--data-cache auto): the tests' own
     # directory, inherited by every process they launch, keeps the user's cache out of it.
+    # torch builds C++/CUDA extensions under the same XDG directory: that one stays where it was.
+    from torch.utils.cpp_extension import get_default_build_root
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", get_default_build_root())
     os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="engine-tests-cache-")
     config.addinivalue_line("markers", "e2e: slow multi-process training runs (torchrun launches or spawned trainer "
                                        "pools); `-m 'not e2e'` leaves them out for a quick pass")

@@ -105,10 +105,15 @@ def test_tokenizer_json(tmp_path, corpus, monkeypatch):
     tok.decoder = decoders.ByteLevel()
     tok.train([os.path.join(corpus, f) for f in sorted(os.listdir(corpus))[:5]],
               trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "</s>"]))
+    # saved with padding and truncation on (as tokenizers prepared for fine-tuning often are): the data path must
+    # still get each document's own ids, whole
+    tok.enable_padding(pad_id=0, pad_token="<unk>")
+    tok.enable_truncation(max_length=64)
     path = str(tmp_path / "tokenizer.json")
     tok.save(path)
     hf = build_tokenizer(path)
     assert hf.eos_id == tok.token_to_id("</s>") and hf.vocab_size == tok.get_vocab_size()
+    assert len(hf.encode(corpus_texts(corpus)[0])) > 64
     text = "def f(x):\n    return x"
     assert len(hf.encode(text)) < len(text) and hf.decode(hf.encode(text)) == text
     # the batched (multi-threaded) encoding the data path uses is the per-document one

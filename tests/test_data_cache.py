@@ -3,6 +3,7 @@ while nothing changes, written by one process while the others wait, failures sh
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -14,9 +15,14 @@ from engine.data.datasets import list_files, load_stream, read_indexed
 from engine.data.tokenizers import ByteTokenizer
 
 # A child process tokenizing the files of argv[2] into the cache argv[1], slowly (so the others have to wait),
-# printing the prefix it got or the error it raised.
+# printing the prefix it got or the error it raised. The children start together: each waits until all argv[4] have
+# written their file into the directory argv[3]. argv[5] == "nolock": as on a file system whose locks do not reach
+# the other nodes.
 CHILD = """
-import sys, time
+import fcntl, os, sys, time
+barrier, n = sys.argv[3], int(sys.argv[4])
+if sys.argv[5] == "nolock":
+    fcntl.flock = lambda fd, op: None
 from engine.data import cache
 from engine.data.cache import cached_prefix
 from engine.data.tokenizers import ByteTokenizer
@@ -31,6 +37,10 @@ cache.ANNOUNCE_AFTER_S = 0  # (the trainer says it after 2 s)
 import functools
 from engine.data import datasets, preprocess
 preprocess.encode_documents = functools.partial(datasets.encode_documents, batch_chars=1)
+open(os.path.join(barrier, str(os.getpid())), "w").close()
+deadline = time.time() + 60
+while len(os.listdir(barrier)) < n and time.time() < deadline:
+    time.sleep(0.01)
 try:
     print("prefix", cached_prefix([sys.argv[2]], Slow(), sys.argv[1]))
 except ValueError as exc:
@@ -86,22 +96,50 @@ def test_hidden_files_in_a_directory_are_not_read(tmp_path):
     assert list_files([str(tmp_path / ".notes.txt")]) == [str(tmp_path / ".notes.txt")]  # named: read
 
 
-def _run_children(n, cache, source):
+def _run_children(n, cache, source, lock=True):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, cache, source], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(n)]
+    barrier = tempfile.mkdtemp()
+    argv = [sys.executable, "-c", CHILD, cache, source, barrier, str(n), "lock" if lock else "nolock"]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(n)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
     return [out.strip() for out, _ in outs], "".join(err for _, err in outs)
 
 
 def test_one_process_tokenizes_while_the_others_wait(tmp_path, corpus):
+    """Four processes at once: one tokenizes, three wait and reuse it - also past the failure an earlier run left
+    (the writer removes it when it starts) and the temporary files a killed writer left (old ones removed)."""
     cache = str(tmp_path / "cache")
+    os.makedirs(cache)
+    prefix = os.path.join(cache, cache_key(list_files([corpus]), ByteTokenizer()))
+    with open(prefix + ".failed", "w") as fh:
+        fh.write("an earlier run's failure")
+    for name, age in (("killed", 3600), ("live", 0)):
+        path = f"{prefix}.bin.tmp-otherhost-{name}"
+        open(path, "w").close()
+        os.utime(path, (time.time() - age, time.time() - age))
     results, err = _run_children(4, cache, corpus)
     assert err.count("tokenizing --data") == 1, err
-    assert len(set(results)) == 1 and results[0].startswith("prefix ")
-    stream = read_indexed(results[0].split(" ", 1)[1])
+    assert len(set(results)) == 1 and results[0] == "prefix " + prefix, results
+    stream = read_indexed(prefix)
     assert np.array_equal(np.asarray(stream.tokens), load_stream([corpus], ByteTokenizer()).tokens)
+    assert sorted(f for f in os.listdir(cache) if "tmp" in f or "failed" in f) == [
+        os.path.basename(prefix) + ".bin.tmp-otherhost-live"]
+
+
+def test_writers_the_lock_does_not_keep_apart_do_not_corrupt_the_cache(tmp_path, corpus):
+    """Where flock does not reach other nodes every process writes: each into files of its own, renamed into
+    place whole, so whichever rename lands last the pair is right."""
+    cache = str(tmp_path / "cache")
+    results, err = _run_children(3, cache, corpus, lock=False)
+    assert err.count("tokenizing --data") == 3, err
+    assert len(set(results)) == 1 and results[0].startswith("prefix "), results
+    stream = read_indexed(results[0].split(" ", 1)[1])
+    direct = load_stream([corpus], ByteTokenizer())
+    assert np.array_equal(np.asarray(stream.tokens), direct.tokens)
+    assert np.array_equal(stream.doc_offsets, direct.doc_offsets)
+    assert not [f for f in os.listdir(cache) if "tmp" in f]
 
 
 def test_a_failure_is_raised_by_the_waiting_processes_without_tokenizing_again(tmp_path):
@@ -112,11 +150,38 @@ def test_a_failure_is_raised_by_the_waiting_processes_without_tokenizing_again(t
     assert err.count("tokenizing --data") == 1, err
     assert results == ["error --data " + str(bad) + ": line 41 is not a JSON object with a string field 'text' "
                        "(--text-field names it)"] * 3
-    assert not [f for f in os.listdir(cache) if f.endswith((".bin", ".idx", ".tmp"))]
+    assert not [f for f in os.listdir(cache) if f.endswith((".bin", ".idx")) or ".tmp" in f]
     # A later run (nobody tokenizing, so no wait) does not take the old failure for its own: it tries again.
-    time.sleep(1.1)
+    failure = os.path.join(cache, cache_key([str(bad)], ByteTokenizer())) + ".failed"
+    with open(failure, "w") as fh:
+        fh.write("an earlier run's failure")
     with pytest.raises(ValueError, match="line 41"):
         cached_prefix([str(bad)], ByteTokenizer(), cache)
+
+
+def test_a_full_disk_names_the_cache_and_the_fix(tmp_path, corpus, monkeypatch):
+    import errno
+    from engine.data.datasets import IndexedWriter
+
+    def full(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(IndexedWriter, "_flush", full)
+    cache = str(tmp_path / "cache")
+    with pytest.raises(OSError) as err:
+        cached_prefix([corpus], ByteTokenizer(), cache)
+    assert str(err.value).startswith(f"--data-cache {cache}: writing {cache}/")
+    assert str(err.value).endswith("failed (No space left on device); free space there or write elsewhere, or "
+                                   "--data-cache none")
+    assert not [f for f in os.listdir(cache) if "tmp" in f]
+
+
+def test_a_damaged_cache_entry_says_how_to_recover(tmp_path, corpus):
+    cache = str(tmp_path / "cache")
+    prefix = cached_prefix([corpus], ByteTokenizer(), cache)
+    with open(prefix + ".bin", "r+b") as fh:
+        fh.truncate(100)
+    with pytest.raises(ValueError, match="is damaged .*delete them to tokenize again, or use --data-cache none"):
+        load_stream([corpus], ByteTokenizer(), cache)
 
 
 def test_a_cache_that_cannot_be_written_is_one_line(tmp_path, corpus):

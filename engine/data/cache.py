@@ -10,6 +10,7 @@ beside the lock so that processes which waited for it raise the same one line in
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -17,10 +18,11 @@ import sys
 import threading
 import time
 
-from engine.data.datasets import is_indexed, list_files
+from engine.data.datasets import WriteError, is_indexed, list_files, temporary_suffix
 
 CACHE_FORMAT = 1
 ANNOUNCE_AFTER_S = 2.0
+STALE_AFTER_S = 600.0
 
 
 def default_cache_dir() -> str:
@@ -37,14 +39,16 @@ def cache_key(files: list[str], tokenizer, text_field: str = "text") -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def cached_prefix(paths: list[str], tokenizer, cache_dir: str, text_field: str = "text") -> str:
+def cached_prefix(paths: list[str], tokenizer, cache_dir: str, text_field: str = "text",
+                  name: str | None = None) -> str:
     """The prefix of the cached .bin/.idx holding the documents of `paths` tokenized by `tokenizer`; writes it
-    unless it exists (one process at a time: the others wait and reuse it)."""
+    unless it exists (one process at a time: the others wait and reuse it). name: the sources in messages."""
     from engine.data.preprocess import preprocess
 
+    name = name or (f"--data {paths[0]}" if len(paths) == 1 else f"--data ({len(paths)} sources)")
     files = list_files(paths)
     if not files:
-        raise ValueError(f"--data {' '.join(paths)}: holds no files")
+        raise ValueError(f"{name}: holds no files (hidden ones, whose names start with '.', are not read)")
     prefix = os.path.join(cache_dir, cache_key(files, tokenizer, text_field))
     if is_indexed(prefix):  # the writer renames .idx into place last: both present means complete
         return prefix
@@ -54,40 +58,62 @@ def cached_prefix(paths: list[str], tokenizer, cache_dir: str, text_field: str =
     except OSError as exc:
         raise OSError(f"--data-cache {cache_dir}: cannot write there ({exc.strerror}); give a writable directory, "
                       "or --data-cache none to tokenize in memory") from None
+    failure = prefix + ".failed"
     with lock:
-        waited_since = time.time()
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            waited_since = None
+            waited = False
         except BlockingIOError:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another process is tokenizing these files
+            waited = True
         except OSError as exc:  # a network file system mounted without lock support
             raise OSError(f"--data-cache {cache_dir}: its file system does not support file locks ({exc.strerror}); "
                           "give a directory on a local disk, or --data-cache none") from None
         if is_indexed(prefix):
             return prefix
-        failure = prefix + ".failed"
-        if waited_since is not None and os.path.exists(failure) and os.path.getmtime(failure) >= waited_since - 1:
+        # The writer removes the failure file when it starts: one present after a wait is that writer's.
+        if waited and os.path.exists(failure):
             with open(failure) as fh:
-                raise ValueError(fh.read().strip())
-        name = paths[0] if len(paths) == 1 else f"{len(paths)} sources"
+                raise ValueError(fh.read().strip() or f"{name}: tokenizing it failed in another process")
+        _remove_stale(prefix, failure)
         # Said only when it takes a while: a file refused at once stays a one-line error.
-        notice = threading.Timer(ANNOUNCE_AFTER_S, print, [f"tokenizing --data {name} ({len(files)} files) once "
-                                                           f"into {prefix}.bin/.idx; later runs reuse it"],
+        notice = threading.Timer(ANNOUNCE_AFTER_S, print, [f"tokenizing {name} ({len(files)} files) once into "
+                                                           f"{prefix}.bin/.idx; later runs reuse it"],
                                  {"file": sys.stderr, "flush": True})
         notice.start()
         try:
-            documents, tokens = preprocess(files, prefix, tokenizer, progress=sys.stderr.isatty(),
-                                           flag="--data", text_field=text_field)
+            documents, tokens = preprocess(files, prefix, tokenizer, progress=sys.stderr.isatty(), flag=name,
+                                           text_field=text_field)
+        except WriteError as exc:
+            _record(failure, f"--data-cache {cache_dir}: {exc}, or --data-cache none")
+            raise OSError(f"--data-cache {cache_dir}: {exc}, or --data-cache none") from None
         except (OSError, ValueError, RuntimeError) as exc:
-            with open(failure, "w") as fh:
-                fh.write(str(exc))
+            _record(failure, str(exc))
             raise
         finally:
             notice.cancel()
-        if os.path.exists(failure):
-            os.remove(failure)
         with open(prefix + ".json", "w") as fh:  # for a person looking into the cache directory
-            json.dump({"paths": [os.path.abspath(p) for p in paths], "files": len(files),
-                       "tokenizer": tokenizer.fingerprint, "text_field": text_field, "documents": documents, "tokens": tokens}, fh, indent=1)
+            json.dump({"paths": [os.path.abspath(p) for p in paths], "files": len(files), "text_field": text_field,
+                       "tokenizer": tokenizer.fingerprint, "documents": documents, "tokens": tokens}, fh, indent=1)
     return prefix
+
+
+def _record(failure: str, message: str) -> None:
+    """The failure, for the processes waiting on the lock (written whole, then renamed into place)."""
+    try:
+        with open(failure + temporary_suffix(), "w") as fh:
+            fh.write(message)
+        os.replace(failure + temporary_suffix(), failure)
+    except OSError:
+        pass  # the waiting processes will meet the problem themselves
+
+
+def _remove_stale(prefix: str, failure: str) -> None:
+    """An earlier failure, and temporary files a killed writer left (untouched for STALE_AFTER_S: a live writer
+    appends every few seconds)."""
+    for path in [failure] + glob.glob(glob.escape(prefix) + ".*.tmp-*"):
+        try:
+            if path == failure or time.time() - os.path.getmtime(path) > STALE_AFTER_S:
+                os.remove(path)
+        except OSError:
+            pass

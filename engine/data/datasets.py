@@ -12,7 +12,9 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import contextlib
 import os
+import socket
 import struct
 import sysconfig
 import zlib
@@ -213,11 +215,21 @@ def tokenize_documents(docs, tokenizer) -> TokenStream:
 
 # --- the preprocessed, memory-mapped format: PREFIX.bin (token ids) + PREFIX.idx (header + document offsets)
 
+class WriteError(OSError):
+    """Writing a .bin/.idx pair failed (a full disk, a quota): the callers name the flag that chose the place."""
+
+
+def temporary_suffix() -> str:
+    """A writer's own temporary-file suffix (host and process): two writers of one prefix never share a file."""
+    return f".tmp-{socket.gethostname()}-{os.getpid()}"
+
+
 class IndexedWriter:
     """Writes PREFIX.bin/.idx one document at a time in bounded memory: token ids and offsets are buffered up to
-    `chunk_tokens` entries, then appended to PREFIX.bin.tmp and PREFIX.idx.tmp (after a placeholder header,
-    filled in by `finish` once the counts are known). `finish` renames both into place; leaving the `with`
-    block without it (an error) deletes the temporary files.
+    `chunk_tokens` entries, then appended to temporary files of this writer's own (PREFIX.bin.tmp-HOST-PID, and the
+    .idx's after a placeholder header, filled in by `finish` once the counts are known). `finish` renames the .bin,
+    then the .idx into place; leaving the `with` block without it (an error) deletes the temporary files. A failed
+    write raises WriteError.
 
         with IndexedWriter(prefix, tokenizer.vocab_size) as writer:
             for ids in encode_documents(docs, tokenizer):
@@ -231,12 +243,25 @@ class IndexedWriter:
         self.num_docs = self.num_tokens = 0
         self.max_id = -1
         self._tokens, self._offsets, self._pending = [], [], 0
-        self._tmp_bin, self._tmp_idx = prefix + ".bin.tmp", prefix + ".idx.tmp"
-        self._bin = open(self._tmp_bin, "wb")
-        self._idx = open(self._tmp_idx, "wb")
-        self._idx.write(bytes(len(_IDX_MAGIC) + _HEADER.size + _HEADER_V2.size))
-        self._idx.write(np.zeros(1, dtype=np.int64).tobytes())
+        self._tmp_bin, self._tmp_idx = (prefix + ext + temporary_suffix() for ext in (".bin", ".idx"))
         self._done = False
+        try:
+            with self._writing():
+                self._bin = open(self._tmp_bin, "wb")
+                self._idx = open(self._tmp_idx, "wb")
+                self._idx.write(bytes(len(_IDX_MAGIC) + _HEADER.size + _HEADER_V2.size))
+                self._idx.write(np.zeros(1, dtype=np.int64).tobytes())
+        except WriteError:
+            self.__exit__()
+            raise
+
+    @contextlib.contextmanager
+    def _writing(self):
+        try:
+            yield
+        except OSError as exc:
+            raise WriteError(f"writing {self.prefix}.bin/.idx failed ({exc.strerror or exc}); free space there or "
+                             "write elsewhere") from None
 
     def add(self, ids: np.ndarray) -> None:
         """One document's token ids, its EOS included."""
@@ -246,7 +271,8 @@ class IndexedWriter:
         self.num_docs += 1
         self._offsets.append(self.num_tokens)
         if self._pending >= self.chunk_tokens or len(self._offsets) >= self.chunk_tokens:
-            self._flush()
+            with self._writing():
+                self._flush()
 
     def _flush(self) -> None:
         if self._tokens:
@@ -264,16 +290,17 @@ class IndexedWriter:
         self._tokens, self._offsets, self._pending = [], [], 0
 
     def finish(self) -> None:
-        self._flush()
-        if self.num_tokens == 0:
-            raise ValueError("the given sources contain no text")
-        self._idx.seek(0)
-        self._idx.write(_IDX_MAGIC + _HEADER.pack(_IDX_VERSION, self.code, self.num_docs)
-                        + _HEADER_V2.pack(self.vocab_size, self.max_id))
-        self._bin.close()
-        self._idx.close()
-        os.replace(self._tmp_bin, self.prefix + ".bin")
-        os.replace(self._tmp_idx, self.prefix + ".idx")
+        with self._writing():
+            self._flush()
+            if self.num_tokens == 0:
+                raise ValueError("the given sources contain no text")
+            self._idx.seek(0)
+            self._idx.write(_IDX_MAGIC + _HEADER.pack(_IDX_VERSION, self.code, self.num_docs)
+                            + _HEADER_V2.pack(self.vocab_size, self.max_id))
+            self._bin.close()
+            self._idx.close()
+            os.replace(self._tmp_bin, self.prefix + ".bin")
+            os.replace(self._tmp_idx, self.prefix + ".idx")
         self._done = True
 
     def __enter__(self):
@@ -281,8 +308,9 @@ class IndexedWriter:
 
     def __exit__(self, *exc) -> None:
         if not self._done:
-            self._bin.close()
-            self._idx.close()
+            for fh in (getattr(self, "_bin", None), getattr(self, "_idx", None)):
+                if fh is not None:
+                    fh.close()
             for path in (self._tmp_bin, self._tmp_idx):
                 if os.path.exists(path):
                     os.remove(path)
@@ -420,13 +448,18 @@ def load_stream(paths: list[str] | None, tokenizer, cache_dir: str | None = None
     and later run reads (engine.data.cache)."""
     from engine.data.cache import cached_prefix  # the cache writes with this module's IndexedWriter
 
-    def tokenized(text_paths: list[str]) -> TokenStream:
+    def tokenized(text_paths: list[str], name: str | None = None) -> TokenStream:
         if cache_dir is None:
             return tokenize_documents(iter_documents(text_paths, text_field), tokenizer)
-        return read_indexed(cached_prefix(text_paths, tokenizer, cache_dir, text_field))
+        prefix = cached_prefix(text_paths, tokenizer, cache_dir, text_field, name)
+        try:
+            return read_indexed(prefix)
+        except ValueError:
+            raise ValueError(f"--data-cache: {prefix}.bin/.idx is damaged (cut short or edited); delete them to "
+                             "tokenize again, or use --data-cache none") from None
 
     if not paths:
-        return tokenized(stdlib_sources())
+        return tokenized(stdlib_sources(), "the built-in corpus")
     streams = []
     text_paths = []
     for p in paths:
@@ -445,6 +478,8 @@ class PackedDataset(torch.utils.data.Dataset):
     ChainedTokens; only the sample being read is copied)."""
 
     def __init__(self, tokens, seq_length: int, start: int = 0, end: int | None = None):
+        if not 0 <= start <= (len(tokens) if end is None else end) <= len(tokens):
+            raise ValueError(f"PackedDataset: [{start}, {end}) is not a range of the {len(tokens)} tokens")
         self.tokens, self.seq_length, self.start = tokens, seq_length, start
         self.num_tokens = (len(tokens) if end is None else end) - start
         self.num_samples = max((self.num_tokens - 1) // seq_length, 0)

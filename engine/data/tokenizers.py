@@ -47,6 +47,10 @@ class HFTokenizer:
                                "pip install tokenizers, or use --tokenizer byte") from None
         try:
             self._tok = Tokenizer.from_file(path)
+            # A saved padding would pad every document of a batch to the longest, a saved truncation cut documents:
+            # the data path wants each document's own ids, whole.
+            self._tok.no_padding()
+            self._tok.no_truncation()
             with open(path, "rb") as fh:
                 digest = hashlib.sha256(fh.read()).hexdigest()
         except Exception as exc:  # noqa: BLE001 - the Rust library raises a bare Exception for any parse error

@@ -8,9 +8,11 @@ from __future__ import annotations
 from engine.models.llama import ModelConfig
 
 
-def optimizer_errors(optimizer: str, tp: int = 1, zero: int = 0, dp: int = 1, cp: int = 1) -> list[str]:
+def optimizer_errors(optimizer: str, tp: int = 1, zero: int = 0, dp: int = 1, cp: int = 1,
+                     zero_by_default: bool = False) -> list[str]:
     """What the optimizer cannot do in this layout: Adafactor's factored statistics need whole matrices, so it
-    takes neither tensor parallelism nor ZeRO sharding (which shards over dp x cp)."""
+    takes neither tensor parallelism nor ZeRO sharding (which shards over dp x cp). zero_by_default: the stage
+    was not given but filled in (the message says so)."""
     if optimizer != "adafactor":
         return []
     errors = []
@@ -18,7 +20,7 @@ def optimizer_errors(optimizer: str, tp: int = 1, zero: int = 0, dp: int = 1, cp
         errors.append(f"--optimizer adafactor: not with --tp {tp} (its factored statistics span whole matrices, "
                       "which tensor parallelism splits); use --tp 1 or --optimizer adamw")
     if zero > 0 and dp * cp > 1:
-        default = " (the trainer's default when dp > 1)" if zero == 1 else ""
+        default = " (the default when dp > 1)" if zero_by_default else ""
         errors.append(f"--optimizer adafactor: not with --zero {zero}{default} over dp x cp = {dp * cp} ranks (ZeRO "
                       "shards matrices, and its factored statistics need whole ones); pass --zero 0, or use "
                       "--optimizer adamw")

@@ -518,7 +518,8 @@ def validate(cfg: Config, world_size: int) -> None:
     elif model_parallel * p.dp != world_size:
         errors.append(f"--dp: tp * cp * pp * dp = {p.tp}*{p.cp}*{p.pp}*{p.dp} = {model_parallel * p.dp} does not "
                       f"equal the world size {world_size}; launch that many processes or change --tp/--cp/--pp/--dp")
-    if p.zero is None:
+    zero_by_default = p.zero is None
+    if zero_by_default:
         p.zero = 1 if p.dp > 1 else 0
     if p.overlap_param_gather and not (p.zero in (1, 2) and p.dp > 1):
         errors.append(f"--overlap-param-gather: needs --zero 1 or 2 with --dp > 1 (got --zero {p.zero}, dp {p.dp}): "
@@ -526,7 +527,7 @@ def validate(cfg: Config, world_size: int) -> None:
                       "unit right before its forward")
     if p.schedule is None:
         p.schedule = "interleaved" if p.vpp > 1 else "1f1b"
-    errors += optimizer_errors(cfg.optimizer.optimizer, p.tp, p.zero, p.dp, p.cp)
+    errors += optimizer_errors(cfg.optimizer.optimizer, p.tp, p.zero, p.dp, p.cp, zero_by_default)
     errors += layout_errors(model, p.tp, p.pp, p.vpp, p.dp, p.sequence_parallel, p.schedule, b.micro_batch_size,
                             b.global_batch_size, cp=p.cp)
     per_step = b.micro_batch_size * p.dp
