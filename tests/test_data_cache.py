@@ -216,3 +216,33 @@ def test_the_trainer_tokenizes_into_the_cache_by_default(tmp_path, corpus, monke
     losses = step_losses("runs/cached/metrics.jsonl")
     assert len(losses) == 3
     assert losses == step_losses("runs/memory/metrics.jsonl") == step_losses("runs/own/metrics.jsonl")
+
+
+def test_the_cache_cli_lists_prunes_and_clears(tmp_path, corpus, capsys):
+    """python -m engine.data.cache: entries with their sources and size, least recently used first; a reuse marks
+    an entry used; --prune-days deletes only what was not used since; --clear the rest."""
+    from engine.data.cache import entries, main as cache_main
+    cache = str(tmp_path / "cache")
+    old = cached_prefix([corpus], ByteTokenizer(), cache)
+    one = os.path.join(corpus, sorted(os.listdir(corpus))[0])
+    new = cached_prefix([one], ByteTokenizer(), cache)
+    day = 86400
+    for prefix, age in ((old, 3 * day), (new, 2 * day)):
+        os.utime(prefix + ".json", (time.time() - age, time.time() - age))
+    assert [e["key"] for e in entries(cache)] == [os.path.basename(p) for p in (old, new)]
+    cached_prefix([corpus], ByteTokenizer(), cache)  # reused: now the most recent
+    listed = entries(cache)
+    assert [e["key"] for e in listed] == [os.path.basename(p) for p in (new, old)]
+    assert listed[1]["paths"] == [os.path.abspath(corpus)] and listed[1]["tokens"] == len(read_indexed(old).tokens)
+    assert listed[1]["bytes"] == os.path.getsize(old + ".bin") + os.path.getsize(old + ".idx")
+    assert cache_main(["--data-cache", cache]) == 0
+    out = capsys.readouterr().out
+    assert os.path.abspath(corpus) in out and "2 entries" in out
+    assert cache_main(["--data-cache", cache, "--prune-days", "1"]) == 0
+    assert "deleted 1 of 2 entries" in capsys.readouterr().out
+    assert not [f for f in os.listdir(cache) if f.startswith(os.path.basename(new))]
+    assert [e["key"] for e in entries(cache)] == [os.path.basename(old)]
+    assert cache_main(["--data-cache", cache, "--clear"]) == 0
+    assert entries(cache) == [] and os.listdir(cache) == []
+    assert cache_main(["--data-cache", str(tmp_path / "none")]) == 0  # no cache yet: an empty list
+    assert "0 entries" in capsys.readouterr().out

@@ -51,6 +51,7 @@ def cached_prefix(paths: list[str], tokenizer, cache_dir: str, text_field: str =
         raise ValueError(f"{name}: holds no files (hidden ones, whose names start with '.', are not read)")
     prefix = os.path.join(cache_dir, cache_key(files, tokenizer, text_field))
     if is_indexed(prefix):  # the writer renames .idx into place last: both present means complete
+        _mark_used(prefix)
         return prefix
     try:
         os.makedirs(cache_dir, exist_ok=True)
@@ -98,6 +99,14 @@ def cached_prefix(paths: list[str], tokenizer, cache_dir: str, text_field: str =
     return prefix
 
 
+def _mark_used(prefix: str) -> None:
+    """The entry's last use, for `python -m engine.data.cache --prune-days` (its .json's modification time)."""
+    try:
+        os.utime(prefix + ".json")
+    except OSError:
+        pass  # a read-only cache, or an entry written before the .json: nothing to mark
+
+
 def _record(failure: str, message: str) -> None:
     """The failure, for the processes waiting on the lock (written whole, then renamed into place)."""
     try:
@@ -117,3 +126,64 @@ def _remove_stale(prefix: str, failure: str) -> None:
                 os.remove(path)
         except OSError:
             pass
+
+
+# --- looking after the cache: python -m engine.data.cache
+
+def entries(cache_dir: str) -> list[dict]:
+    """The complete entries of a cache directory, least recently used first: key, bytes on disk, last use (the
+    .json's modification time, else the .idx's) and what its .json records (paths, documents, tokens, ...)."""
+    found = []
+    for name in sorted(os.listdir(cache_dir)) if os.path.isdir(cache_dir) else []:
+        prefix = os.path.join(cache_dir, name[:-4])
+        if not name.endswith(".idx") or not is_indexed(prefix):
+            continue
+        info = {}
+        try:
+            with open(prefix + ".json") as fh:
+                info = json.load(fh)
+        except (OSError, ValueError):
+            pass
+        stamp = prefix + ".json" if os.path.exists(prefix + ".json") else prefix + ".idx"
+        found.append({**info, "key": name[:-4], "bytes": sum(os.path.getsize(prefix + e) for e in (".bin", ".idx")),
+                      "last_used": os.path.getmtime(stamp)})
+    return sorted(found, key=lambda e: e["last_used"])
+
+
+def remove_entry(cache_dir: str, key: str) -> None:
+    """Deletes an entry's files (a job still reading it keeps its memory map: the data goes once that ends)."""
+    for path in glob.glob(glob.escape(os.path.join(cache_dir, key)) + ".*"):
+        os.remove(path)
+
+
+def main(argv=None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m engine.data.cache",
+                                     description="List, prune or clear the tokenized text the trainer keeps in "
+                                                 "--data-cache (default: " + default_cache_dir() + ").")
+    parser.add_argument("--data-cache", default=default_cache_dir(), help="the cache directory [%(default)s]")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--prune-days", type=float, help="delete the entries not used for this many days")
+    what.add_argument("--clear", action="store_true", help="delete every entry")
+    args = parser.parse_args(argv)
+    if args.prune_days is not None and not args.prune_days >= 0:
+        parser.error(f"--prune-days: must be >= 0, got {args.prune_days}")
+    now, listed = time.time(), entries(args.data_cache)
+    if args.clear or args.prune_days is not None:
+        gone = [e for e in listed if args.clear or now - e["last_used"] > args.prune_days * 86400]
+        for e in gone:
+            remove_entry(args.data_cache, e["key"])
+        print(f"deleted {len(gone)} of {len(listed)} entries ({sum(e['bytes'] for e in gone) / 2**30:.2f} GiB) "
+              f"from {args.data_cache}")
+        return 0
+    for e in listed:
+        sources = ", ".join(e.get("paths", [])) or "?"
+        tokens = f"{e['tokens']:,} tokens" if "tokens" in e else "? tokens"
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"]))
+        print(f"{e['key']}  {e['bytes'] / 2**20:10,.1f} MiB  {tokens:>20}  used {used}  {sources}")
+    print(f"{len(listed)} entries, {sum(e['bytes'] for e in listed) / 2**30:.2f} GiB in {args.data_cache}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
