@@ -107,10 +107,15 @@ def stage_parameters(cfg: ModelConfig, tp: int, pp: int, stage: int) -> int:
     h = cfg.hidden_size
     q = cfg.num_heads * cfg.head_dim
     per_layer = (h * q + 2 * h * cfg.kv_dim + q * h + 3 * h * cfg.ffn_hidden_size) // tp + 2 * h
-    vocab_shard = _ceil_div(cfg.vocab_size, tp) * h
+    return _stage_sum(cfg, pp, stage, per_layer, vocab_matrix=_ceil_div(cfg.vocab_size, tp) * h, final_norm=h)
+
+
+def _stage_sum(cfg: ModelConfig, pp: int, stage: int, per_layer: int, vocab_matrix: int, final_norm: int) -> int:
+    """A per-parameter quantity summed over what stage `stage` holds: its layers, the embedding on the first stage,
+    the final norm and the head on the last (the head only when it is not the first stage's tied embedding)."""
     first, last = stage == 0, stage == pp - 1
     has_head = last and not (cfg.tie_embeddings and first)
-    return cfg.num_layers // pp * per_layer + first * vocab_shard + last * h + has_head * vocab_shard
+    return cfg.num_layers // pp * per_layer + (first + has_head) * vocab_matrix + last * final_norm
 
 
 def adafactor_statistics(cfg: ModelConfig, pp: int, stage: int) -> int:
@@ -118,9 +123,7 @@ def adafactor_statistics(cfg: ModelConfig, pp: int, stage: int) -> int:
     matrix [n, m] keeps n row and m column means, a vector (a norm's weight) one entry per element."""
     h, q, kv, f = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.kv_dim, cfg.ffn_hidden_size
     per_layer = (q + h) + 2 * (kv + h) + (h + q) + 2 * (f + h) + (h + f) + 2 * h  # q, k, v, o, gate, up, down, norms
-    first, last = stage == 0, stage == pp - 1
-    has_head = last and not (cfg.tie_embeddings and first)
-    return cfg.num_layers // pp * per_layer + first * (cfg.vocab_size + h) + last * h + has_head * (cfg.vocab_size + h)
+    return _stage_sum(cfg, pp, stage, per_layer, vocab_matrix=cfg.vocab_size + h, final_norm=h)
 
 
 def adafactor_bytes(cfg: ModelConfig, layout: Layout, stage: int) -> int:

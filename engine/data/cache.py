@@ -86,8 +86,9 @@ def cached_prefix(paths: list[str], tokenizer, cache_dir: str, text_field: str =
             documents, tokens = preprocess(files, prefix, tokenizer, progress=sys.stderr.isatty(), flag=name,
                                            text_field=text_field)
         except WriteError as exc:
-            _record(failure, f"--data-cache {cache_dir}: {exc}, or --data-cache none")
-            raise OSError(f"--data-cache {cache_dir}: {exc}, or --data-cache none") from None
+            message = f"--data-cache {cache_dir}: {exc}, or --data-cache none"
+            _record(failure, message)
+            raise OSError(message) from None
         except (OSError, ValueError, RuntimeError) as exc:
             _record(failure, str(exc))
             raise

@@ -9,10 +9,10 @@ exactly as Megatron's GPT dataset does. The last `valid_fraction` of the documen
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
-import contextlib
 import os
 import socket
 import struct
