@@ -15,8 +15,9 @@ replicated; layers / pp with the embedding on the first stage and the final norm
 stage keeping its own copy of a tied embedding when pp > 1), gradients (fp32 "main_grad"), optimizer state
 (AdamW: m and v; Adafactor: a row and a column statistic per matrix, a full one per vector, and its momentum when
 beta1 > 0; plus an fp32 master copy in bf16/fp16) with ZeRO sharding over dp x cp, and the saved activations of the
-micro-batches in flight (each context-parallel rank holding 1/cp of every sequence). The stage whose total is
-largest is reported.
+micro-batches in flight (each context-parallel rank holding 1/cp of every sequence). Under ZeRO-2/3 with dp x cp > 1,
+`zero_buffers` is the peak of the step's transient buffers: temporary fp32 gradient buckets and ZeRO-3's gathered
+units (see zero_working_bytes). The stage whose total is largest is reported.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ import sys
 from dataclasses import dataclass
 from typing import NoReturn
 
-from engine.models.llama import PRESETS, ModelConfig, preset, sdpa_native_gqa
+from engine.models.llama import (PRESETS, ModelConfig, Parallelism, partial_gradient, pipeline_chunk, preset,
+                                 sdpa_native_gqa)
 from engine.parallel.rules import layout_errors, optimizer_errors
 
 H100_BF16_DENSE_FLOPS = 989e12
@@ -100,6 +102,8 @@ class Layout:
     fused_elementwise: bool = False  # the trainer's --fused-elementwise: RMSNorm and SwiGLU keep less
     optimizer: str = "adamw"  # or "adafactor" (tp 1, no ZeRO sharding)
     beta1: float = 0.9  # Adafactor keeps a momentum only when beta1 > 0
+    bucket_size: int = 4_000_000  # the trainer's --bucket-size: elements per gradient bucket (ZeRO 0-2)
+    keep_params: bool = False  # the trainer's --zero3-keep-params: a stage's units stay gathered for the step
 
 
 def stage_parameters(cfg: ModelConfig, tp: int, pp: int, stage: int) -> int:
@@ -140,6 +144,83 @@ def state_bytes(params: int, precision: str, zero: int, dp: int) -> dict:
         return _ceil_div(params, dp) if sharded else params
     return {"params": shard(zero >= 3) * BYTES_PER_ELEMENT[precision], "grads": shard(zero >= 2) * GRAD_BYTES,
             "optimizer": shard(zero >= 1) * OPTIMIZER_BYTES[precision]}
+
+
+def zero_buckets(cfg: ModelConfig, layout: Layout, stage: int) -> tuple[list, list]:
+    """(buckets, units) of the ZeRO optimizer on a rank of pipeline stage `stage`, laid out by the optimizer's own
+    rules over the stage's parameters (built on the meta device: shapes only). Buckets come in backward order."""
+    import torch
+
+    from engine.optim.zero.layout import layout_buckets, layout_units
+    from engine.parallel.layers import TPContext
+    from engine.pipeline.schedules import virtual_stage
+
+    lo = layout
+    par = Parallelism(tp=TPContext(size=lo.tp, sequence_parallel=lo.sequence_parallel))
+    with torch.device("meta"):
+        chunks = [pipeline_chunk(cfg, virtual_stage(stage, c, lo.pp), lo.pp * lo.vpp, par) for c in range(lo.vpp)]
+    named = [(n, p) for chunk in chunks for n, p in chunk.named_parameters()]
+    tied_across_stages = cfg.tie_embeddings and lo.pp > 1
+    partial = {"embedding", "tp"} if lo.tp > 1 else {"embedding"}  # (sums over a group of one are no partial sums)
+    deferred = {n for n, p in named if partial_gradient(n, p, tied_across_stages) in partial}
+    dp = lo.dp * lo.cp
+    units = [(c, u) for c, chunk in enumerate(chunks) for u in chunk.gathering_units()]
+    if lo.zero >= 3:
+        return list(reversed(layout_units([u for _, u in units], dict(named), dp, deferred))), units
+    module_of = {n: i for i, chunk in enumerate(chunks) for n, _ in chunk.named_parameters()}
+    return layout_buckets(list(reversed(named)), dp, lo.bucket_size, deferred, module_of), units
+
+
+def zero_working_bytes(layout: Layout, buckets: list, units: list) -> int:
+    """The peak of ZeRO-2/3's transient buffers during a step, in bytes (buckets and units from zero_buckets).
+
+    Gradients (stages 2-3): a micro-batch's gradients go into a temporary fp32 copy of their whole bucket,
+    reduce-scattered into a 1/dp output once complete; the next bucket fills while one is in flight, and the last
+    one of a micro-batch stays in flight into the next (with more than one micro-batch). Gradients are taken to
+    arrive bucket by bucket in backward order. Parameters (stage 3): the unit running is gathered with its
+    neighbour (prefetched: the next in forward, the previous in backward), a tied head's embedding from the head's
+    backward until the embedding's own (its gradient arrives once, when both uses are summed); with keep_params
+    every unit of the stage.
+    """
+    lo, dp = layout, layout.dp * layout.cp
+    if lo.zero < 2 or dp == 1:
+        return 0
+    wraps = lo.microbatches is None or lo.microbatches > 1
+
+    def in_flight(size: int) -> int:  # a bucket being reduced: its fp32 copy and the reduction's output
+        return 4 * (size + size // dp)
+
+    if lo.zero == 2:
+        sizes = [b.size for b in buckets if not b.deferred]  # (deferred buckets accumulate in persistent copies)
+        before = ([sizes[-1]] if wraps else [0]) + sizes[:-1]
+        return max(4 * size + (in_flight(prev) if prev else 0) for size, prev in zip(sizes, before))
+    size = {id(b): b.size * BYTES_PER_ELEMENT[lo.precision] for b in buckets}
+    grad_size = {id(b): b.size for b in buckets if not b.deferred}
+    holding = {n: id(b) for b in buckets for n in b.names}
+    chunk = [c for c, _ in units]
+    own = [{holding[n] for n in names} for _, (_, _, names, _) in units]
+    needs = [o | {holding[n] for n in borrowed} for o, (_, (_, _, _, borrowed)) in zip(own, units)]
+    n = len(units)
+    # (prefetching stays within a chunk)
+    nxt = [own[i + 1] if i + 1 < n and chunk[i + 1] == chunk[i] else set() for i in range(n)]
+    prev = [own[i - 1] if i > 0 and chunk[i - 1] == chunk[i] else set() for i in range(n)]
+    unit_grads = [sum(grad_size.get(b, 0) for b in o) for o in own]  # elements of the unit's temporary bucket
+    last_reduced = next(g for g in unit_grads if g)  # the first unit's: the end of a micro-batch's backward
+
+    def gathered_bytes(ids: set) -> int:
+        return sum(size.values()) if lo.keep_params else sum(size[b] for b in ids)
+
+    peak = 0
+    carried = in_flight(last_reduced) if wraps else 0
+    for i in range(n):  # forward: unit i with the next prefetched, the previous micro-batch's last bucket in flight
+        peak = max(peak, gathered_bytes(needs[i] | nxt[i]) + carried)
+    flight = carried
+    for i in reversed(range(n)):  # backward: unit i with the previous prefetched and borrowed units still held
+        held = set().union(*needs[i + 1:]) - set().union(*own[i + 1:])
+        gathered = gathered_bytes(needs[i] | held | prev[i])
+        peak = max(peak, gathered + 4 * unit_grads[i] + flight)
+        flight = in_flight(unit_grads[i]) if unit_grads[i] else flight
+    return peak
 
 
 def saved_activations(cfg: ModelConfig, micro_batch_size: int, seq_length: int, recompute: str,
@@ -280,6 +361,12 @@ def memory_per_rank(cfg: ModelConfig, layout: Layout, stage: int) -> dict:
     mem = state_bytes(stage_parameters(cfg, lo.tp, lo.pp, stage), lo.precision, lo.zero, lo.dp * lo.cp)
     if lo.optimizer == "adafactor":
         mem["optimizer"] = adafactor_bytes(cfg, lo, stage)
+    working = 0
+    if lo.zero >= 2 and lo.dp * lo.cp > 1:
+        buckets, units = zero_buckets(cfg, lo, stage)
+        # a shard of every bucket, and whole fp32 copies of the buckets that accumulate model-parallel partial sums
+        mem["grads"] = GRAD_BYTES * sum(b.size // (lo.dp * lo.cp) + b.deferred * b.size for b in buckets)
+        working = zero_working_bytes(lo, buckets, units)
     layers = inflight_chunks(lo.schedule, lo.pp, lo.vpp, stage, lo.microbatches) * cfg.num_layers // (lo.pp * lo.vpp)
     args = (cfg, lo.micro_batch_size, cfg.seq_length // lo.cp)
     activations = layers * activation_bytes_per_layer(*args, lo.tp, lo.sequence_parallel, lo.recompute, e,
@@ -289,6 +376,8 @@ def memory_per_rank(cfg: ModelConfig, layout: Layout, stage: int) -> dict:
         head = saved_head_activations(*args, lo.tp, e, lo.loss_chunk_tokens, lo.fused_elementwise)
         activations += head_inflight * _rows_bytes(head, lo.tp, lo.sequence_parallel)
     mem["activations"] = activations
+    if working:
+        mem["zero_buffers"] = working
     return {**mem, "total": sum(mem.values())}
 
 
@@ -347,6 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     layout.add_argument("--schedule", choices=["1f1b", "interleaved", "gpipe"],
                         help="pipeline schedule [1f1b; interleaved when --vpp > 1]")
     layout.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=0, help="ZeRO stage [0]")
+    layout.add_argument("--bucket-size", type=int, default=4_000_000,
+                        help="elements per gradient bucket, as the trainer's (sizes ZeRO-2's temporary buckets) "
+                             "[4,000,000]")
+    layout.add_argument("--zero3-keep-params", action="store_true",
+                        help="ZeRO-3 keeps a stage's parameters gathered for the whole step, as the trainer's flag")
     layout.add_argument("--sequence-parallel", action="store_true", help="shard norm/residual activations over tp")
     layout.add_argument("--precision", choices=list(BYTES_PER_ELEMENT), default="bf16", help="[bf16]")
     layout.add_argument("--optimizer", choices=["adamw", "adafactor"], default="adamw",
@@ -367,7 +461,7 @@ def _check(args, cfg: ModelConfig | None) -> list[str]:
     positive = [("--params", args.params), ("--tokens", args.tokens), ("--gpus", args.gpus),
                 ("--flops-per-gpu", args.flops_per_gpu), ("--tp", args.tp), ("--cp", args.cp), ("--pp", args.pp),
                 ("--dp", args.dp),
-                ("--vpp", args.vpp), ("--micro-batch-size", args.micro_batch_size),
+                ("--vpp", args.vpp), ("--micro-batch-size", args.micro_batch_size), ("--bucket-size", args.bucket_size),
                 ("--global-batch-size", args.global_batch_size)]
     if args.loss_chunk_tokens < 0:
         positive.append(("--loss-chunk-tokens", args.loss_chunk_tokens))
@@ -428,7 +522,8 @@ def _report(args: argparse.Namespace) -> dict:
                     microbatches=args.global_batch_size // per_step if args.global_batch_size else None,
                     schedule=args.schedule, precision=args.precision, recompute=args.recompute,
                     loss_chunk_tokens=args.loss_chunk_tokens, fused_elementwise=args.fused_elementwise,
-                    optimizer=args.optimizer, beta1=args.beta1)
+                    optimizer=args.optimizer, beta1=args.beta1, bucket_size=args.bucket_size,
+                    keep_params=args.zero3_keep_params)
     report = {"model": args.model or ("tiny" if cfg else None), "layout": dataclasses.asdict(layout)}
     if cfg is None:
         params = int(args.params)

@@ -1,5 +1,6 @@
 """engine.estimate: parameter counts against real models, FLOPs, memory rules, and the activation table
 against the tensors autograd actually saves."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -164,6 +165,48 @@ def test_memory_through_the_cli(capsys):
     assert zero3["total"] == sum(v for k, v in zero3.items() if k != "total")
 
 
+def test_zero_buffers_by_hand(capsys):
+    """ZeRO-3 at 7B, dp 8 (every layer a unit of L parameters, a multiple of 8: no padding): the peak is in a
+    middle layer's backward - that layer and the previous one (prefetched) gathered in bf16, the layer's fp32
+    gradient bucket filling, the next layer's being reduced with its 1/8 output. (That the transient buffers of real
+    steps equal the estimate is tested in test_zero.py, measured on real ranks.)"""
+    layer = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096
+    zero3 = run_json(capsys, "--model", "llama-7b", "--dp", "8", "--zero", "3")["memory_bytes"]
+    assert zero3["zero_buffers"] == 2 * 2 * layer + 4 * layer + 4 * (layer + layer // 8)
+    assert zero3["total"] == sum(v for k, v in zero3.items() if k != "total")
+    kept = run_json(capsys, "--model", "llama-7b", "--dp", "8", "--zero", "3", "--zero3-keep-params")["memory_bytes"]
+    assert kept["zero_buffers"] == 2 * 6_738_415_616 + 4 * layer + 4 * (layer + layer // 8)
+    for argv in (["--zero", "1", "--dp", "8"], ["--zero", "3", "--dp", "1"], []):
+        assert "zero_buffers" not in run_json(capsys, "--model", "llama-7b", *argv)["memory_bytes"]
+
+
+def test_zero2_buckets_by_hand():
+    """ZeRO-2, one bucket holding every parameter: it fills (4 bytes each) while, from the second micro-batch on,
+    the previous micro-batch's copy is still being reduced with its 1/dp output."""
+    cfg = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_heads=4, num_kv_heads=2, vocab_size=50,
+                      seq_length=16)
+    n = est.count_parameters(cfg)["total"]
+    padded = -(-n // 2) * 2
+    one = est.Layout(dp=2, zero=2, bucket_size=10 ** 9, microbatches=1)
+    two = est.Layout(dp=2, zero=2, bucket_size=10 ** 9, microbatches=2)
+    assert est.memory_per_rank(cfg, one, 0)["zero_buffers"] == 4 * padded
+    assert est.memory_per_rank(cfg, two, 0)["zero_buffers"] == 4 * padded + 4 * (padded + padded // 2)
+    assert est.memory_per_rank(cfg, two, 0)["grads"] == 4 * padded // 2
+
+
+def test_zero2_keeps_whole_copies_of_partial_gradients():
+    """A tied embedding split across two stages sums its gradient over both once the backward is over: ZeRO-2
+    keeps it whole (fp32) on each of the two stages, besides its shard."""
+    tied = dict(pp=2, dp=2, zero=2)
+    untied_cfg = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_heads=4, num_kv_heads=2,
+                             vocab_size=50, seq_length=16)
+    tied_cfg = dataclasses.replace(untied_cfg, tie_embeddings=True)
+    vocab = 50 * 64
+    for stage in (0, 1):
+        grads = est.memory_per_rank(tied_cfg, est.Layout(**tied), stage)["grads"]
+        assert grads == est.memory_per_rank(untied_cfg, est.Layout(**tied), stage)["grads"] + 4 * vocab
+
+
 def test_activation_ordering_and_sharding():
     cfg = preset("llama-7b")
 
@@ -271,6 +314,7 @@ def test_human_output(capsys):
     (["--model", "tiny", "--sequence-parallel"], "--sequence-parallel"),
     (["--params", "1e9", "--num-layers", "4"], "--params"),
     (["--model", "tiny", "--hidden-size", "100"], "--hidden-size"),
+    (["--model", "tiny", "--bucket-size", "0"], "--bucket-size"),
 ])
 def test_invalid_flags_exit_2(capsys, argv, flag):
     err = run_error(capsys, *argv)

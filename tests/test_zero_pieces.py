@@ -151,7 +151,7 @@ def _param_gather(rank, world):
     layout = FlatLayout(layout_units(unit_list, dict(named(model)), world, set()), world, rank,
                         shard_optimizer=True, shard_params=True)
     gather = ParamGather(layout, group)
-    gather.install_unit_hooks(unit_list)
+    gather.install_unit_hooks(unit_list, [0] * len(unit_list))
     layer, bucket = model.layers[1], layout.buckets[2]
     assert bucket.names == ["layers.1.weight", "layers.1.bias"]
     assert layer.weight.untyped_storage().nbytes() == 0  # released until its forward

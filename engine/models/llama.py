@@ -391,6 +391,23 @@ class KVCache:
         return keys[None, :] <= queries[:, None]
 
 
+def partial_gradient(name: str, param: nn.Parameter, tied_across_stages: bool) -> str | None:
+    """The model-parallel group over which this parameter's gradient is only a partial sum, reduced once the
+    backward is over: "tp" for sequence-parallel norm gains, "embedding" for an embedding tied to a head on another
+    pipeline stage (its first and last stages), else None."""
+    if getattr(param, "sequence_parallel", False):
+        return "tp"
+    return "embedding" if tied_across_stages and name in ("embedding.weight", "head.weight") else None
+
+
+def pipeline_chunk(cfg: ModelConfig, virtual_stage: int, stages: int, parallelism: Parallelism) -> "Llama":
+    """Virtual pipeline stage `virtual_stage` of `stages`: layers [v*L/stages, (v+1)*L/stages), the embedding on
+    the first stage, the final norm and head on the last (weights as the constructor leaves them)."""
+    per = cfg.num_layers // stages
+    return Llama(cfg, layers=list(range(virtual_stage * per, (virtual_stage + 1) * per)),
+                 has_embedding=virtual_stage == 0, has_head=virtual_stage == stages - 1, parallelism=parallelism)
+
+
 class Llama(nn.Module):
     """A LLaMA decoder or a contiguous slice of one.
 
@@ -424,6 +441,21 @@ class Llama(nn.Module):
 
     def head_weight(self) -> torch.Tensor:
         return self.head.weight if self.head is not None else self.embedding.weight
+
+    def gathering_units(self) -> list:
+        """ZeRO-3's gathering units of this slice in forward order, as ZeroOptimizer takes them: (module entered
+        first, module left last, parameter names, names of other units' parameters it reads) for the embedding,
+        each layer, and the final norm + head (which reads the embedding when tied in this slice)."""
+        units = []
+        if self.embedding is not None:
+            units.append((self.embedding, self.embedding, ["embedding.weight"], []))
+        for index, layer in self.layers.items():
+            units.append((layer, layer, [f"layers.{index}.{n}" for n, _ in layer.named_parameters()], []))
+        if self.norm is not None:
+            names = ["norm.weight"] + (["head.weight"] if self.head is not None else [])
+            tied_here = self.head is None and self.embedding is not None
+            units.append((self.norm, self, names, ["embedding.weight"] if tied_here else []))
+        return units
 
     def _run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None):
         full = self.par.recompute == "full"

@@ -79,7 +79,8 @@ def format_banner(*, run_name: str, model: str, steps: int, params: int, params_
     if blend:
         rows.append(("blend", " | ".join(f"{weight:g} {source}" for weight, source in blend)))
     if memory is not None:
-        parts = ", ".join(f"{k} {human_bytes(memory[k])}" for k in ("params", "grads", "optimizer", "activations"))
+        names = {"zero_buffers": "ZeRO buffers"}  # (present under ZeRO-2/3 with dp > 1)
+        parts = ", ".join(f"{names.get(k, k)} {human_bytes(v)}" for k, v in memory.items() if k != "total")
         rows.append(("memory", f"~{human_bytes(memory['total'])} per rank (estimate, pipeline stage "
                                f"{memory_stage}): {parts}"))
     out = outputs
@@ -129,7 +130,8 @@ def trainer_banner(trainer, blend: list | None = None) -> str:
                       microbatches=b.global_batch_size // (b.micro_batch_size * p.dp), schedule=p.schedule,
                       precision=trainer.precision, recompute=cfg.recompute.recompute,
                       loss_chunk_tokens=perf.loss_chunk_tokens, fused_elementwise=perf.fused_elementwise,
-                      optimizer=cfg.optimizer.optimizer, beta1=cfg.optimizer.beta1)
+                      optimizer=cfg.optimizer.optimizer, beta1=cfg.optimizer.beta1,
+                      bucket_size=cfg.run.bucket_size, keep_params=p.zero3_keep_params)
     stage, memory = peak_memory(mcfg, estimate)
     loss_scale = None
     if trainer.precision == "fp16":

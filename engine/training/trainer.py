@@ -18,7 +18,8 @@ from engine.data.sampler import BatchSizeRampup, GlobalBatchSampler, IterableSam
 from engine.data.tokenizers import build_tokenizer
 from engine.estimate import model_flops_per_token
 from engine.models.documents import DocumentMask
-from engine.models.llama import PRECISION_DTYPES, Llama, ModelConfig, Parallelism
+from engine.models.llama import (PRECISION_DTYPES, Llama, ModelConfig, Parallelism, partial_gradient,
+                                 pipeline_chunk)
 from engine.optim import Adafactor, LossScaler, LRSchedule, no_weight_decay
 from engine.optim.adamw import FusedAdamW
 from engine.optim.zero import ZeroOptimizer
@@ -173,13 +174,11 @@ class Trainer:
         """This rank's model chunks: virtual stage v = c * pp + rank holds layers [v*L/(pp*vpp), (v+1)*L/(pp*vpp));
         the first virtual stage holds the embedding, the last the final norm and head. Every chunk draws its
         weights by global parameter name, so the split never changes them."""
-        p, cfg = self.cfg.parallel, self.model_cfg
-        stages, per = p.pp * p.vpp, cfg.num_layers // (p.pp * p.vpp)
+        p = self.cfg.parallel
         chunks = []
         for c in range(p.vpp):
             v = schedules.virtual_stage(self.topo.pp_rank, c, p.pp)
-            chunk = Llama(cfg, layers=list(range(v * per, (v + 1) * per)), has_embedding=v == 0,
-                          has_head=v == stages - 1, parallelism=par).to(self.device)
+            chunk = pipeline_chunk(self.model_cfg, v, p.pp * p.vpp, par).to(self.device)
             chunk.init_weights(self.cfg.run.seed)
             chunk.to(self.param_dtype)
             chunks.append(chunk)
@@ -202,7 +201,8 @@ class Trainer:
                          weight_decay=o.weight_decay, master_weights=master)
         # The loss is normalised by the global batch's tokens, so gradients are summed over dp, and over cp (each
         # context-parallel rank holds the gradient of its part of every sequence); ZeRO shards over both.
-        return ZeroOptimizer(self.chunks, stage=p.zero, group=self.topo.dp_cp_group, units=self._units(),
+        units = [u for chunk in self.chunks for u in chunk.gathering_units()]
+        return ZeroOptimizer(self.chunks, stage=p.zero, group=self.topo.dp_cp_group, units=units,
                              grad_reduction="sum", bucket_numel=self.cfg.run.bucket_size,
                              no_weight_decay=no_weight_decay, partial_grad_group=self._partial_grad_group,
                              keep_params_in_step=p.zero3_keep_params, overlap_param_gather=p.overlap_param_gather,
@@ -211,26 +211,9 @@ class Trainer:
     def _partial_grad_group(self, name: str, param):
         """Sequence-parallel norm gains hold partial sums over tp; a tied embedding split across pipeline stages
         is summed over the embedding group (the first and last stages) once the schedule is over."""
-        if getattr(param, "sequence_parallel", False):
-            return self.topo.tp_group
-        tied = self.model_cfg.tie_embeddings and self.cfg.parallel.pp > 1
-        return self.topo.embedding_group if tied and name in ("embedding.weight", "head.weight") else None
+        kind = partial_gradient(name, param, self.model_cfg.tie_embeddings and self.cfg.parallel.pp > 1)
+        return {"tp": self.topo.tp_group, "embedding": self.topo.embedding_group}.get(kind)
 
-    def _units(self) -> list:
-        """ZeRO-3's gathering units, and --overlap-param-gather's waiting points, in forward order: (module
-        entered first, module left last, parameter names, names of other units' parameters it reads) for the
-        embedding, each layer, and the final norm + head (which reads the embedding when tied in one stage)."""
-        units = []
-        for chunk in self.chunks:
-            if chunk.embedding is not None:
-                units.append((chunk.embedding, chunk.embedding, ["embedding.weight"], []))
-            for index, layer in chunk.layers.items():
-                units.append((layer, layer, [f"layers.{index}.{n}" for n, _ in layer.named_parameters()], []))
-            if chunk.norm is not None:
-                names = ["norm.weight"] + (["head.weight"] if chunk.head is not None else [])
-                tied_here = chunk.head is None and chunk.embedding is not None
-                units.append((chunk.norm, chunk, names, ["embedding.weight"] if tied_here else []))
-        return units
 
     def _tied_copy(self, name: str) -> bool:
         """The last stage's copy of a tied embedding (the first stage's is the counted, saved one)."""

@@ -70,14 +70,16 @@ class ParamGather:
         lo, hi = self.layout.owned(b)
         b.shard.copy_(b.full[lo - b.start:hi - b.start])
 
-    def install_unit_hooks(self, units) -> None:
+    def install_unit_hooks(self, units, modules: list[int]) -> None:
         """Each unit gathers its buckets, and those of other units' parameters it reads (`borrowed`), for its
-        forward and again for its backward, prefetching the neighbouring unit's buckets."""
+        forward and again for its backward, prefetching the neighbouring unit's buckets in the same module
+        (modules[i]: unit i's; a pipeline rank's model chunks run interleaved with other micro-batches, so the next
+        chunk's first unit is not the next to run)."""
         own = [self.layout.buckets_holding(names) for _, _, names, _ in units]
         for i, (first, last, _, borrowed) in enumerate(units):
             needs = own[i] + self.layout.buckets_holding(borrowed)
-            nxt = own[i + 1] if i + 1 < len(own) else []
-            prev = own[i - 1] if i > 0 else []
+            nxt = own[i + 1] if i + 1 < len(own) and modules[i + 1] == modules[i] else []
+            prev = own[i - 1] if i > 0 and modules[i - 1] == modules[i] else []
             first.register_forward_pre_hook(lambda *_, needs=needs, nxt=nxt: self._around(needs, nxt))
             last.register_forward_hook(lambda m, args, out, needs=needs, prev=prev: self._after_forward(needs, prev,
                                                                                                       out))

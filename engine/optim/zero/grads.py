@@ -30,8 +30,8 @@ class GradSync:
                  on_backward_end, on_bucket_reduced=None):
         """partial_groups: {parameter name: the group its gradient is a partial sum over}, for the deferred
         buckets' parameters. on_backward_end(): queued at the end of a user's backward (it calls finish()).
-        on_bucket_reduced(bucket): called once a bucket's gradients of a micro-batch are handed to the reduction
-        (stage 3 releases the unit's gathered parameters there)."""
+        on_bucket_reduced(bucket): called once a bucket's gradients of a micro-batch are handed to the reduction,
+        or for a deferred bucket added to its accumulator (stage 3 releases the unit's gathered parameters there)."""
         self.layout, self.buckets, self.group, self.dp = layout, layout.buckets, group, layout.dp
         self.dp_rank, self.device = layout.dp_rank, layout.device
         self.sharded = shard_grads and self.dp > 1
@@ -143,6 +143,7 @@ class GradSync:
         p.grad = None
         if b.deferred:
             self.deferred_full[id(b)][off - b.start:off - b.start + p.numel()].add_(grad)
+            self._note_arrival(b, p)  # (stage 3: its unit's parameters are released once all are in)
             return
         if p in b.seen:
             self._reduce_scatter(b)
@@ -157,6 +158,16 @@ class GradSync:
             if self.on_bucket_reduced is not None:
                 self.on_bucket_reduced(b)
             self._reduce_scatter(b)
+
+    def _note_arrival(self, b: Bucket, p) -> None:
+        """A deferred bucket's micro-batch is complete once every parameter has added a gradient."""
+        if p in b.seen:
+            b.seen = set()
+        b.seen.add(p)
+        if len(b.seen) == len(b.params):
+            b.seen = set()
+            if self.on_bucket_reduced is not None:
+                self.on_bucket_reduced(b)
 
     def _reduce_scatter(self, b: Bucket, full: torch.Tensor | None = None) -> None:
         """Launches the reduce-scatter of b's temporary full bucket (if any; or `full`) into this rank's shard."""

@@ -25,6 +25,7 @@ class Bucket:
     # gradient synchronisation (GradSync)
     ready: int = 0                     # stages 0-1: parameters whose gradients are final
     seen: set = field(default_factory=set)  # stages 2-3: parameters already in the temporary full bucket
+    #                                       (deferred buckets: already added in this micro-batch)
     pending: list = field(default_factory=list)  # (work, output, input) of in-flight reductions
     # parameter gathering (ParamGather)
     full: torch.Tensor | None = None   # stage 3: the gathered parameters (storage released when not in use)
@@ -56,16 +57,21 @@ def _bucket(named: list, start: int, dp: int, deferred: bool) -> Bucket:
     return Bucket([n for n, _ in named], [p for _, p in named], offsets, start, _padded(off - start, dp), deferred)
 
 
-def layout_buckets(named: list, dp: int, bucket_numel: int, deferred: set) -> list[Bucket]:
+def layout_buckets(named: list, dp: int, bucket_numel: int, deferred: set, module_of: dict | None = None
+                   ) -> list[Bucket]:
     """Stages 0-2: `named` (in backward order) cut into buckets of about bucket_numel elements; the deferred
-    parameters first, in buckets of their own."""
+    parameters first, in buckets of their own. module_of {name: index}: no bucket holds parameters of two modules
+    (a pipeline rank's model chunks run their backward at different times: such a bucket would wait for both)."""
+    module_of = module_of or {}
     buckets, start = [], 0
     for is_deferred in (True, False):
         current: list = []
         members = [(n, p) for n, p in named if (n in deferred) == is_deferred]
         for i, item in enumerate(members):
             current.append(item)
-            if i == len(members) - 1 or sum(p.numel() for _, p in current) >= bucket_numel:
+            last = i == len(members) - 1
+            if last or module_of.get(members[i + 1][0]) != module_of.get(item[0]) or \
+                    sum(p.numel() for _, p in current) >= bucket_numel:
                 buckets.append(_bucket(current, start, dp, is_deferred))
                 start += buckets[-1].size
                 current = []

@@ -60,7 +60,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  partial_grad_group=None, keep_params_in_step: bool = False, overlap_param_gather: bool = False,
                  **optimizer_kwargs):
         """module: an nn.Module, or a list of them (a pipeline rank's model chunks, their parameter names taken
-        as each chunk gives them), with its parameters in forward order. optimizer_class(param_groups,
+        as each chunk gives them; no gradient bucket spans two, and stage 3 prefetches within a chunk), with its
+        parameters in forward order. optimizer_class(param_groups,
         **optimizer_kwargs) builds the inner optimizer over this rank's shards. group: the data-parallel
         process group (default: the world). grad_reduction: "mean" (DDP's average over the group) or "sum".
         no_weight_decay(name, param): parameters in a second group with weight_decay 0 (default: none).
@@ -101,8 +102,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
             units = [(first, last, [n for n in names if n in trainable], [n for n in borrowed if n in trainable])
                      for first, last, names, borrowed in units]
             units = [u for u in units if u[2]]
+        module_of = {n: i for i, m in enumerate(modules) for n, _ in m.named_parameters()}
         buckets = layout_units(units, dict(named), self.dp, set(partial)) if sharded_params else \
-            layout_buckets(list(reversed(named)), self.dp, bucket_numel, set(partial))
+            layout_buckets(list(reversed(named)), self.dp, bucket_numel, set(partial), module_of)
         self.layout = FlatLayout(buckets, self.dp, self.dp_rank, shard_optimizer=stage >= 1,
                                  shard_params=stage >= 3)
         self.buckets, self.sharded_params = self.layout.buckets, self.layout.sharded_params
@@ -117,7 +119,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.param_groups, self.state = self.optimizer.param_groups, self.optimizer.state
         self.modules = modules
         if sharded_params:
-            self.params.install_unit_hooks(units)
+            self.params.install_unit_hooks(units, [module_of[names[0]] for _, _, names, _ in units])
             self.params.install_state_dict_hooks(modules)
         if self.overlap_param_gather:
             self.params.install_wait_hooks(units)
