@@ -15,9 +15,10 @@ replicated; layers / pp with the embedding on the first stage and the final norm
 stage keeping its own copy of a tied embedding when pp > 1), gradients (fp32 "main_grad"), optimizer state
 (AdamW: m and v; Adafactor: a row and a column statistic per matrix, a full one per vector, and its momentum when
 beta1 > 0; plus an fp32 master copy in bf16/fp16) with ZeRO sharding over dp x cp, and the saved activations of the
-micro-batches in flight (each context-parallel rank holding 1/cp of every sequence). Under ZeRO-2/3 with dp x cp > 1,
-`zero_buffers` is the peak of the step's transient buffers: temporary fp32 gradient buckets and ZeRO-3's gathered
-units (see zero_working_bytes). The stage whose total is largest is reported.
+micro-batches in flight (each context-parallel rank holding 1/cp of every sequence). `total` sums those; the step's
+transient buffers come on top: `zero_buffers` (ZeRO-2/3 with dp x cp > 1: temporary fp32 gradient buckets and
+ZeRO-3's gathered units, zero_working_bytes) and `loss_buffers` (the head and loss, loss_buffer_bytes), giving
+`peak`. The stage whose peak is largest is reported.
 """
 from __future__ import annotations
 
@@ -354,8 +355,37 @@ def inflight_chunks(schedule: str, pp: int, vpp: int, stage: int, microbatches: 
     return int(min(pp - stage, m))
 
 
+def loss_buffer_bytes(cfg: ModelConfig, micro_batch_size: int, seq_length: int, tp: int, bytes_per_element: int,
+                      loss_chunk_tokens: int = 0) -> int:
+    """The largest set of buffers the head and the loss allocate beyond the saved activations (one micro-batch of
+    seq_length tokens, the last stage), measured with the CPU allocator (tests/test_activation_memory.py):
+
+    - tp 1: F.cross_entropy's backward holds the fp32 gradients of the log-probabilities and of the logits, two
+      [tokens, vocab] fp32 buffers (more than the forward's logits and their fp32 copy);
+    - tp > 1: the forward's logits in the compute dtype, [tokens, vocab / tp], while the loss keeps its fp32 copy
+      (in bf16 the backward's cast of the fp32 gradient is the same size again, not at the same time);
+    - chunked (loss_chunk_tokens > 0): a chunk's fp32 logits (in bf16 the chunk's logits and their gradient in
+      bf16), the chunk's head-weight gradient [vocab / tp, h] in the compute dtype (in bf16 with its fp32 copy),
+      and the final norm's output (all tokens; the loss keeps only gradients).
+    Small terms of order tokens x h besides these are not counted.
+    """
+    e, sb, h = bytes_per_element, micro_batch_size * seq_length, cfg.hidden_size
+    vocab = _ceil_div(cfg.vocab_size, tp)
+    if loss_chunk_tokens > 0:
+        chunk = min(loss_chunk_tokens, sb)
+        logits = chunk * vocab * 4  # fp32: the logits, overwritten by their gradient; bf16: both in bf16
+        weight_grad = vocab * h * (4 if e == 4 else e + 4)
+        return logits + weight_grad + sb * h * 4
+    if tp == 1:
+        return 2 * sb * vocab * 4
+    return sb * vocab * e
+
+
 def memory_per_rank(cfg: ModelConfig, layout: Layout, stage: int) -> dict:
-    """Bytes one rank of pipeline stage `stage` holds: params, grads, optimizer, activations, total."""
+    """Bytes one rank of pipeline stage `stage` holds: params, grads, optimizer and saved activations with their
+    total, then the step's transient buffers - zero_buffers (ZeRO-2/3, zero_working_bytes) and loss_buffers (the
+    last stage, loss_buffer_bytes) - and peak = total + both (exact when one is zero, an upper bound otherwise: the
+    two peak at different moments of the step)."""
     lo, e = layout, BYTES_PER_ELEMENT[layout.precision]
     # context-parallel ranks hold the same parameters (ZeRO shards over dp x cp) and 1/cp of each sequence
     mem = state_bytes(stage_parameters(cfg, lo.tp, lo.pp, stage), lo.precision, lo.zero, lo.dp * lo.cp)
@@ -371,19 +401,20 @@ def memory_per_rank(cfg: ModelConfig, layout: Layout, stage: int) -> dict:
     args = (cfg, lo.micro_batch_size, cfg.seq_length // lo.cp)
     activations = layers * activation_bytes_per_layer(*args, lo.tp, lo.sequence_parallel, lo.recompute, e,
                                                       fused_elementwise=lo.fused_elementwise)
+    loss = 0
     if stage == lo.pp - 1:
         head_inflight = (lo.microbatches or lo.pp) if lo.schedule == "gpipe" else 1
         head = saved_head_activations(*args, lo.tp, e, lo.loss_chunk_tokens, lo.fused_elementwise)
         activations += head_inflight * _rows_bytes(head, lo.tp, lo.sequence_parallel)
+        loss = loss_buffer_bytes(*args, lo.tp, e, lo.loss_chunk_tokens)
     mem["activations"] = activations
-    if working:
-        mem["zero_buffers"] = working
-    return {**mem, "total": sum(mem.values())}
+    total = sum(mem.values())
+    return {**mem, "total": total, "zero_buffers": working, "loss_buffers": loss, "peak": total + working + loss}
 
 
 def peak_memory(cfg: ModelConfig, layout: Layout) -> tuple[int, dict]:
-    """(stage, memory_per_rank) of the pipeline stage holding the most bytes."""
-    return max(((s, memory_per_rank(cfg, layout, s)) for s in range(layout.pp)), key=lambda x: x[1]["total"])
+    """(stage, memory_per_rank) of the pipeline stage whose peak is largest."""
+    return max(((s, memory_per_rank(cfg, layout, s)) for s in range(layout.pp)), key=lambda x: x[1]["peak"])
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -531,8 +562,9 @@ def _report(args: argparse.Namespace) -> dict:
                                           args.dp * args.cp),
                             "activations": 0}
         memory["total"] = sum(memory.values())
-        report["notes"] = ["--params gives no architecture: weights split evenly over tp * pp, activations not "
-                           "estimated (0)"]
+        memory.update(zero_buffers=0, loss_buffers=0, peak=memory["total"])
+        report["notes"] = ["--params gives no architecture: weights split evenly over tp * pp, activations and "
+                           "transient buffers not estimated (0)"]
     else:
         report["config"] = dataclasses.asdict(cfg)
         report["params_by_component"] = count_parameters(cfg)
@@ -544,7 +576,9 @@ def _report(args: argparse.Namespace) -> dict:
     seconds = train_flops / (args.gpus * args.flops_per_gpu)
     return {**report, "params": params, "tokens": tokens, "flops_per_token": per_token, "train_flops": train_flops,
             "gpus": args.gpus, "flops_per_gpu": args.flops_per_gpu, "train_seconds": seconds,
-            "train_days": seconds / 86400, "memory_stage": stage, "memory_bytes": memory}
+            "train_days": seconds / 86400, "memory_stage": stage,
+            "memory_bytes": {k: memory[k] for k in ("params", "grads", "optimizer", "activations", "total")},
+            "peak_memory_bytes": {k: memory[k] for k in ("zero_buffers", "loss_buffers", "peak")}}
 
 
 def _fail(errors: list[str]) -> NoReturn:
@@ -579,7 +613,10 @@ def format_report(r: dict) -> str:
               f"vpp {lay['vpp']}, zero {lay['zero']}, sp {'on' if lay['sequence_parallel'] else 'off'}, "
               f"micro-batch {lay['micro_batch_size']}, recompute {lay['recompute']}; "
               f"pipeline stage {r['memory_stage']} of {lay['pp']}, the largest)"]
-    lines += [f"  {name:<12}{n / GIB:>10.2f}" for name, n in r["memory_bytes"].items()]
+    lines += [f"  {name:<14}{n / GIB:>10.2f}" for name, n in r["memory_bytes"].items()]
+    names = {"zero_buffers": "ZeRO buffers", "loss_buffers": "loss buffers", "peak": "peak"}
+    lines += [f"  {names[name]:<14}{n / GIB:>10.2f}" for name, n in r["peak_memory_bytes"].items()
+              if n or name != "zero_buffers"]
     lines += [f"note: {note}" for note in r.get("notes", [])]
     return "\n".join(lines)
 

@@ -171,13 +171,33 @@ def test_zero_buffers_by_hand(capsys):
     gradient bucket filling, the next layer's being reduced with its 1/8 output. (That the transient buffers of real
     steps equal the estimate is tested in test_zero.py, measured on real ranks.)"""
     layer = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096
-    zero3 = run_json(capsys, "--model", "llama-7b", "--dp", "8", "--zero", "3")["memory_bytes"]
+    report = run_json(capsys, "--model", "llama-7b", "--dp", "8", "--zero", "3")
+    zero3 = report["peak_memory_bytes"]
     assert zero3["zero_buffers"] == 2 * 2 * layer + 4 * layer + 4 * (layer + layer // 8)
-    assert zero3["total"] == sum(v for k, v in zero3.items() if k != "total")
-    kept = run_json(capsys, "--model", "llama-7b", "--dp", "8", "--zero", "3", "--zero3-keep-params")["memory_bytes"]
-    assert kept["zero_buffers"] == 2 * 6_738_415_616 + 4 * layer + 4 * (layer + layer // 8)
+    assert zero3["peak"] == report["memory_bytes"]["total"] + zero3["zero_buffers"] + zero3["loss_buffers"]
+    kept = run_json(capsys, "--model", "llama-7b", "--dp", "8", "--zero", "3", "--zero3-keep-params")
+    assert kept["peak_memory_bytes"]["zero_buffers"] == 2 * 6_738_415_616 + 4 * layer + 4 * (layer + layer // 8)
     for argv in (["--zero", "1", "--dp", "8"], ["--zero", "3", "--dp", "1"], []):
-        assert "zero_buffers" not in run_json(capsys, "--model", "llama-7b", *argv)["memory_bytes"]
+        assert run_json(capsys, "--model", "llama-7b", *argv)["peak_memory_bytes"]["zero_buffers"] == 0
+
+
+def test_loss_buffers_by_hand(capsys):
+    """The head and loss's transient buffers at 7B (seq 2048, vocabulary 32,000, bf16), per path; only the last
+    stage has them. (Measured against the CPU allocator in test_activation_memory.py.)"""
+    sb, v, h = 2048, 32000, 4096
+
+    def loss(*argv):
+        return run_json(capsys, "--model", "llama-7b", *argv)["peak_memory_bytes"]["loss_buffers"]
+    assert loss() == 2 * sb * v * 4  # F.cross_entropy's backward: fp32 gradients of the log-probs and the logits
+    assert loss("--tp", "2") == sb * v // 2 * 2  # vocabulary-parallel: the bf16 logits beside their fp32 copy
+    assert loss("--loss-chunk-tokens", "512") == 512 * v * 4 + v * h * (2 + 4) + sb * h * 4
+    assert loss("--precision", "fp32", "--loss-chunk-tokens", "512") == 512 * v * 4 + v * h * 4 + sb * h * 4
+    cfg = preset("llama-7b")
+    assert est.memory_per_rank(cfg, est.Layout(pp=2), 0)["loss_buffers"] == 0
+    assert est.memory_per_rank(cfg, est.Layout(pp=2), 1)["loss_buffers"] == 2 * sb * v * 4
+    params_only = run_json(capsys, "--params", "1e9")
+    assert params_only["peak_memory_bytes"] == {"zero_buffers": 0, "loss_buffers": 0,
+                                                "peak": params_only["memory_bytes"]["total"]}
 
 
 def test_zero2_buckets_by_hand():

@@ -43,7 +43,7 @@ def banner_args(**overrides):
         data={"documents": 731, "tokens": 12_119_372, "train": {"tokens": 12_000_000, "samples": 46_875},
               "valid": {"tokens": 119_372, "samples": 466}},
         memory={"params": 2 ** 20, "grads": 2 ** 21, "optimizer": 3 * 2 ** 21, "activations": 5 * 2 ** 19,
-                "total": 11.5 * 2 ** 20},
+                "total": 11.5 * 2 ** 20, "zero_buffers": 0, "loss_buffers": 2 ** 19, "peak": 12 * 2 ** 20},
         memory_stage=0,
         outputs={"metrics": "runs/x/metrics.jsonl", "plot": "runs/x/loss.png", "checkpoints": "runs/x/checkpoints",
                  "tensorboard": None})
@@ -74,8 +74,8 @@ def test_banner_format():
     assert rows["batch"] == "global 16 = 2 micro-batches of 4 x dp 2 | seq 256 | 4,096 tokens/step | 200 steps"
     assert rows["data"] == ("731 documents, 12.1M tokens | train 12.0M tokens, 46.9K samples | "
                             "valid 119K tokens, 466 samples")
-    assert rows["memory"] == ("~11.5 MiB per rank (estimate, pipeline stage 0): params 1.0 MiB, grads 2.0 MiB, "
-                              "optimizer 6.0 MiB, activations 2.5 MiB")
+    assert rows["memory"] == ("~12.0 MiB per rank at the step's peak (estimate, pipeline stage 0): params 1.0 MiB, "
+                              "grads 2.0 MiB, optimizer 6.0 MiB, activations 2.5 MiB, loss buffers 512.0 KiB")
     assert rows["metrics"] == "runs/x/metrics.jsonl" and rows["plot"] == "runs/x/loss.png"
     assert rows["checkpoints"] == "runs/x/checkpoints" and rows["tensorboard"].startswith("off")
 
