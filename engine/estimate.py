@@ -17,8 +17,9 @@ stage keeping its own copy of a tied embedding when pp > 1), gradients (fp32 "ma
 beta1 > 0; plus an fp32 master copy in bf16/fp16) with ZeRO sharding over dp x cp, and the saved activations of the
 micro-batches in flight (each context-parallel rank holding 1/cp of every sequence). `total` sums those; the step's
 transient buffers come on top: `zero_buffers` (ZeRO-2/3 with dp x cp > 1: temporary fp32 gradient buckets and
-ZeRO-3's gathered units, zero_working_bytes) and `loss_buffers` (the head and loss, loss_buffer_bytes), giving
-`peak`. The stage whose peak is largest is reported.
+ZeRO-3's gathered units, zero_working_bytes), `loss_buffers` (the head and loss, loss_buffer_bytes) and
+`recompute_buffers` (--recompute full: the layer being recomputed), giving `peak` (see memory_per_rank). The stage
+whose peak is largest is reported.
 """
 from __future__ import annotations
 
@@ -383,9 +384,12 @@ def loss_buffer_bytes(cfg: ModelConfig, micro_batch_size: int, seq_length: int, 
 
 def memory_per_rank(cfg: ModelConfig, layout: Layout, stage: int) -> dict:
     """Bytes one rank of pipeline stage `stage` holds: params, grads, optimizer and saved activations with their
-    total, then the step's transient buffers - zero_buffers (ZeRO-2/3, zero_working_bytes) and loss_buffers (the
-    last stage, loss_buffer_bytes) - and peak = total + both (exact when one is zero, an upper bound otherwise: the
-    two peak at different moments of the step)."""
+    total, then the step's transient buffers - zero_buffers (ZeRO-2/3, zero_working_bytes), loss_buffers (the last
+    stage, loss_buffer_bytes), recompute_buffers (--recompute full: the activations of the layer being recomputed)
+    - and peak = total + all three. Measured on the CPU allocator, the loss's buffers and the recomputed layer add
+    up (the first layer recomputed finds the loss's still held), while the ZeRO buffers peak at another moment:
+    with them the peak is an upper bound. A layer's own backward transients (gradients of its intermediates, of
+    order tokens x ffn) are not counted."""
     lo, e = layout, BYTES_PER_ELEMENT[layout.precision]
     # context-parallel ranks hold the same parameters (ZeRO shards over dp x cp) and 1/cp of each sequence
     mem = state_bytes(stage_parameters(cfg, lo.tp, lo.pp, stage), lo.precision, lo.zero, lo.dp * lo.cp)
@@ -401,6 +405,12 @@ def memory_per_rank(cfg: ModelConfig, layout: Layout, stage: int) -> dict:
     args = (cfg, lo.micro_batch_size, cfg.seq_length // lo.cp)
     activations = layers * activation_bytes_per_layer(*args, lo.tp, lo.sequence_parallel, lo.recompute, e,
                                                       fused_elementwise=lo.fused_elementwise)
+    # --recompute full: in backward each layer's forward runs again, and its activations exist until its backward
+    recomputed = 0
+    if lo.recompute == "full" and layers:
+        recomputed = activation_bytes_per_layer(*args, lo.tp, lo.sequence_parallel, "none", e,
+                                                fused_elementwise=lo.fused_elementwise) - \
+            activation_bytes_per_layer(*args, lo.tp, lo.sequence_parallel, "full", e)
     loss = 0
     if stage == lo.pp - 1:
         head_inflight = (lo.microbatches or lo.pp) if lo.schedule == "gpipe" else 1
@@ -409,7 +419,8 @@ def memory_per_rank(cfg: ModelConfig, layout: Layout, stage: int) -> dict:
         loss = loss_buffer_bytes(*args, lo.tp, e, lo.loss_chunk_tokens)
     mem["activations"] = activations
     total = sum(mem.values())
-    return {**mem, "total": total, "zero_buffers": working, "loss_buffers": loss, "peak": total + working + loss}
+    return {**mem, "total": total, "zero_buffers": working, "loss_buffers": loss, "recompute_buffers": recomputed,
+            "peak": total + working + loss + recomputed}
 
 
 def peak_memory(cfg: ModelConfig, layout: Layout) -> tuple[int, dict]:
@@ -562,7 +573,7 @@ def _report(args: argparse.Namespace) -> dict:
                                           args.dp * args.cp),
                             "activations": 0}
         memory["total"] = sum(memory.values())
-        memory.update(zero_buffers=0, loss_buffers=0, peak=memory["total"])
+        memory.update(zero_buffers=0, loss_buffers=0, recompute_buffers=0, peak=memory["total"])
         report["notes"] = ["--params gives no architecture: weights split evenly over tp * pp, activations and "
                            "transient buffers not estimated (0)"]
     else:
@@ -578,7 +589,7 @@ def _report(args: argparse.Namespace) -> dict:
             "gpus": args.gpus, "flops_per_gpu": args.flops_per_gpu, "train_seconds": seconds,
             "train_days": seconds / 86400, "memory_stage": stage,
             "memory_bytes": {k: memory[k] for k in ("params", "grads", "optimizer", "activations", "total")},
-            "peak_memory_bytes": {k: memory[k] for k in ("zero_buffers", "loss_buffers", "peak")}}
+            "peak_memory_bytes": {k: memory[k] for k in ("zero_buffers", "loss_buffers", "recompute_buffers", "peak")}}
 
 
 def _fail(errors: list[str]) -> NoReturn:
@@ -614,9 +625,10 @@ def format_report(r: dict) -> str:
               f"micro-batch {lay['micro_batch_size']}, recompute {lay['recompute']}; "
               f"pipeline stage {r['memory_stage']} of {lay['pp']}, the largest)"]
     lines += [f"  {name:<14}{n / GIB:>10.2f}" for name, n in r["memory_bytes"].items()]
-    names = {"zero_buffers": "ZeRO buffers", "loss_buffers": "loss buffers", "peak": "peak"}
+    names = {"zero_buffers": "ZeRO buffers", "loss_buffers": "loss buffers", "recompute_buffers": "recompute",
+             "peak": "peak"}
     lines += [f"  {names[name]:<14}{n / GIB:>10.2f}" for name, n in r["peak_memory_bytes"].items()
-              if n or name != "zero_buffers"]
+              if n or name in ("loss_buffers", "peak")]
     lines += [f"note: {note}" for note in r.get("notes", [])]
     return "\n".join(lines)
 

@@ -90,20 +90,24 @@ def allocated_rise(trainer) -> int:
     return rise
 
 
-def check_loss_buffers(argv, world=1):
-    """A step's allocation peak is its saved activations plus the estimator's loss buffers, up to terms of order
-    tokens x hidden the estimator leaves out (two such tensors at most: measured 14 KB to 1.05 MB here, against
-    loss buffers of 8 to 33 MB)."""
+def check_transients(argv, world=1):
+    """A step's allocation peak is its saved activations plus the estimator's loss buffers and recompute buffers,
+    up to terms of order tokens x hidden the estimator leaves out (two such tensors at most: measured 14 KB to
+    1.05 MB here, against transients of 8 to 33 MB)."""
     cfg = parse_config(argv)
     validate(cfg, world)
     trainer = Trainer(cfg)
     trainer.train_step()  # (the optimizer's state is created in the first step)
     rise = allocated_rise(trainer)
-    mc, p = trainer.model_cfg, cfg.parallel
-    tokens = cfg.batch.micro_batch_size * mc.seq_length
-    loss = est.loss_buffer_bytes(mc, cfg.batch.micro_batch_size, mc.seq_length, p.tp,
-                                 trainer.param_dtype.itemsize, cfg.performance.loss_chunk_tokens)
-    unexplained = rise - (trainer.activation_bytes + loss)
+    mc, p, b = trainer.model_cfg, cfg.parallel, cfg.batch
+    tokens, e = b.micro_batch_size * mc.seq_length, trainer.param_dtype.itemsize
+    loss = est.loss_buffer_bytes(mc, b.micro_batch_size, mc.seq_length, p.tp, e, cfg.performance.loss_chunk_tokens)
+    recomputed = 0
+    if cfg.recompute.recompute == "full":
+        layer = functools.partial(est.activation_bytes_per_layer, mc, b.micro_batch_size, mc.seq_length, p.tp,
+                                  p.sequence_parallel, bytes_per_element=e, device="cpu")
+        recomputed = layer(recompute="none") - layer(recompute="full")
+    unexplained = rise - (trainer.activation_bytes + loss + recomputed)
     assert -64 * 1024 <= unexplained <= 2 * tokens * mc.hidden_size * 4 + 64 * 1024, (argv, rise, loss, unexplained)
 
 
@@ -111,7 +115,16 @@ def check_loss_buffers(argv, world=1):
 @pytest.mark.parametrize("chunk", [0, 64])
 def test_a_step_allocates_its_activations_and_loss_buffers(corpus, tmp_path, monkeypatch, precision, chunk):
     monkeypatch.chdir(tmp_path)
-    check_loss_buffers(WIDE_HEAD + ["--data", corpus, "--precision", precision, "--loss-chunk-tokens", str(chunk)])
+    check_transients(WIDE_HEAD + ["--data", corpus, "--precision", precision, "--loss-chunk-tokens", str(chunk)])
+
+
+def test_full_recompute_allocates_the_recomputed_layer(corpus, tmp_path, monkeypatch):
+    """--recompute full: the peak is in backward, where the layer being recomputed holds its activations (one
+    layer's, less the input it kept) besides everything saved and the loss's buffers."""
+    monkeypatch.chdir(tmp_path)
+    check_transients(["--num-layers", "2", "--hidden-size", "256", "--ffn-hidden-size", "704", "--num-heads", "4",
+                      "--num-kv-heads", "2", "--seq-length", "256", "--micro-batch-size", "2",
+                      "--global-batch-size", "2", "--device", "cpu", "--data", corpus, "--recompute", "full"])
 
 
 def _worker(rank, world, corpus, workdir):
@@ -119,7 +132,7 @@ def _worker(rank, world, corpus, workdir):
     os.chdir(workdir)
     for extra in (["--precision", "fp32"], ["--precision", "bf16"], ["--sequence-parallel"],
                   ["--loss-chunk-tokens", "64"]):
-        check_loss_buffers(WIDE_HEAD + ["--data", corpus, "--tp", "2"] + extra, world)
+        check_transients(WIDE_HEAD + ["--data", corpus, "--tp", "2"] + extra, world)
     for layout in (["--tp", "2"], ["--tp", "2", "--sequence-parallel"]):
         for recompute in ("none", "selective", "full"):
             measured, expected = measure(MODEL + ["--data", corpus, "--recompute", recompute] + layout, world)

@@ -1,6 +1,7 @@
 """engine.estimate: parameter counts against real models, FLOPs, memory rules, and the activation table
 against the tensors autograd actually saves."""
 import dataclasses
+import functools
 import json
 import subprocess
 import sys
@@ -196,8 +197,21 @@ def test_loss_buffers_by_hand(capsys):
     assert est.memory_per_rank(cfg, est.Layout(pp=2), 0)["loss_buffers"] == 0
     assert est.memory_per_rank(cfg, est.Layout(pp=2), 1)["loss_buffers"] == 2 * sb * v * 4
     params_only = run_json(capsys, "--params", "1e9")
-    assert params_only["peak_memory_bytes"] == {"zero_buffers": 0, "loss_buffers": 0,
+    assert params_only["peak_memory_bytes"] == {"zero_buffers": 0, "loss_buffers": 0, "recompute_buffers": 0,
                                                 "peak": params_only["memory_bytes"]["total"]}
+
+
+def test_recompute_buffers_are_the_recomputed_layer(capsys):
+    """--recompute full: the layer being recomputed in backward holds what --recompute none keeps of a layer, less
+    the input full recomputation already keeps; the peak adds it to the loss's buffers."""
+    cfg = preset("llama-7b")
+    layer = functools.partial(est.activation_bytes_per_layer, cfg, 1, 2048, 1, False, bytes_per_element=2)
+    mem = est.memory_per_rank(cfg, est.Layout(recompute="full"), 0)
+    assert mem["recompute_buffers"] == layer(recompute="none") - layer(recompute="full")
+    assert mem["peak"] == mem["total"] + mem["loss_buffers"] + mem["recompute_buffers"]
+    assert est.memory_per_rank(cfg, est.Layout(recompute="selective"), 0)["recompute_buffers"] == 0
+    printed = run_json(capsys, "--model", "llama-7b", "--recompute", "full")["peak_memory_bytes"]
+    assert printed["recompute_buffers"] == mem["recompute_buffers"]
 
 
 def test_zero2_buckets_by_hand():

@@ -139,9 +139,10 @@ def _memory(rank, world, corpus, workdir):
                 assert peak[0] > 0 or zero in ("0", "1"), case
                 assert _gathered_bytes(trainer) == 0 or zero != "3", case  # everything released after the step
                 measured = trainer.memory_event()
-                expected = est.memory_per_rank(trainer.model_cfg, _estimate_layout(trainer), stage=cfg.parallel.pp - 1)
+                expected = est.memory_per_rank(trainer.model_cfg, _estimate_layout(trainer), cfg.parallel.pp - 1)
+                names = {"params": "param_bytes", "grads": "grad_bytes", "optimizer": "optimizer_bytes"}
                 for key in ("params", "grads", "optimizer"):
-                    got = measured[{"params": "param_bytes", "grads": "grad_bytes", "optimizer": "optimizer_bytes"}[key]]
+                    got = measured[names[key]]
                     assert abs(got - expected[key]) <= 0.05 * expected[key], (layout, precision, zero, key, got,
                                                                              expected[key])
     _working_set(rank, world, corpus)

@@ -49,9 +49,9 @@ def format_banner(*, run_name: str, model: str, steps: int, params: int, params_
     global, micro, seq (tokens per sample) and rampup (the --rampup-batch-size text, or None). data: documents
     and tokens of the whole corpus, and "train" / "valid": {tokens, samples} of each split (None where unknown;
     valid None: no validation set). memory: engine.estimate's bytes per rank (params, grads, optimizer,
-    activations, total, zero_buffers, loss_buffers, peak) for the pipeline stage with the largest peak,
-    memory_stage. outputs: metrics, plot, checkpoints,
-    tensorboard (None: off). blend: [(weight, source), ...] of a data blend, a line of its own when given."""
+    activations, total, zero_buffers, loss_buffers, recompute_buffers, peak) for the pipeline stage with the
+    largest peak, memory_stage. outputs: metrics, plot, checkpoints, tensorboard (None: off). blend:
+    [(weight, source), ...] of a data blend, a line of its own when given."""
     lo = layout
     micro_batches = batch["global"] // (batch["micro"] * lo["dp"])
     ramp = f" (ramp-up {batch['rampup']})" if batch.get("rampup") else ""
@@ -80,10 +80,10 @@ def format_banner(*, run_name: str, model: str, steps: int, params: int, params_
     if blend:
         rows.append(("blend", " | ".join(f"{weight:g} {source}" for weight, source in blend)))
     if memory is not None:
-        names = {"zero_buffers": "ZeRO buffers", "loss_buffers": "loss buffers"}
-        parts = ", ".join(f"{names.get(k, k)} {human_bytes(memory[k])}"
-                          for k in ("params", "grads", "optimizer", "activations", "zero_buffers", "loss_buffers")
-                          if memory.get(k) or k != "zero_buffers")
+        names = {"zero_buffers": "ZeRO buffers", "loss_buffers": "loss buffers", "recompute_buffers": "recompute"}
+        shown = ["params", "grads", "optimizer", "activations"] + \
+            [k for k in ("zero_buffers", "loss_buffers", "recompute_buffers") if memory.get(k) or k == "loss_buffers"]
+        parts = ", ".join(f"{names.get(k, k)} {human_bytes(memory[k])}" for k in shown)
         rows.append(("memory", f"~{human_bytes(memory['peak'])} per rank at the step's peak (estimate, pipeline "
                                f"stage {memory_stage}): {parts}"))
     out = outputs
