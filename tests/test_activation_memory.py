@@ -63,11 +63,11 @@ def test_fused_elementwise_keeps_less(corpus, recompute, tmp_path, monkeypatch):
     assert plain - measured == norms * sb * h * 4 + 2 * sb * f * 4
 
 
-# a head much wider than the model (vocabulary 16,000 against hidden 128), as in real models: the loss buffers
+# a head much wider than the model (vocabulary 32,000 against hidden 128), as in real models: the loss buffers
 # dominate what a step allocates beyond its saved activations
 WIDE_HEAD = ["--num-layers", "1", "--hidden-size", "128", "--ffn-hidden-size", "256", "--num-heads", "4",
              "--num-kv-heads", "2", "--seq-length", "128", "--micro-batch-size", "2", "--global-batch-size", "2",
-             "--vocab-size", "16000", "--device", "cpu"]
+             "--vocab-size", "32000", "--device", "cpu"]
 
 
 def allocated_rise(trainer) -> int:
@@ -92,8 +92,9 @@ def allocated_rise(trainer) -> int:
 
 def check_transients(argv, world=1):
     """A step's allocation peak is its saved activations plus the estimator's loss buffers and recompute buffers,
-    up to terms of order tokens x hidden the estimator leaves out (two such tensors at most: measured 14 KB to
-    1.05 MB here, against transients of 8 to 33 MB)."""
+    up to [tokens, hidden] tensors the estimator leaves out: at most two in one process; with tensor parallelism
+    0 to 4 more, varying run to run (asynchronous collectives free their buffers when they complete). Measured:
+    14 KB to 0.54 MB here, against transients of 8 to 66 MB."""
     cfg = parse_config(argv)
     validate(cfg, world)
     trainer = Trainer(cfg)
@@ -108,7 +109,8 @@ def check_transients(argv, world=1):
                                   p.sequence_parallel, bytes_per_element=e, device="cpu")
         recomputed = layer(recompute="none") - layer(recompute="full")
     unexplained = rise - (trainer.activation_bytes + loss + recomputed)
-    assert -64 * 1024 <= unexplained <= 2 * tokens * mc.hidden_size * 4 + 64 * 1024, (argv, rise, loss, unexplained)
+    allowed = (2 if world == 1 else 8) * tokens * mc.hidden_size * 4 + 64 * 1024
+    assert -64 * 1024 <= unexplained <= allowed, (argv, rise, loss, unexplained)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
