@@ -106,11 +106,26 @@ def data_counts(train, valid, sources=None) -> dict:
             "train": counts(train), "valid": counts(valid)}
 
 
+def estimate_layout(trainer):
+    """The engine.estimate Layout of a built Trainer's run (what the banner's memory line estimates)."""
+    from engine.estimate import Layout
+
+    cfg = trainer.cfg
+    p, b, perf = cfg.parallel, cfg.batch, cfg.performance
+    return Layout(tp=p.tp, cp=p.cp, pp=p.pp, dp=p.dp, vpp=p.vpp, zero=p.zero, sequence_parallel=p.sequence_parallel,
+                  micro_batch_size=b.micro_batch_size,
+                  microbatches=b.global_batch_size // (b.micro_batch_size * p.dp), schedule=p.schedule,
+                  precision=trainer.precision, recompute=cfg.recompute.recompute,
+                  loss_chunk_tokens=perf.loss_chunk_tokens, fused_elementwise=perf.fused_elementwise,
+                  optimizer=cfg.optimizer.optimizer, beta1=cfg.optimizer.beta1, bucket_size=cfg.run.bucket_size,
+                  keep_params=p.zero3_keep_params)
+
+
 def trainer_banner(trainer, blend: list | None = None) -> str:
     """The banner of a built Trainer (no collective: every value is known on each rank). blend: a data blend's
     [(weight, source), ...] to show."""
     from engine import ext
-    from engine.estimate import Layout, count_parameters, peak_memory, stage_parameters
+    from engine.estimate import count_parameters, peak_memory, stage_parameters
 
     cfg, mcfg = trainer.cfg, trainer.model_cfg
     p, b = cfg.parallel, cfg.batch
@@ -128,14 +143,7 @@ def trainer_banner(trainer, blend: list | None = None) -> str:
         kernels += f" | RMSNorm, RoPE, SwiGLU fused ({'CUDA kernels' if fused else 'in torch ops: no kernels here'})"
     if perf.loss_chunk_tokens:
         kernels += f" | head + loss fused, {perf.loss_chunk_tokens:,} tokens at a time"
-    estimate = Layout(tp=p.tp, cp=p.cp, pp=p.pp, dp=p.dp, vpp=p.vpp, zero=p.zero,
-                      sequence_parallel=p.sequence_parallel, micro_batch_size=b.micro_batch_size,
-                      microbatches=b.global_batch_size // (b.micro_batch_size * p.dp), schedule=p.schedule,
-                      precision=trainer.precision, recompute=cfg.recompute.recompute,
-                      loss_chunk_tokens=perf.loss_chunk_tokens, fused_elementwise=perf.fused_elementwise,
-                      optimizer=cfg.optimizer.optimizer, beta1=cfg.optimizer.beta1,
-                      bucket_size=cfg.run.bucket_size, keep_params=p.zero3_keep_params)
-    stage, memory = peak_memory(mcfg, estimate)
+    stage, memory = peak_memory(mcfg, estimate_layout(trainer))
     loss_scale = None
     if trainer.precision == "fp16":
         loss_scale = "dynamic" if cfg.precision.loss_scale is None else f"{cfg.precision.loss_scale:g} (static)"
