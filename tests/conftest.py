@@ -70,6 +70,14 @@ def step_losses(path):
     return {r["step"]: r["loss"] for r in read_metrics(path) if "event" not in r}
 
 
+def traced(path) -> tuple[list[int], int]:
+    """(the steps, ascending, of the `train step N` ranges in a --profile-steps Chrome trace; how many allocation
+    events it holds)."""
+    events = json.load(open(path))["traceEvents"]
+    steps = sorted(int(e["name"].split()[-1]) for e in events if e.get("name", "").startswith("train step "))
+    return steps, sum(e.get("name") == "[memory]" for e in events)
+
+
 def trajectory(path, keys=("loss", "grad_norm")):
     """{(step, key): value} of the step lines, and (step, "eval_loss") of the eval events: what two runs that
     should train identically are compared on (a later line for the same step wins, as after a rollback)."""

@@ -77,6 +77,13 @@ INVALID = [
     (["--overlap-param-gather", "--dp", "2", "--zero", "3"], 2, "--overlap-param-gather"),
     (["--precision", "fp8"], 1, "--precision"),
     (["--steps", "ten"], 1, "--steps"),
+    (["--profile-steps", "0:2"], 1, "--profile-steps"),
+    (["--profile-steps", "5:3"], 1, "--profile-steps"),
+    (["--profile-steps", "two"], 1, "--profile-steps"),
+    (["--profile-steps", "190:210"], 1, "--profile-steps"),                        # past --steps 200
+    (["--profile-steps", "2:3", "--profile-ranks", "1"], 1, "--profile-ranks"),
+    (["--profile-steps", "2:3", "--profile-ranks", "0,x"], 2, "--profile-ranks"),
+    (["--profile-memory"], 1, "--profile-memory"),                                 # no window chosen
 ]
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch.distributed as dist
 
 import distributed
-from conftest import read_metrics, trajectory
+from conftest import read_metrics, traced, trajectory
 from engine.training import parse_config, validate
 from engine.training.trainer import Trainer
 
@@ -123,12 +123,15 @@ def _world2(rank, world, corpus, workdir):
     data = ["--data", corpus, "--dp", "2"]
     _fp16_with_resume(data + ["--zero", "2"], "fp16-dp2-zero2", world)
     spiky_trainer(MODEL + data + ["--zero", "3", "--run-name", "spike-dp2-zero3"], world).train()
-    spiky_trainer(MODEL + data + ["--zero", "1", "--overlap-param-gather", "--run-name", "spike-dp2-overlap"],
-                  world).train()
+    # (traced on both ranks from step 8 to 10: the rollback after step 9 replays 7-9 inside the window)
+    spiky_trainer(MODEL + data + ["--zero", "1", "--overlap-param-gather", "--run-name", "spike-dp2-overlap",
+                                  "--profile-steps", "8:10", "--profile-ranks", "all"], world).train()
     for name, zero in (("term-dp2-zero3", ["--zero", "3"]),
                        ("term-dp2-overlap", ["--zero", "1", "--overlap-param-gather"])):
         term = MODEL + data + zero + ["--steps", "6", "--lr-decay-steps", "6", "--run-name", name]
-        stopped = sigterm_trainer(term, world, at_step=3, on_rank=1)
+        # (rank 1 traces steps 2-5; the stop after step 3 cuts the window short, and its trace is still written)
+        stopped = sigterm_trainer(term + ["--profile-steps", "2:5", "--profile-ranks", "1"], world, at_step=3,
+                                  on_rank=1)
         stopped.train()
         assert stopped.state.step == 3  # both ranks stopped after the step in which rank 1 got the signal
         make_trainer(term + ["--load", f"runs/{name}/checkpoints"], world).train()
@@ -177,6 +180,15 @@ def test_recovery_paths_with_several_ranks(references, corpus_dir):
         assert sorted(got) == sorted(expected), run
         for key, value in expected.items():
             assert got[key] == pytest.approx(value, rel=1e-5 if key[1] == "loss" else 1e-4), (run, key)
+
+    # --profile-steps: each chosen rank traced the steps its window saw (the training checks above and below are
+    # of the same runs)
+    for rank in (0, 1):
+        assert traced(runs / "spike-dp2-overlap" / "profile" / f"trace_rank{rank}_steps8-10.json")[0] == \
+            [7, 8, 8, 9, 9, 10]
+    assert sorted(os.listdir(runs / "term-dp2-zero3" / "profile")) == ["ops_rank1_steps2-5.txt",
+                                                                        "trace_rank1_steps2-5.json"]
+    assert traced(runs / "term-dp2-zero3" / "profile" / "trace_rank1_steps2-5.json")[0] == [2, 3]
 
     # SIGTERM on one rank: both saved step 3, and the resumed run matches one process's straight run
     from engine.training.checkpoint import resolve

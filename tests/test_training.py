@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, SMALL, read_metrics, step_losses
+from conftest import ROOT, SMALL, read_metrics, step_losses, traced, trajectory
 from engine.training import main, parse_config, validate
 from engine.training.checkpoint import CheckpointError, CheckpointReader, list_checkpoints, resolve
 from engine.training.trainer import StopTraining, Trainer
@@ -83,6 +83,29 @@ def test_resume_is_bit_exact(run_dir, corpus):
     full, half = step_losses("runs/full/metrics.jsonl"), step_losses("runs/half/metrics.jsonl")
     assert sorted(half) == list(range(1, 13))
     assert half == full  # bit-identical, dropout included
+
+
+def test_profile_steps_trace_the_window_and_change_nothing(run_dir, corpus, capsys):
+    """--profile-steps 2:3 traces exactly steps 2 and 3 (with --profile-memory, the allocations too) into a Chrome
+    trace and an operator table, says where, and trains exactly as the same run without it."""
+    base = SMALL + ["--data", corpus, "--steps", "4", "--eval-interval", "2"]
+    assert main(base + ["--run-name", "plain"]) == 0
+    assert main(base + ["--run-name", "profiled", "--profile-steps", "2:3", "--profile-memory"]) == 0
+    assert trajectory("runs/profiled/metrics.jsonl") == trajectory("runs/plain/metrics.jsonl")
+    assert sorted(os.listdir("runs/profiled/profile")) == ["ops_rank0_steps2-3.txt", "trace_rank0_steps2-3.json"]
+    steps, allocations = traced("runs/profiled/profile/trace_rank0_steps2-3.json")
+    assert steps == [2, 3] and allocations > 0
+    table = open("runs/profiled/profile/ops_rank0_steps2-3.txt").read()
+    assert "aten::mm" in table and "Self CPU" in table
+    out = capsys.readouterr().out
+    assert "profiling steps 2-3 on rank(s) 0" in out and "profile written to runs/profiled/profile/" in out
+    assert not os.path.exists("runs/plain/profile")
+    os.makedirs("runs/blocked")
+    open("runs/blocked/profile", "w").close()  # a file where the directory should go: one warning, the run goes on
+    assert main(base + ["--run-name", "blocked", "--profile-steps", "3:3"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: rank 0 could not write its --profile-steps trace to runs/blocked/profile" in err
+    assert trajectory("runs/blocked/metrics.jsonl") == trajectory("runs/plain/metrics.jsonl")
 
 
 def test_a_wrong_load_is_an_error_and_latest_never_moves_back(run_dir, corpus, capsys):

@@ -95,6 +95,12 @@ class PerformanceArgs:
                                         "CUDA kernels, which also keep fewer activations (eager layers; not with "
                                         "--compile, which fuses them itself; elsewhere than CUDA the same functions "
                                         "run in torch ops)")
+    profile_steps: str = _f(None, "START:END: trace these steps (inclusive, 1-based) with torch.profiler on "
+                                  "--profile-ranks; each writes a Chrome/Perfetto trace and a table of its costliest "
+                                  "operators to runs/<name>/profile/ [off]")
+    profile_ranks: str = _f("0", "global ranks that trace under --profile-steps: comma-separated, or 'all'")
+    profile_memory: bool = _f(False, "with --profile-steps: record allocations in the trace (and on CUDA write the "
+                                     "caching allocator's history of the window, for pytorch.org/memory_viz)")
 
 
 @dataclass
@@ -337,6 +343,33 @@ def parse_rampup(spec: str) -> tuple[int, int, int]:
     return start, increment, samples
 
 
+def parse_profile_steps(text: str) -> tuple[int, int]:
+    """'A:B' -> (A, B), 1 <= A <= B; 'A' -> (A, A). Raises ConfigError."""
+    parts = text.split(":")
+    try:
+        start, end = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, -1)
+    except ValueError:
+        start, end = 0, -1
+    if not 1 <= start <= end:
+        raise ConfigError(f"--profile-steps: expected START:END with 1 <= START <= END (steps, 1-based), got "
+                          f"{text!r}; e.g. --profile-steps 10:12")
+    return start, end
+
+
+def parse_profile_ranks(text: str, world_size: int) -> list[int]:
+    """'all' or comma-separated global ranks, each below the world size. Raises ConfigError."""
+    if text.strip() == "all":
+        return list(range(world_size))
+    try:
+        ranks = sorted({int(r) for r in text.split(",")})
+    except ValueError:
+        ranks = [-1]
+    if not ranks or ranks[0] < 0 or ranks[-1] >= world_size:
+        raise ConfigError(f"--profile-ranks: expected 'all' or global ranks below the world size {world_size}, "
+                          f"comma-separated, got {text!r}")
+    return ranks
+
+
 def run_dir(cfg: Config) -> str:
     """runs/<run name> (after validate: the default run name names the model and layout)."""
     p = cfg.parallel
@@ -548,6 +581,18 @@ def validate(cfg: Config, world_size: int) -> None:
                               f"micro-batch counts that are multiples of --pp {p.pp}")
     if not errors and p.pp > 1:
         errors += _check_schedule(cfg, per_step)
+    perf = cfg.performance
+    if perf.profile_steps is not None:
+        try:
+            _, last = parse_profile_steps(perf.profile_steps)
+            parse_profile_ranks(perf.profile_ranks, world_size)
+            if last > cfg.run.steps:
+                errors.append(f"--profile-steps: step {last} is past --steps {cfg.run.steps}; trace steps the run "
+                              "takes")
+        except ConfigError as exc:
+            errors.append(str(exc))
+    elif perf.profile_memory:
+        errors.append("--profile-memory: goes with --profile-steps START:END, which chooses the steps to trace")
     if o.lr <= 0:
         errors.append(f"--lr: must be positive, got {o.lr}")
     if o.min_lr is None:

@@ -41,6 +41,8 @@ from engine.training.config import (
     checkpoint_mismatch,
     checkpoint_to_load,
     parse_fault,
+    parse_profile_ranks,
+    parse_profile_steps,
     parse_rampup,
     run_dir,
     save_dir,
@@ -56,6 +58,7 @@ from engine.training.metrics import (
     require_tensorboard,
     step_line,
 )
+from engine.training.profiling import StepProfiler
 from engine.training.watchdog import JobMonitor
 
 SPIKE_WINDOW = 20      # the running mean for spike detection is over this many recent steps
@@ -169,6 +172,11 @@ class Trainer:
                                   "restarts by itself)", os.path.join(self.run_dir, "failures"))
         self.executor.on_action = self.monitor.action
         self._schedules: dict[int, list] = {}
+        perf = cfg.performance
+        window = parse_profile_steps(perf.profile_steps) if perf.profile_steps else None
+        self.profile_ranks = parse_profile_ranks(perf.profile_ranks, self.world_size) if window else []
+        self.profiler = StepProfiler(window, self.rank in self.profile_ranks, self.rank, self.device,
+                                     perf.profile_memory, os.path.join(self.run_dir, "profile"))
 
     def _build_chunks(self, par: Parallelism) -> list[Llama]:
         """This rank's model chunks: virtual stage v = c * pp + rank holds layers [v*L/(pp*vpp), (v+1)*L/(pp*vpp));
@@ -645,6 +653,24 @@ class Trainer:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting without a save")
         self._stop_requested = True
 
+    def _profile(self, event: str | None, progress: Progress) -> None:
+        """Reports the --profile-steps window opening or closing (each traced rank writes its files on close)."""
+        if event is None:
+            return
+        perf = self.cfg.performance
+        (start, end), ranks = parse_profile_steps(perf.profile_steps), ", ".join(map(str, self.profile_ranks))
+        if event == "started":
+            progress.log(f"profiling steps {start}-{end} on rank(s) {ranks} with torch.profiler (these steps run "
+                         "slower)")
+            return
+        if self.profiler.failed:  # (its warning is out)
+            return
+        tag = f"rank<R>_steps{start}-{end}"
+        memory = f", memory_{tag}.pickle (https://pytorch.org/memory_viz)" if perf.profile_memory and \
+            self.device.type == "cuda" else ""
+        progress.log(f"profile written to {os.path.join(self.run_dir, 'profile')}/ for rank(s) {ranks}: "
+                     f"trace_{tag}.json (https://ui.perfetto.dev), ops_{tag}.txt (costliest operators){memory}")
+
     def _stop_agreed(self) -> bool:
         """Ranks receive SIGTERM at slightly different times: stop when any rank has, all at the same step."""
         if self.world_size == 1:
@@ -681,9 +707,15 @@ class Trainer:
         previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         self.monitor.start()
         wrote_memory = False
+        window = self.profiler.steps
+        if window and self.state.step >= window[1]:
+            progress.log(f"--profile-steps {window[0]}:{window[1]}: the run starts after step {self.state.step}, "
+                         "past them; nothing is traced")
         try:
             while self.state.step < cfg.run.steps:
-                rec = self.train_step()
+                self._profile(self.profiler.before_step(self.state.step + 1), progress)
+                with self.profiler.label(f"train step {self.state.step + 1}"):
+                    rec = self.train_step()
                 if not wrote_memory:
                     metrics.write(self.memory_event())
                     wrote_memory = True
@@ -724,6 +756,7 @@ class Trainer:
             if not self._saved_current_step():
                 progress.log(f"saved {self.save_checkpoint()}")
         finally:
+            self._profile("ended" if self.profiler.close() else None, progress)
             self.monitor.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
