@@ -21,7 +21,7 @@
 # before a device call's time limit of budget + a margin. The stages go in order of what matters most when time
 # runs short: the kernel tests, then the MFU benchmark (the 1B size first), then the pieces.
 #
-# Everything goes under $OUT (default ./gpu_out), in at most 9 files:
+# Everything goes under $OUT (default ./gpu_out), in at most 10 files:
 #   gpu_check.log         every stage's command and full output
 #   summary.txt           stage results and times, the kernel report, the benchmark tables, the training summary
 #   pytest.xml            JUnit report of the kernel tests
@@ -29,6 +29,7 @@
 #                                                     (see benchmarks/bench_kernels.py; host: 128K params in 128 tensors)
 #   mfu.json, elementwise.json, loss.json              bench_mfu.py, bench_elementwise.py, bench_loss.py results
 #   train_metrics.jsonl   the training job's metrics
+#   train_ops.txt         its last steps' operators ranked by CUDA time (--profile-steps; the trace stays in runs/)
 #   suite.xml, suite.txt  with --suite: JUnit report and output of the whole suite
 # The exit status is the number of failed stages.
 set -u -o pipefail
@@ -87,14 +88,16 @@ if [[ $DRY -eq 1 ]]; then
   DEVICE=cpu; PRECISION=fp32; BENCH_SIZES=(4194304); TEST_FILTER="cuda or compiled_kernels_in_use"
   SUITE_TESTS=(tests/test_config.py tests/test_distributed_helper.py)  # the script, not the suite, is checked
   TRAIN_MODEL=(--model tiny --micro-batch-size 2 --global-batch-size 4 --seq-length 64 --steps 3
-               --compile --loss-chunk-tokens 64)
+               --compile --loss-chunk-tokens 64 --profile-steps 3:3 --profile-memory)
+  PROFILED_FROM=3
   BENCH_ARGS=(--smoke)
   MFU_ARGS=()
 else
   DEVICE=cuda; PRECISION=bf16; BENCH_SIZES=(67108864); TEST_FILTER=""; SUITE_TESTS=(tests/)
   TRAIN_MODEL=(--num-layers 8 --hidden-size 1024 --ffn-hidden-size 2816 --num-heads 16 --num-kv-heads 8
-               --seq-length 1024 --micro-batch-size 8 --global-batch-size 32 --steps 12
-               --compile --loss-chunk-tokens 4096)
+               --seq-length 1024 --micro-batch-size 8 --global-batch-size 32 --steps 14
+               --compile --loss-chunk-tokens 4096 --profile-steps 13:14 --profile-memory)
+  PROFILED_FROM=13  # (the traced steps run slower: the summary's speed leaves them out)
   BENCH_ARGS=(--repeats 4 --warmup 2)  # (the first call of a compiled side compiles; one more warms up)
   # the 1B size first (the goal's main figure; the JSON is written after each size); ours-compile without the
   # chunked loss is left out for time (ours-compile-fused-loss is the compiled side to beat)
@@ -197,13 +200,21 @@ train() {
     --run-name gpu-check --metrics-file "$OUT/train_metrics.jsonl" --plot /tmp/gpu-check-loss.png \
     --save /tmp/gpu-check-ckpt || return 1
   set -o pipefail
-  "$PY" - "$OUT/train_metrics.jsonl" <<'EOF' | tee -a "$SUMMARY"
-import json, statistics, sys
+  cp runs/gpu-check/profile/ops_rank0_*.txt "$OUT/train_ops.txt" || return 1
+  "$PY" - "$OUT/train_metrics.jsonl" "$PROFILED_FROM" runs/gpu-check/profile <<'EOF' | tee -a "$SUMMARY"
+import glob, json, os, statistics, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
 steps = [r for r in rows if "event" not in r]
 if not steps:
     sys.exit("train: no step lines in the metrics")
-late = steps[len(steps) // 2:]
+unprofiled = [r for r in steps if r["step"] < int(sys.argv[2])]
+late = unprofiled[len(unprofiled) // 2:]
+(trace,) = glob.glob(os.path.join(sys.argv[3], "trace_rank0_*.json"))
+kinds = {}
+for e in json.load(open(trace))["traceEvents"]:
+    kinds[e.get("cat")] = kinds.get(e.get("cat"), 0) + 1
+print(f"train profile: {os.path.basename(trace)} {os.path.getsize(trace) / 2**20:.1f} MiB, events by kind {kinds}; "
+      f"memory snapshots {[os.path.basename(p) for p in glob.glob(os.path.join(sys.argv[3], 'memory_*.pickle'))]}")
 print(f"train: {len(steps)} steps, loss {steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f}, "
       f"median tokens/s {statistics.median(r['tokens_per_s'] for r in late):,.0f}, "
       f"TFLOP/s/device {statistics.median(r['tflops_per_device'] for r in late):.1f}, mfu {late[-1]['mfu']}, "
@@ -213,7 +224,7 @@ print(f"train: {len(steps)} steps, loss {steps[0]['loss']:.3f} -> {steps[-1]['lo
 EOF
 }
 
-export DRY SUITE DEVICE PRECISION TEST_FILTER SUMMARY BENCH_ARGS_STR="${BENCH_ARGS[*]}" MFU_ARGS_STR="${MFU_ARGS[*]}"
+export DRY SUITE DEVICE PRECISION TEST_FILTER SUMMARY PROFILED_FROM BENCH_ARGS_STR="${BENCH_ARGS[*]}" MFU_ARGS_STR="${MFU_ARGS[*]}"
 export -f env_info deps build ext_report tests suite bench mfu elementwise loss train
 note "gpu_check $(date -u +%FT%TZ) dry_run=$DRY suite=$SUITE budget=${BUDGET}s out=$OUT"
 stage env 60 bash -c env_info
