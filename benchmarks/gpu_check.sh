@@ -219,6 +219,7 @@ print(f"train: {len(steps)} steps, loss {steps[0]['loss']:.3f} -> {steps[-1]['lo
       f"median tokens/s {statistics.median(r['tokens_per_s'] for r in late):,.0f}, "
       f"TFLOP/s/device {statistics.median(r['tflops_per_device'] for r in late):.1f}, mfu {late[-1]['mfu']}, "
       f"peak mem {max(r['peak_mem_bytes'] for r in steps) / 2**30:.2f} GiB, first step {steps[0]['step_time_s']:.1f} s, "
+      f"phases (median s) {({k: round(statistics.median(r[k] for r in late), 4) for k in ('data_s', 'forward_backward_s', 'grad_sync_s', 'optimizer_s')})}, "
       f"compiled frames per step {[r.get('compiled_frames') for r in steps]}, "
       f"graph breaks {sum(r.get('graph_breaks') or 0 for r in steps)}")
 EOF

@@ -85,6 +85,22 @@ def test_resume_is_bit_exact(run_dir, corpus):
     assert half == full  # bit-identical, dropout included
 
 
+def test_a_step_line_times_its_phases(run_dir, corpus):
+    """data_s, forward_backward_s, grad_sync_s and optimizer_s time what their names say: a delay put into the batch
+    building and a longer one into the optimizer step show up in those two phases, and the phases add up to no more
+    than the step."""
+    trainer = make_trainer(SMALL + ["--data", corpus, "--steps", "2"])
+    trainer.train_step()  # (the first step creates the optimizer's state)
+    build, update = trainer._micro_batches, trainer.zero.step
+    trainer._micro_batches = lambda *a: (time.sleep(0.2), build(*a))[1]
+    trainer.zero.step = lambda **kw: (time.sleep(0.4), update(**kw))[1]
+    rec = trainer.train_step()
+    phases = {k: rec[k] for k in ("data_s", "forward_backward_s", "grad_sync_s", "optimizer_s")}
+    assert 0.2 <= phases["data_s"] < 0.4 <= phases["optimizer_s"], phases
+    assert 0 < phases["forward_backward_s"] < 0.2 and 0 <= phases["grad_sync_s"] < 0.2, phases
+    assert sum(phases.values()) <= rec["step_time_s"]
+
+
 def test_profile_steps_trace_the_window_and_change_nothing(run_dir, corpus, capsys):
     """--profile-steps 2:3 traces exactly steps 2 and 3 (with --profile-memory, the allocations too) into a Chrome
     trace and an operator table, says where, and trains exactly as the same run without it."""

@@ -8,6 +8,7 @@ import os
 import resource
 import struct
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -42,6 +43,36 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class PhaseTimer:
+    """Durations of a step's phases without waiting for the device: on CUDA each mark is an event on the current
+    stream, read once the step's own wait has passed them all (the stream's time between marks, communication
+    waits included); elsewhere the host clock, which is the work's own time there."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, object]] = []
+
+    def start(self) -> None:
+        """The step begins (what an interrupted step marked is dropped)."""
+        self.marks = []
+        self.mark("start")
+
+    def mark(self, name: str) -> None:
+        """The end of phase `name`."""
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append((name, event))
+        else:
+            self.marks.append((name, time.perf_counter()))
+
+    def seconds(self) -> dict[str, float]:
+        """{"<phase>_s": seconds} of each phase marked since start (on CUDA: once the device has passed the last
+        mark)."""
+        return {f"{name}_s": a.elapsed_time(b) / 1e3 if self.cuda else b - a
+                for (_, a), (name, b) in zip(self.marks, self.marks[1:])}
 
 
 def _clean(value):

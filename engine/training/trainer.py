@@ -51,6 +51,7 @@ from engine.training.compile import CompileCounts, compile_layers, graph_break_r
 from engine.training.data import TrainingData, prepare_data
 from engine.training.metrics import (
     MetricsWriter,
+    PhaseTimer,
     Progress,
     peak_memory_bytes,
     peak_tflops,
@@ -172,6 +173,7 @@ class Trainer:
                                   "restarts by itself)", os.path.join(self.run_dir, "failures"))
         self.executor.on_action = self.monitor.action
         self._schedules: dict[int, list] = {}
+        self.timer = PhaseTimer(self.device)  # the step's phases, in its metrics line
         perf = cfg.performance
         window = parse_profile_steps(perf.profile_steps) if perf.profile_steps else None
         self.profile_ranks = parse_profile_ranks(perf.profile_ranks, self.world_size) if window else []
@@ -369,11 +371,14 @@ class Trainer:
         lr = self.lr_schedule(step)
         start = time.perf_counter()
         self.monitor.begin_step(step)
+        self.timer.start()
         host = self._micro_batches(st.data_position, global_batch)
         micro_batches = self._on_device(host)
+        self.timer.mark("data")
         faults = self._faults_at(step)
         self.zero.start_step(len(micro_batches))
         loss = self.forward_backward(micro_batches, global_batch * self.model_cfg.seq_length, host)
+        self.timer.mark("forward_backward")
         self.monitor.phase("gradient reduction and norm")
         self.zero.finish_gradients()
         if "nan" in faults:  # as a diverged step looks: a non-finite loss and gradients
@@ -390,11 +395,13 @@ class Trainer:
         finite = torch.isfinite(grad_norm) & torch.isfinite(loss)
         max_norm = self.cfg.optimizer.clip_grad
         clip = torch.where(grad_norm > max_norm, max_norm / (grad_norm + 1e-6), 1.0) if max_norm > 0 else 1.0
+        self.timer.mark("grad_sync")
         if self.pending_save is not None:  # a background save's writer must hold its copy of the state first
             self.snapshot_wait_s += self.pending_save.wait_snapshot()
         for group in self.zero.param_groups:
             group["lr"] = lr
         self.zero.step(grad_scale=clip / loss_scale, found_inf=~finite)
+        self.timer.mark("optimizer")
         # The step's one wait for the device: its figures, read after all its work on the compute stream (gathers
         # that --overlap-param-gather leaves in flight run on, on their own stream).
         loss_value, norm_value, finite_value = torch.stack([loss.float(), grad_norm.float(), finite.float()]).tolist()
@@ -418,7 +425,7 @@ class Trainer:
                 "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
                 "peak_mem_bytes": peak_memory_bytes(self.device),
                 "loss_scale": self.scaler.scale if self.scaler else 1.0, "skipped": not finite,
-                "step_time_s": elapsed,
+                "step_time_s": elapsed, **self.timer.seconds(),
                 **(self.compile_counts.since_last() if self.compile_counts is not None else {}),
                 **({"consumed_samples_by_source": dict(zip((s.name for s in self.data_sources), st.source_samples))}
                    if self.blend is not None else {})}
