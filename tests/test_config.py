@@ -84,6 +84,7 @@ INVALID = [
     (["--profile-steps", "2:3", "--profile-ranks", "1"], 1, "--profile-ranks"),
     (["--profile-steps", "2:3", "--profile-ranks", "0,x"], 2, "--profile-ranks"),
     (["--profile-memory"], 1, "--profile-memory"),                                 # no window chosen
+    (["--time-limit", "0"], 1, "--time-limit"),
 ]
 
 

@@ -1,8 +1,8 @@
 """The trainer's recovery paths with more than one rank, each against the same scenario in one process: fp16 loss
 scaling (an overflow on one rank only, scale growth, the scaler resumed from a checkpoint) at dp2 ZeRO-2 and at
 tp2 x pp2; loss-spike rollback at dp2 ZeRO-3 and at dp2 ZeRO-1 with --overlap-param-gather; SIGTERM reaching one
-rank of a dp2 ZeRO-3 run and of a dp2 ZeRO-1 run with --overlap-param-gather. All multi-rank scenarios of one
-world size run in one spawned process group."""
+rank of a dp2 ZeRO-3 run and of a dp2 ZeRO-1 run with --overlap-param-gather; --time-limit passed on one rank only.
+All multi-rank scenarios of one world size run in one spawned process group."""
 import functools
 import os
 import signal
@@ -123,18 +123,20 @@ def _world2(rank, world, corpus, workdir):
     data = ["--data", corpus, "--dp", "2"]
     _fp16_with_resume(data + ["--zero", "2"], "fp16-dp2-zero2", world)
     spiky_trainer(MODEL + data + ["--zero", "3", "--run-name", "spike-dp2-zero3"], world).train()
-    # (traced on both ranks from step 8 to 10: the rollback after step 9 replays 7-9 inside the window)
+    # (rank 1 traces step 9; the rollback after it replays steps 7-9 inside the window)
     spiky_trainer(MODEL + data + ["--zero", "1", "--overlap-param-gather", "--run-name", "spike-dp2-overlap",
-                                  "--profile-steps", "8:10", "--profile-ranks", "all"], world).train()
+                                  "--profile-steps", "9:9", "--profile-ranks", "1"], world).train()
     for name, zero in (("term-dp2-zero3", ["--zero", "3"]),
                        ("term-dp2-overlap", ["--zero", "1", "--overlap-param-gather"])):
         term = MODEL + data + zero + ["--steps", "6", "--lr-decay-steps", "6", "--run-name", name]
-        # (rank 1 traces steps 2-5; the stop after step 3 cuts the window short, and its trace is still written)
-        stopped = sigterm_trainer(term + ["--profile-steps", "2:5", "--profile-ranks", "1"], world, at_step=3,
-                                  on_rank=1)
+        stopped = sigterm_trainer(term, world, at_step=3, on_rank=1)
         stopped.train()
         assert stopped.state.step == 3  # both ranks stopped after the step in which rank 1 got the signal
         make_trainer(term + ["--load", f"runs/{name}/checkpoints"], world).train()
+    limited = make_trainer(MODEL + data + ["--steps", "6", "--run-name", "time-dp2"], world)
+    if rank == 1:  # only rank 1's clock is past --time-limit: both ranks save step 1 and stop
+        limited.cfg.run.time_limit = 1e-9
+    assert limited.train().step == 1
 
 
 def _world4(rank, world, corpus, workdir):
@@ -181,17 +183,15 @@ def test_recovery_paths_with_several_ranks(references, corpus_dir):
         for key, value in expected.items():
             assert got[key] == pytest.approx(value, rel=1e-5 if key[1] == "loss" else 1e-4), (run, key)
 
-    # --profile-steps: each chosen rank traced the steps its window saw (the training checks above and below are
-    # of the same runs)
-    for rank in (0, 1):
-        assert traced(runs / "spike-dp2-overlap" / "profile" / f"trace_rank{rank}_steps8-10.json")[0] == \
-            [7, 8, 8, 9, 9, 10]
-    assert sorted(os.listdir(runs / "term-dp2-zero3" / "profile")) == ["ops_rank1_steps2-5.txt",
-                                                                        "trace_rank1_steps2-5.json"]
-    assert traced(runs / "term-dp2-zero3" / "profile" / "trace_rank1_steps2-5.json")[0] == [2, 3]
+    # --profile-steps: only the chosen rank traced, the steps its window saw (the training checks below are of
+    # the same run)
+    assert sorted(os.listdir(runs / "spike-dp2-overlap" / "profile")) == ["ops_rank1_steps9-9.txt",
+                                                                           "trace_rank1_steps9-9.json"]
+    assert traced(runs / "spike-dp2-overlap" / "profile" / "trace_rank1_steps9-9.json")[0] == [7, 8, 9, 9]
 
     # SIGTERM on one rank: both saved step 3, and the resumed run matches one process's straight run
     from engine.training.checkpoint import resolve
+    assert resolve(str(runs / "time-dp2" / "checkpoints")).endswith("step_00000001")  # (--time-limit on rank 1)
     expected = trajectory(runs / "term-single" / "metrics.jsonl")
     for run in ("term-dp2-zero3", "term-dp2-overlap"):
         assert resolve(str(runs / run / "checkpoints")).endswith("step_00000006")

@@ -247,6 +247,20 @@ def test_a_stop_signal_saves_and_exits_zero(run_dir, corpus, sig):
     assert "stop signal (SIGTERM/SIGINT): saved" in out
 
 
+def test_a_time_limit_saves_the_step_and_exits_zero(run_dir, corpus, capsys):
+    """--time-limit: past it the run saves after the step it is in and exits 0 (a --profile-steps window cut short
+    by it still writes its trace); --auto-resume then continues the run step for step as if it had not stopped."""
+    base = SMALL + ["--data", corpus, "--steps", "4", "--lr-decay-steps", "4"]
+    assert main(base + ["--run-name", "straight"]) == 0
+    assert main(base + ["--run-name", "limited", "--time-limit", "1e-9", "--profile-steps", "1:3"]) == 0
+    assert "--time-limit passed (1e-09 s): saved runs/limited/checkpoints/step_00000001 at step 1; exiting" in \
+        capsys.readouterr().out
+    assert sorted(step_losses("runs/limited/metrics.jsonl")) == [1]
+    assert traced("runs/limited/profile/trace_rank0_steps1-3.json")[0] == [1]
+    assert main(base + ["--run-name", "limited", "--auto-resume"]) == 0
+    assert step_losses("runs/limited/metrics.jsonl") == step_losses("runs/straight/metrics.jsonl")
+
+
 def test_an_unwritable_save_exits_2_before_step_1(run_dir, corpus, capsys):
     open("a_file", "w").close()  # (the tests run as root, so a read-only mode would not stop writes)
     with pytest.raises(SystemExit) as exc:

@@ -171,6 +171,10 @@ class RunArgs:
     collective_timeout: float = _f(600.0, "seconds a collective may wait before the job fails naming it")
     step_timeout: float = _f(None, "seconds a training step (or an evaluation, a save, a rollback) may take: past "
                                    "it the job ends (exit 3) with one line naming the stalled rank [off]")
+    time_limit: float = _f(None, "seconds this run may take from the trainer's start: once past it, every rank stops "
+                                 "after the same step, saves it and exits 0 (a scheduler's wall-time limit less a "
+                                 "step and a save, so that the job ends saved; --auto-resume continues); Megatron's "
+                                 "--exit-duration-in-mins, in seconds [off]")
     bucket_size: int = _f(4_000_000, "elements per gradient bucket: each bucket's data-parallel reduction starts "
                                      "as soon as its gradients are final, overlapping the rest of backward")
 
@@ -650,6 +654,8 @@ def validate(cfg: Config, world_size: int) -> None:
         errors.append(f"--spike-factor: must be greater than 1, got {st.spike_factor}")
     if st.max_rollbacks < 0:
         errors.append("--max-rollbacks: must be >= 0")
+    if cfg.run.time_limit is not None and cfg.run.time_limit <= 0:
+        errors.append(f"--time-limit: must be a positive number of seconds, got {cfg.run.time_limit}")
     if cfg.run.step_timeout is not None and cfg.run.step_timeout <= 0:
         errors.append(f"--step-timeout: must be positive, got {cfg.run.step_timeout}")
     if st.max_skipped_steps < 0:

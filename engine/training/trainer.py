@@ -107,6 +107,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, topology: Topology | None = None, train_data=None, valid_data=None,
                  data: TrainingData | None = None):
+        self.started = time.monotonic()  # (--time-limit counts from here)
         p, run = cfg.parallel, cfg.run
         if run.tensorboard:  # on every rank, before any work: a missing package is one line and exit status 2
             require_tensorboard()
@@ -678,13 +679,21 @@ class Trainer:
         progress.log(f"profile written to {os.path.join(self.run_dir, 'profile')}/ for rank(s) {ranks}: "
                      f"trace_{tag}.json (https://ui.perfetto.dev), ops_{tag}.txt (costliest operators){memory}")
 
-    def _stop_agreed(self) -> bool:
-        """Ranks receive SIGTERM at slightly different times: stop when any rank has, all at the same step."""
-        if self.world_size == 1:
-            return self._stop_requested
-        flag = torch.tensor([float(self._stop_requested)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def _stop_reason(self) -> str | None:
+        """Why the run stops after this step, if it does: a stop signal, or --time-limit passed. Ranks receive
+        SIGTERM, and their clocks pass the limit, at slightly different times: stop when any rank has, all at the
+        same step."""
+        limit = self.cfg.run.time_limit
+        flags = [float(self._stop_requested), float(limit is not None and time.monotonic() - self.started > limit)]
+        if self.world_size > 1:
+            agreed = torch.tensor(flags, device=self.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            flags = agreed.tolist()
+        if flags[0]:
+            return "stop signal (SIGTERM/SIGINT)"
+        if flags[1]:
+            return "--time-limit passed" + (f" ({limit:g} s)" if limit is not None else " (on another rank)")
+        return None
 
     def train(self) -> TrainState:
         cfg = self.cfg
@@ -745,9 +754,11 @@ class Trainer:
                     if eval_loss is not None:
                         metrics.write({"event": "eval", "step": rec["step"], "eval_loss": eval_loss})
                         progress.log(f"eval at step {rec['step']}: loss {eval_loss:.4f}")
-                if self._stop_agreed():
+                reason = self._stop_reason()
+                if reason:
                     path = self.save_checkpoint()
-                    progress.log(f"stop signal (SIGTERM/SIGINT): saved {path} at step {self.state.step}; exiting")
+                    progress.log(f"{reason}: saved {path} at step {self.state.step}; exiting (--auto-resume "
+                                 "continues from it)")
                     return self.state
                 if cfg.checkpoint.save_interval and rec["step"] % cfg.checkpoint.save_interval == 0:
                     if self._nonfinite_in_row:  # a model that just diverged is no point to come back to
