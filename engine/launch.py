@@ -9,6 +9,7 @@ first failed attempt is always retried; a later one that ends without moving `la
 failure repeats where it stands: a diverged run, a broken node). SIGTERM / SIGINT are passed on to the running
 attempt (it saves and exits) and end the loop. The exit code is the last attempt's, except that a dead or stalled
 rank (reported by the job's one line) gives 3 where torchrun itself gives 1. `--inject-fault` applies to the first attempt only (drills).
+Every attempt gets the job's start time ($ENGINE_JOB_START), from which `--time-limit` counts.
 """
 from __future__ import annotations
 
@@ -20,7 +21,15 @@ import sys
 import time
 
 from engine.training import checkpoint as ckpt
-from engine.training.config import exit_on_config_error, parse_config, preflight, run_dir, save_dir, validate
+from engine.training.config import (
+    JOB_START_ENV,
+    exit_on_config_error,
+    parse_config,
+    preflight,
+    run_dir,
+    save_dir,
+    validate,
+)
 from engine.training.watchdog import EXIT_FAULT, FAULT_FILE
 
 
@@ -101,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = exit_on_config_error(check)
     where = save_dir(cfg)
+    os.environ.setdefault(JOB_START_ENV, repr(time.time()))  # every attempt's --time-limit counts from here
     for attempt in range(args.max_restarts + 1):
         before, started = ckpt.latest_step(where), time.time()
         code = run_attempt(attempt_command(args, flags if attempt == 0 else without_faults(flags)))

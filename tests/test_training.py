@@ -261,6 +261,27 @@ def test_a_time_limit_saves_the_step_and_exits_zero(run_dir, corpus, capsys):
     assert step_losses("runs/limited/metrics.jsonl") == step_losses("runs/straight/metrics.jsonl")
 
 
+def test_the_time_limit_counts_from_the_jobs_start_across_restarts(run_dir, corpus, monkeypatch, capsys):
+    """engine.launch hands every attempt the job's start ($ENGINE_JOB_START), and --time-limit counts from it: a
+    trainer started 100 s into a job with a 50 s limit stops after its first step. A malformed value is one line."""
+    import engine.launch
+    seen = []
+    monkeypatch.setenv("ENGINE_JOB_START", "")  # (recorded as it was, so that the variable the launcher sets
+    monkeypatch.delenv("ENGINE_JOB_START")       # is removed after the test)
+    monkeypatch.setattr(engine.launch, "run_attempt", lambda command: seen.append(os.environ["ENGINE_JOB_START"]) or 1)
+    before = time.time()
+    engine.launch.main(["--max-restarts", "1", "--"] + SMALL + ["--data", corpus, "--run-name", "launched"])
+    assert len(seen) == 2 and seen[0] == seen[1] and before <= float(seen[0]) <= time.time()
+    monkeypatch.setenv("ENGINE_JOB_START", repr(time.time() - 100))
+    assert main(SMALL + ["--data", corpus, "--steps", "4", "--run-name", "late", "--time-limit", "50"]) == 0
+    assert sorted(step_losses("runs/late/metrics.jsonl")) == [1] and "--time-limit passed (50 s)" in \
+        capsys.readouterr().out
+    monkeypatch.setenv("ENGINE_JOB_START", "yesterday")
+    with pytest.raises(SystemExit) as exc:
+        main(SMALL + ["--data", corpus, "--run-name", "bad", "--time-limit", "50"])
+    assert exc.value.code == 2 and "$ENGINE_JOB_START: 'yesterday' is not a Unix time" in capsys.readouterr().err
+
+
 def test_an_unwritable_save_exits_2_before_step_1(run_dir, corpus, capsys):
     open("a_file", "w").close()  # (the tests run as root, so a read-only mode would not stop writes)
     with pytest.raises(SystemExit) as exc:

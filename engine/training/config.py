@@ -24,6 +24,9 @@ from engine.models.llama import PRESETS, ModelConfig
 from engine.parallel.rules import layout_errors, optimizer_errors
 
 
+JOB_START_ENV = "ENGINE_JOB_START"  # when the job began (Unix time), for --time-limit; set by engine.launch
+
+
 class ConfigError(ValueError):
     """A bad setting; the message names the flag and the fix."""
 
@@ -171,10 +174,11 @@ class RunArgs:
     collective_timeout: float = _f(600.0, "seconds a collective may wait before the job fails naming it")
     step_timeout: float = _f(None, "seconds a training step (or an evaluation, a save, a rollback) may take: past "
                                    "it the job ends (exit 3) with one line naming the stalled rank [off]")
-    time_limit: float = _f(None, "seconds this run may take from the trainer's start: once past it, every rank stops "
-                                 "after the same step, saves it and exits 0 (a scheduler's wall-time limit less a "
-                                 "step and a save, so that the job ends saved; --auto-resume continues); Megatron's "
-                                 "--exit-duration-in-mins, in seconds [off]")
+    time_limit: float = _f(None, "seconds the job may take: once past them, every rank stops after the same step, "
+                                 "saves it and exits 0 (a scheduler's wall-time limit less a step and a save, so "
+                                 "that the job ends saved; --auto-resume continues). Counted from the start of "
+                                 "python -m engine.launch, across its restarts, else of the trainer ($" + JOB_START_ENV
+                                 + " overrides it: a Unix time). Megatron's --exit-duration-in-mins, in seconds [off]")
     bucket_size: int = _f(4_000_000, "elements per gradient bucket: each bucket's data-parallel reduction starts "
                                      "as soon as its gradients are final, overlapping the rest of backward")
 
@@ -372,6 +376,16 @@ def parse_profile_ranks(text: str, world_size: int) -> list[int]:
         raise ConfigError(f"--profile-ranks: expected 'all' or global ranks below the world size {world_size}, "
                           f"comma-separated, got {text!r}")
     return ranks
+
+
+def job_start() -> float:
+    """When the job began (Unix time): $ENGINE_JOB_START, else now. Raises ConfigError."""
+    value = os.environ.get(JOB_START_ENV)
+    try:
+        return float(value) if value else time.time()
+    except ValueError:
+        raise ConfigError(f"${JOB_START_ENV}: {value!r} is not a Unix time in seconds; unset it or give one "
+                          "(--time-limit counts from it)") from None
 
 
 def run_dir(cfg: Config) -> str:
@@ -654,8 +668,13 @@ def validate(cfg: Config, world_size: int) -> None:
         errors.append(f"--spike-factor: must be greater than 1, got {st.spike_factor}")
     if st.max_rollbacks < 0:
         errors.append("--max-rollbacks: must be >= 0")
-    if cfg.run.time_limit is not None and cfg.run.time_limit <= 0:
-        errors.append(f"--time-limit: must be a positive number of seconds, got {cfg.run.time_limit}")
+    if cfg.run.time_limit is not None:
+        if cfg.run.time_limit <= 0:
+            errors.append(f"--time-limit: must be a positive number of seconds, got {cfg.run.time_limit}")
+        try:
+            job_start()
+        except ConfigError as exc:
+            errors.append(str(exc))
     if cfg.run.step_timeout is not None and cfg.run.step_timeout <= 0:
         errors.append(f"--step-timeout: must be positive, got {cfg.run.step_timeout}")
     if st.max_skipped_steps < 0:

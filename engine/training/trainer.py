@@ -40,6 +40,7 @@ from engine.training.config import (
     ConfigError,
     checkpoint_mismatch,
     checkpoint_to_load,
+    job_start,
     parse_fault,
     parse_profile_ranks,
     parse_profile_steps,
@@ -107,7 +108,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, topology: Topology | None = None, train_data=None, valid_data=None,
                  data: TrainingData | None = None):
-        self.started = time.monotonic()  # (--time-limit counts from here)
+        self.job_started = job_start()  # (--time-limit counts from it)
         p, run = cfg.parallel, cfg.run
         if run.tensorboard:  # on every rank, before any work: a missing package is one line and exit status 2
             require_tensorboard()
@@ -684,7 +685,7 @@ class Trainer:
         SIGTERM, and their clocks pass the limit, at slightly different times: stop when any rank has, all at the
         same step."""
         limit = self.cfg.run.time_limit
-        flags = [float(self._stop_requested), float(limit is not None and time.monotonic() - self.started > limit)]
+        flags = [float(self._stop_requested), float(limit is not None and time.time() - self.job_started > limit)]
         if self.world_size > 1:
             agreed = torch.tensor(flags, device=self.device)
             dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
