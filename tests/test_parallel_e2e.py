@@ -1,5 +1,5 @@
-"""Layout invariance end to end: every parallel layout, launched with torchrun through
-examples/pretrain_llama.py, reproduces the single-process run (fp32, same seed and data): the loss and the
+"""Layout invariance end to end: every parallel layout, trained in spawned process groups or launched with torchrun
+through examples/pretrain_llama.py, reproduces the single-process run (fp32, same seed and data): the loss and the
 gradient norm of every step, and the eval loss; and checkpoints resume under other layouts."""
 import functools
 import os
@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 import distributed
 from conftest import ROOT, trajectory
-from engine.training import parse_config, validate
+from engine.training import main, parse_config, validate
 from engine.training.trainer import Trainer
 
 MODEL = ["--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-heads", "8",
@@ -40,6 +40,31 @@ def launch(nproc, argv, cwd):
     return proc
 
 
+def _train_runs(rank, world, workdir, runs):
+    os.chdir(workdir)
+    for argv in runs:
+        cfg = parse_config(argv)
+        validate(cfg, world)
+        Trainer(cfg).train()
+        dist.barrier()
+
+
+def train(workdir, world, *runs):
+    """Each run (its training flags) in turn at `world` ranks, in one spawned process group for them all (a
+    torchrun launch each would cost ~10 s of start-up apiece), or through the CLI's main in this process at world
+    1. A few tests launch torchrun instead, so that path stays covered."""
+    if world > 1:
+        distributed.run(functools.partial(_train_runs, workdir=str(workdir), runs=list(runs)), world=world)
+        return
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        for argv in runs:
+            assert main(argv) == 0, argv
+    finally:
+        os.chdir(cwd)
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     from engine.data.datasets import stdlib_sources
@@ -48,7 +73,7 @@ def workdir(tmp_path_factory):
     corpus.mkdir()
     for i, path in enumerate(stdlib_sources()[:40]):
         (corpus / f"doc{i:03d}.py").write_bytes(open(path, "rb").read())
-    launch(1, MODEL + ["--data", "corpus", "--run-name", "single", "--save-interval", "4"], root)
+    train(root, 1, MODEL + ["--data", "corpus", "--run-name", "single", "--save-interval", "4"])
     return root
 
 
@@ -142,8 +167,7 @@ def test_document_mask_reproduces_single_process(workdir):
             fh.write(json.dumps({"text": text[pos % len(text):][:n]}) + "\n")
             pos += n
     data = MODEL + ["--data", "short-docs.jsonl"]
-    launch(1, data + ["--run-name", "single-docs", "--document-mask"], workdir)
-    launch(1, data + ["--run-name", "single-no-docs"], workdir)
+    train(workdir, 1, data + ["--run-name", "single-docs", "--document-mask"], data + ["--run-name", "single-no-docs"])
     launch(4, data + ["--run-name", "docs-tp2-pp2", "--document-mask", "--tp", "2", "--pp", "2",
                       "--sequence-parallel"], workdir)
     launch(2, data + ["--run-name", "docs-cp2", "--document-mask", "--cp", "2"], workdir)
@@ -164,8 +188,8 @@ def test_checkpoint_loads_under_another_layout(workdir):
 def test_checkpoints_do_not_depend_on_cp(workdir):
     """A cp 2 checkpoint resumes in one process, and the single process's resumes at cp 4: the same trajectory."""
     launch(2, MODEL + ["--data", "corpus", "--run-name", "cp2-saves", "--cp", "2", "--save-interval", "4"], workdir)
-    launch(1, MODEL + ["--data", "corpus", "--run-name", "cp2-to-1", "--load",
-                       "runs/cp2-saves/checkpoints/step_00000004"], workdir)
+    train(workdir, 1, MODEL + ["--data", "corpus", "--run-name", "cp2-to-1", "--load",
+                               "runs/cp2-saves/checkpoints/step_00000004"])
     launch(4, MODEL + ["--data", "corpus", "--run-name", "1-to-cp4", "--cp", "4", "--load",
                        "runs/single/checkpoints/step_00000004"], workdir)
     assert_same_trajectory(workdir, "cp2-saves")
@@ -175,15 +199,14 @@ def test_checkpoints_do_not_depend_on_cp(workdir):
 
 def test_tied_embeddings_stay_in_sync_across_stages(workdir):
     tied = MODEL + ["--data", "corpus", "--tie-embeddings"]
-    launch(1, tied + ["--run-name", "tied-single"], workdir)
-    launch(2, tied + ["--run-name", "tied-pp2", "--pp", "2", "--save-interval", "4"], workdir)
+    train(workdir, 1, tied + ["--run-name", "tied-single"])
+    train(workdir, 2, tied + ["--run-name", "tied-pp2", "--pp", "2", "--save-interval", "4"],
+          # one stage: the head reads the embedding's ZeRO-3 unit
+          tied + ["--run-name", "tied-zero3", "--dp", "2", "--zero", "3"])
     launch(8, tied + ["--run-name", "tied-3d", "--tp", "2", "--pp", "2", "--dp", "2", "--vpp", "2",
                       "--sequence-parallel", "--zero", "3"], workdir)
-    # one stage: the head reads the embedding's ZeRO-3 unit
-    launch(2, tied + ["--run-name", "tied-zero3", "--dp", "2", "--zero", "3"], workdir)
     # the pp2 checkpoint holds the embedding once (first stage); one stage resumes with it as embedding and head
-    launch(1, tied + ["--run-name", "tied-pp2-to-pp1", "--load", "runs/tied-pp2/checkpoints/step_00000004"],
-           workdir)
+    train(workdir, 1, tied + ["--run-name", "tied-pp2-to-pp1", "--load", "runs/tied-pp2/checkpoints/step_00000004"])
     for run in ("tied-pp2", "tied-3d", "tied-zero3"):
         assert_same_trajectory(workdir, run, ref="tied-single")
     assert_same_trajectory(workdir, "tied-pp2-to-pp1", steps=range(5, 9), ref="tied-single")
@@ -192,14 +215,12 @@ def test_tied_embeddings_stay_in_sync_across_stages(workdir):
 def test_resume_at_the_same_parallel_layout_is_exact(workdir):
     """Resuming is bit-exact at 8 ranks, from a synchronous save and from an --async-save one (written on a
     background thread while the run went on, published once every rank's file was on disk)."""
-    layout = ["--tp", "2", "--pp", "2", "--dp", "2", "--sequence-parallel", "--dropout", "0.1"]
-    launch(8, MODEL + ["--data", "corpus", "--run-name", "straight", "--save-interval", "2", "--async-save"] + layout,
-           workdir)
-    launch(8, MODEL + ["--data", "corpus", "--run-name", "halves", "--steps", "4"] + layout, workdir)
-    launch(8, MODEL + ["--data", "corpus", "--run-name", "halves", "--load", "runs/halves/checkpoints"] + layout,
-           workdir)
-    launch(8, MODEL + ["--data", "corpus", "--run-name", "from-async", "--load",
-                       "runs/straight/checkpoints/step_00000004"] + layout, workdir)
+    base = MODEL + ["--data", "corpus", "--tp", "2", "--pp", "2", "--dp", "2", "--sequence-parallel", "--dropout",
+                    "0.1"]
+    train(workdir, 8, base + ["--run-name", "straight", "--save-interval", "2", "--async-save"],
+          base + ["--run-name", "halves", "--steps", "4"],
+          base + ["--run-name", "halves", "--load", "runs/halves/checkpoints"],
+          base + ["--run-name", "from-async", "--load", "runs/straight/checkpoints/step_00000004"])
     straight = trajectory(workdir / "runs" / "straight" / "metrics.jsonl")
     assert trajectory(workdir / "runs" / "halves" / "metrics.jsonl") == straight
     assert trajectory(workdir / "runs" / "from-async" / "metrics.jsonl") == {k: v for k, v in straight.items()
@@ -217,23 +238,24 @@ def test_sharded_optimizer_state_reshards(workdir):
     process: the state each layout saves straight after loading equals the one it loaded, and both continue the
     single-process trajectory. The ZeRO-3 state itself matches the single process's at the same step."""
     base = MODEL + ["--data", "corpus"]
-    launch(4, base + ["--run-name", "z3dp4", "--dp", "4", "--zero", "3", "--save-interval", "4"], workdir)
+    # per layout, --steps 4: load and save again without training, then resume from that second checkpoint
+    reload = lambda layout, name: [  # noqa: E731
+        base + layout + ["--run-name", name, "--steps", "4", "--load", "runs/z3dp4/checkpoints/step_00000004"],
+        base + layout + ["--run-name", name, "--load", f"runs/{name}/checkpoints"]]
+    train(workdir, 4, base + ["--run-name", "z3dp4", "--dp", "4", "--zero", "3", "--save-interval", "4"],
+          *reload(["--tp", "2", "--dp", "2", "--zero", "2"], "z3-to-tp2dp2z2"))
+    train(workdir, 1, *reload([], "z3-to-single"))
     assert_same_trajectory(workdir, "z3dp4")
     saved = _optimizer_states(workdir / "runs" / "z3dp4" / "checkpoints" / "step_00000004")
     single = _optimizer_states(workdir / "runs" / "single" / "checkpoints" / "step_00000004")
     assert sorted(saved) == sorted(single) and any(k.endswith("/exp_avg_sq") for k in saved)
     for key, value in single.items():  # summation order differs: compare against each tensor's scale
         assert (saved[key] - value).abs().max() <= 1e-4 * value.abs().max(), key
-    for nproc, layout, name in ((4, ["--tp", "2", "--dp", "2", "--zero", "2"], "z3-to-tp2dp2z2"),
-                                (1, [], "z3-to-single")):
-        # --steps 4: load and save again without training, then resume from that second checkpoint
-        launch(nproc, base + layout + ["--run-name", name, "--steps", "4",
-                                       "--load", "runs/z3dp4/checkpoints/step_00000004"], workdir)
+    for name in ("z3-to-tp2dp2z2", "z3-to-single"):
         resaved = _optimizer_states(workdir / "runs" / name / "checkpoints" / "step_00000004")
         assert sorted(resaved) == sorted(saved)
         for key, value in saved.items():
             assert torch.equal(resaved[key], value), (name, key)
-        launch(nproc, base + layout + ["--run-name", name, "--load", f"runs/{name}/checkpoints"], workdir)
         assert_same_trajectory(workdir, name, steps=range(5, 9))
 
 
@@ -243,9 +265,9 @@ def test_batch_rampup_resumes_mid_ramp_interleaved(workdir):
     ramp = MODEL + ["--data", "corpus", "--micro-batch-size", "1", "--global-batch-size", "16",
                     "--rampup-batch-size", "4,4,48"]
     layout = ["--pp", "2", "--vpp", "2", "--dp", "2"]
-    launch(1, ramp + ["--run-name", "ramp-single"], workdir)
-    launch(4, ramp + layout + ["--run-name", "ramp-3d", "--steps", "5"], workdir)
-    launch(4, ramp + layout + ["--run-name", "ramp-3d", "--load", "runs/ramp-3d/checkpoints"], workdir)
+    train(workdir, 1, ramp + ["--run-name", "ramp-single"])
+    train(workdir, 4, ramp + layout + ["--run-name", "ramp-3d", "--steps", "5"],
+          ramp + layout + ["--run-name", "ramp-3d", "--load", "runs/ramp-3d/checkpoints"])
     assert_same_trajectory(workdir, "ramp-3d", ref="ramp-single")
     batches = trajectory(workdir / "runs" / "ramp-3d" / "metrics.jsonl", keys=("global_batch_size",))
     assert [batches[(s, "global_batch_size")] for s in range(1, 9)] == [4, 4, 4, 4, 8, 8, 12, 12]
@@ -279,8 +301,10 @@ def test_bf16_zero3_checkpoint_resumes_zero1(workdir):
     same fp32 masters, and its checkpoint resumes a ZeRO-1 run on the same trajectory."""
     from engine.training.checkpoint import CheckpointReader
     bf16 = MODEL + ["--data", "corpus", "--precision", "bf16", "--dp", "2", "--save-interval", "4"]
-    launch(2, bf16 + ["--run-name", "bf16-z1", "--zero", "1"], workdir)
-    launch(2, bf16 + ["--run-name", "bf16-z3", "--zero", "3", "--steps", "4"], workdir)
+    train(workdir, 2, bf16 + ["--run-name", "bf16-z1", "--zero", "1"],
+          bf16 + ["--run-name", "bf16-z3", "--zero", "3", "--steps", "4"],
+          # (the step-4 checkpoints read below stay when the resumed run saves step 8)
+          bf16 + ["--run-name", "bf16-z3", "--zero", "1", "--load", "runs/bf16-z3/checkpoints"])
     at_4 = [CheckpointReader(str(workdir / "runs" / run / "checkpoints" / "step_00000004")) for run in
             ("bf16-z1", "bf16-z3")]
     masters = [k for k in at_4[0].keys("optim/") if k.endswith("/master_param")]
@@ -289,5 +313,4 @@ def test_bf16_zero3_checkpoint_resumes_zero1(workdir):
         a, b = (r.read(key) for r in at_4)  # the runs differ only in reduction order: far below bf16 rounding
         bf16_rounding = (a - a.bfloat16().float()).abs().mean()
         assert a.dtype == b.dtype == torch.float32 and (a - b).abs().mean() <= 0.25 * bf16_rounding, key
-    launch(2, bf16 + ["--run-name", "bf16-z3", "--zero", "1", "--load", "runs/bf16-z3/checkpoints"], workdir)
     assert_same_trajectory(workdir, "bf16-z3", ref="bf16-z1", rtol=1e-4, grad_norm_rtol=1e-3)
