@@ -196,6 +196,7 @@ loss() {
 }
 
 train() {
+  rm -rf runs/gpu-check/profile  # (a trace of an earlier run, e.g. a --cpu-dry-run, would be taken for this one's)
   "$PY" examples/pretrain_llama.py --device "$DEVICE" --precision "$PRECISION" "${TRAIN_MODEL[@]}" --log-interval 1 \
     --run-name gpu-check --metrics-file "$OUT/train_metrics.jsonl" --plot /tmp/gpu-check-loss.png \
     --save /tmp/gpu-check-ckpt || return 1

@@ -86,19 +86,28 @@ def test_resume_is_bit_exact(run_dir, corpus):
 
 
 def test_a_step_line_times_its_phases(run_dir, corpus):
-    """data_s, forward_backward_s, grad_sync_s and optimizer_s time what their names say: a delay put into the batch
-    building and a longer one into the optimizer step show up in those two phases, and the phases add up to no more
-    than the step."""
+    """data_s, forward_backward_s, grad_sync_s and optimizer_s time what their names say: on a clock that moves only
+    when the batch is built (by 2 s), in the forward-backward (1 s), the gradient norm (0.5 s) and the optimizer step
+    (4 s), each phase takes exactly its own; on the real clock the phases fit within the step."""
     trainer = make_trainer(SMALL + ["--data", corpus, "--steps", "2"])
-    trainer.train_step()  # (the first step creates the optimizer's state)
-    build, update = trainer._micro_batches, trainer.zero.step
-    trainer._micro_batches = lambda *a: (time.sleep(0.2), build(*a))[1]
-    trainer.zero.step = lambda **kw: (time.sleep(0.4), update(**kw))[1]
     rec = trainer.train_step()
-    phases = {k: rec[k] for k in ("data_s", "forward_backward_s", "grad_sync_s", "optimizer_s")}
-    assert 0.2 <= phases["data_s"] < 0.4 <= phases["optimizer_s"], phases
-    assert 0 < phases["forward_backward_s"] < 0.2 and 0 <= phases["grad_sync_s"] < 0.2, phases
-    assert sum(phases.values()) <= rec["step_time_s"]
+    phases = ("data_s", "forward_backward_s", "grad_sync_s", "optimizer_s")
+    assert all(rec[k] >= 0 for k in phases) and sum(rec[k] for k in phases) <= rec["step_time_s"]
+    now = [100.0]
+    build, run, norm, update = trainer._micro_batches, trainer.forward_backward, trainer.grad_norm, trainer.zero.step
+
+    def advancing(seconds, fn):
+        def wrapped(*args, **kwargs):
+            now[0] += seconds
+            return fn(*args, **kwargs)
+        return wrapped
+
+    trainer.timer.clock = lambda: now[0]
+    trainer._micro_batches, trainer.forward_backward = advancing(2.0, build), advancing(1.0, run)
+    trainer.grad_norm, trainer.zero.step = advancing(0.5, norm), advancing(4.0, update)
+    rec = trainer.train_step()
+    assert {k: rec[k] for k in phases} == {"data_s": 2.0, "forward_backward_s": 1.0, "grad_sync_s": 0.5,
+                                           "optimizer_s": 4.0}
 
 
 def test_profile_steps_trace_the_window_and_change_nothing(run_dir, corpus, capsys):
@@ -114,7 +123,8 @@ def test_profile_steps_trace_the_window_and_change_nothing(run_dir, corpus, caps
     table = open("runs/profiled/profile/ops_rank0_steps2-3.txt").read()
     assert "aten::mm" in table and "Self CPU" in table
     out = capsys.readouterr().out
-    assert "profiling steps 2-3 on rank(s) 0" in out and "profile written to runs/profiled/profile/" in out
+    assert "profiling from step 2 to 3 on rank(s) 0" in out
+    assert "profile of steps 2-3 written to runs/profiled/profile/ by rank(s) 0" in out
     assert not os.path.exists("runs/plain/profile")
     os.makedirs("runs/blocked")
     open("runs/blocked/profile", "w").close()  # a file where the directory should go: one warning, the run goes on
@@ -249,15 +259,19 @@ def test_a_stop_signal_saves_and_exits_zero(run_dir, corpus, sig):
 
 def test_a_time_limit_saves_the_step_and_exits_zero(run_dir, corpus, capsys):
     """--time-limit: past it the run saves after the step it is in and exits 0 (a --profile-steps window cut short
-    by it still writes its trace); --auto-resume then continues the run step for step as if it had not stopped."""
+    by it still writes its trace, named by the steps it traced); --auto-resume then continues the run step for step
+    as if it had not stopped (and traces the rest of the window into files of their own)."""
     base = SMALL + ["--data", corpus, "--steps", "4", "--lr-decay-steps", "4"]
     assert main(base + ["--run-name", "straight"]) == 0
-    assert main(base + ["--run-name", "limited", "--time-limit", "1e-9", "--profile-steps", "1:3"]) == 0
+    profile = ["--profile-steps", "1:3"]
+    assert main(base + ["--run-name", "limited", "--time-limit", "1e-9"] + profile) == 0
     assert "--time-limit passed (1e-09 s): saved runs/limited/checkpoints/step_00000001 at step 1; exiting" in \
         capsys.readouterr().out
     assert sorted(step_losses("runs/limited/metrics.jsonl")) == [1]
-    assert traced("runs/limited/profile/trace_rank0_steps1-3.json")[0] == [1]
-    assert main(base + ["--run-name", "limited", "--auto-resume"]) == 0
+    assert traced("runs/limited/profile/trace_rank0_steps1-1.json")[0] == [1]
+    assert main(base + ["--run-name", "limited", "--auto-resume"] + profile) == 0
+    assert traced("runs/limited/profile/trace_rank0_steps2-3.json")[0] == [2, 3]
+    assert traced("runs/limited/profile/trace_rank0_steps1-1.json")[0] == [1]
     assert step_losses("runs/limited/metrics.jsonl") == step_losses("runs/straight/metrics.jsonl")
 
 

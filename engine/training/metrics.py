@@ -50,8 +50,8 @@ class PhaseTimer:
     stream, read once the step's own wait has passed them all (the stream's time between marks, communication
     waits included); elsewhere the host clock, which is the work's own time there."""
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+    def __init__(self, device: torch.device, clock=time.perf_counter):
+        self.cuda, self.clock = device.type == "cuda", clock
         self.marks: list[tuple[str, object]] = []
 
     def start(self) -> None:
@@ -66,7 +66,7 @@ class PhaseTimer:
             event.record()
             self.marks.append((name, event))
         else:
-            self.marks.append((name, time.perf_counter()))
+            self.marks.append((name, self.clock()))
 
     def seconds(self) -> dict[str, float]:
         """{"<phase>_s": seconds} of each phase marked since start (on CUDA: once the device has passed the last

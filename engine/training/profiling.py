@@ -1,14 +1,14 @@
 """--profile-steps: torch.profiler over a window of training steps, on the ranks chosen by --profile-ranks.
 
 Each traced rank writes into runs/<name>/profile/:
-- trace_rank{R}_steps{A}-{B}.json: the Chrome trace of the window (every operator, and on CUDA every kernel and
+- trace_rank{R}_steps{A}-{B}.json (A-B: the steps traced): the Chrome trace of the window (every operator, and on CUDA every kernel and
   copy on its stream), for https://ui.perfetto.dev or chrome://tracing;
 - ops_rank{R}_steps{A}-{B}.txt: the operators ranked by their own time (on CUDA, their kernels' time), as
   torch.profiler's key_averages table;
 - with --profile-memory on CUDA, memory_rank{R}_steps{A}-{B}.pickle: the caching allocator's history over the
   window, for https://pytorch.org/memory_viz (the trace also records allocations, on any device).
 The window is whole steps with what follows them in the loop (evaluation, saves), started before step A and ended
-before step B + 1 or when the loop ends.
+before step B + 1, or when the loop ends (a stop signal, --time-limit); a failing run drops it unwritten.
 """
 from __future__ import annotations
 
@@ -20,14 +20,16 @@ import torch
 
 
 class StepProfiler:
-    """The window `steps` = (A, B): torch.profiler starts before step A and stops before step B + 1 (or at close),
-    then writes the files above. Every rank follows the window; only `traced` ones profile."""
+    """The window `steps` = (A, B): torch.profiler starts before step A (or the first step of the run within the
+    window) and stops before step B + 1, or when the loop ends. Every rank follows the window; only `traced` ones
+    profile. The files are named by the steps traced (a run resumed inside the window keeps the earlier files)."""
 
     def __init__(self, steps: tuple[int, int] | None, traced: bool, rank: int, device: torch.device,
                  memory: bool, out_dir: str):
         self.steps, self.traced, self.rank, self.device, self.memory = steps, traced, rank, device, memory
         self.out_dir = out_dir
-        self.open = self.failed = False
+        self.open = self.done = self.failed = False
+        self.first = self.last = 0  # the steps traced so far (a rollback inside the window replays some)
         self.profiler = None
 
     @property
@@ -35,18 +37,20 @@ class StepProfiler:
         return self.device.type == "cuda"
 
     def before_step(self, step: int) -> str | None:
-        """Called before each step (1-based): "started" or "ended" when the window opens or closes here."""
-        if self.steps is None:
+        """Called before each step (1-based): "started" when the window opens here, "ending" when it is over and
+        finish() is due."""
+        if self.steps is None or self.done:
             return None
         start, end = self.steps
+        if self.open and step > end:
+            return "ending"
         if not self.open and start <= step <= end:
-            self.open = True
+            self.open, self.first, self.last = True, step, step
             if self.traced:
                 self._start()
             return "started"
-        if self.open and step > end:
-            self.close()
-            return "ended"
+        if self.open:
+            self.first, self.last = min(self.first, step), max(self.last, step)
         return None
 
     def label(self, name: str):
@@ -62,34 +66,40 @@ class StepProfiler:
         self.profiler = torch.profiler.profile(activities=activities, profile_memory=self.memory)
         self.profiler.start()
 
-    def close(self) -> bool:
-        """Ends an open window (one cut short when the loop ends early) and writes this rank's files; one window per
-        run. True when a window was open."""
-        if not self.open:
-            return False
-        self.open, profiler, self.profiler = False, self.profiler, None
-        window, self.steps = self.steps, None
+    def finish(self) -> None:
+        """Ends the open window and writes this rank's files (one window per run); a failed write is one warning."""
+        profiler, self.profiler, self.open, self.done = self.profiler, None, False, True
         if profiler is None:
-            return True
+            return
         if self.cuda:
             torch.cuda.synchronize(self.device)
         profiler.stop()
         try:
-            self._write(profiler, window)
-        except Exception as exc:  # (like a failed plot: one warning, never a failed run or a hidden error)
+            self._write(profiler)
+        except Exception as exc:  # (like a failed plot: one warning, never a failed run)
             self.failed = True
             print(f"warning: rank {self.rank} could not write its --profile-steps trace to {self.out_dir}: "
                   f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         finally:
             if self.cuda and self.memory:
                 torch.cuda.memory._record_memory_history(enabled=None)
-        return True
 
-    def _write(self, profiler, window: tuple[int, int]) -> None:
+    def discard(self) -> None:
+        """Drops an open window without waiting for the device or writing (the run is failing)."""
+        profiler, self.profiler, self.open, self.done = self.profiler, None, False, True
+        if profiler is not None:
+            with contextlib.suppress(Exception):
+                profiler.stop()
+
+    @property
+    def tag(self) -> str:
+        return f"steps{self.first}-{self.last}"
+
+    def _write(self, profiler) -> None:
         os.makedirs(self.out_dir, exist_ok=True)
-        tag = f"rank{self.rank}_steps{window[0]}-{window[1]}"
+        tag = f"rank{self.rank}_{self.tag}"
         profiler.export_chrome_trace(os.path.join(self.out_dir, f"trace_{tag}.json"))
-        sort_by = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
+        sort_by = "self_device_time_total" if self.cuda else "self_cpu_time_total"
         with open(os.path.join(self.out_dir, f"ops_{tag}.txt"), "w") as fh:
             fh.write(profiler.key_averages().table(sort_by=sort_by, row_limit=40) + "\n")
         if self.cuda and self.memory:

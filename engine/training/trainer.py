@@ -663,21 +663,24 @@ class Trainer:
         self._stop_requested = True
 
     def _profile(self, event: str | None, progress: Progress) -> None:
-        """Reports the --profile-steps window opening or closing (each traced rank writes its files on close)."""
-        if event is None:
-            return
-        perf = self.cfg.performance
-        (start, end), ranks = parse_profile_steps(perf.profile_steps), ", ".join(map(str, self.profile_ranks))
+        """Acts on the --profile-steps window: reports its start; at its end every traced rank writes its files
+        (timed as its own phase by the watchdog) while the others wait at a barrier, not in the next step."""
+        window = self.profiler
+        ranks = ", ".join(map(str, self.profile_ranks))
         if event == "started":
-            progress.log(f"profiling steps {start}-{end} on rank(s) {ranks} with torch.profiler (these steps run "
-                         "slower)")
+            progress.log(f"profiling from step {window.first} to {window.steps[1]} on rank(s) {ranks} with "
+                         "torch.profiler (these steps run slower)")
             return
-        if self.profiler.failed:  # (its warning is out)
+        if event != "ending" or not window.open:  # (not its end, or it ended already)
             return
-        tag = f"rank<R>_steps{start}-{end}"
-        memory = f", memory_{tag}.pickle (https://pytorch.org/memory_viz)" if perf.profile_memory and \
-            self.device.type == "cuda" else ""
-        progress.log(f"profile written to {os.path.join(self.run_dir, 'profile')}/ for rank(s) {ranks}: "
+        self.monitor.phase(f"writing the --profile-steps trace ({window.tag})", restart_clock=True)
+        window.finish()
+        if self.world_size > 1:
+            dist.barrier()
+        tag = f"rank<R>_{window.tag}"
+        memory = f", memory_{tag}.pickle (https://pytorch.org/memory_viz)" if window.memory and window.cuda else ""
+        progress.log(f"profile of {window.tag.replace('steps', 'steps ')} written to "
+                     f"{os.path.join(self.run_dir, 'profile')}/ by rank(s) {ranks} (each warns if it cannot): "
                      f"trace_{tag}.json (https://ui.perfetto.dev), ops_{tag}.txt (costliest operators){memory}")
 
     def _stop_reason(self) -> str | None:
@@ -757,6 +760,7 @@ class Trainer:
                         progress.log(f"eval at step {rec['step']}: loss {eval_loss:.4f}")
                 reason = self._stop_reason()
                 if reason:
+                    self._profile("ending", progress)  # (a window cut short)
                     path = self.save_checkpoint()
                     progress.log(f"{reason}: saved {path} at step {self.state.step}; exiting (--auto-resume "
                                  "continues from it)")
@@ -771,11 +775,12 @@ class Trainer:
                     progress.log(f"saved {self.save_checkpoint(background=cfg.checkpoint.async_save)}")
                 else:
                     self._log_published(progress, self.finish_pending_save(when_written=True))
+            self._profile("ending", progress)  # (a window that ends with the run)
             self._log_published(progress, self.finish_pending_save())
             if not self._saved_current_step():
                 progress.log(f"saved {self.save_checkpoint()}")
         finally:
-            self._profile("ended" if self.profiler.close() else None, progress)
+            self.profiler.discard()  # (a window still open here: the run is failing)
             self.monitor.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
