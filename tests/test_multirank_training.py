@@ -134,8 +134,9 @@ def _world2(rank, world, corpus, workdir):
         assert stopped.state.step == 3  # both ranks stopped after the step in which rank 1 got the signal
         make_trainer(term + ["--load", f"runs/{name}/checkpoints"], world).train()
     limited = make_trainer(MODEL + data + ["--steps", "6", "--run-name", "time-dp2"], world)
-    if rank == 1:  # only rank 1's clock is past --time-limit: both ranks save step 1 and stop
-        limited.cfg.run.time_limit = 1e-9
+    if rank == 1:  # during step 1 only rank 1's clock passes --time-limit: both ranks save step 1 and stop
+        run = limited.forward_backward
+        limited.forward_backward = lambda *args: (setattr(limited.cfg.run, "time_limit", 1e-9), run(*args))[1]
     assert limited.train().step == 1
 
 

@@ -259,16 +259,24 @@ def test_a_stop_signal_saves_and_exits_zero(run_dir, corpus, sig):
 
 def test_a_time_limit_saves_the_step_and_exits_zero(run_dir, corpus, capsys):
     """--time-limit: past it the run saves after the step it is in and exits 0 (a --profile-steps window cut short
-    by it still writes its trace, named by the steps it traced); --auto-resume then continues the run step for step
-    as if it had not stopped (and traces the rest of the window into files of their own)."""
+    by it still writes its trace, named by the steps it traced), and a run that starts past it trains nothing;
+    --auto-resume then continues the run step for step as if it had not stopped (and traces the rest of the window
+    into files of their own)."""
     base = SMALL + ["--data", corpus, "--steps", "4", "--lr-decay-steps", "4"]
     assert main(base + ["--run-name", "straight"]) == 0
     profile = ["--profile-steps", "1:3"]
-    assert main(base + ["--run-name", "limited", "--time-limit", "1e-9"] + profile) == 0
+    limited = make_trainer(base + ["--run-name", "limited", "--time-limit", "1e6"] + profile)
+    run = limited.forward_backward  # the limit passes during step 1
+    limited.forward_backward = lambda *args: (setattr(limited.cfg.run, "time_limit", 1e-9), run(*args))[1]
+    assert limited.train().step == 1
     assert "--time-limit passed (1e-09 s): saved runs/limited/checkpoints/step_00000001 at step 1; exiting" in \
         capsys.readouterr().out
     assert sorted(step_losses("runs/limited/metrics.jsonl")) == [1]
     assert traced("runs/limited/profile/trace_rank0_steps1-1.json")[0] == [1]
+    # a restart with the job's time already spent trains nothing and leaves the checkpoint as it was
+    assert main(base + ["--run-name", "limited", "--time-limit", "1e-9", "--auto-resume"]) == 0
+    assert "--time-limit passed (1e-09 s) before step 2: nothing trained; exiting" in capsys.readouterr().out
+    assert sorted(step_losses("runs/limited/metrics.jsonl")) == [1]
     assert main(base + ["--run-name", "limited", "--auto-resume"] + profile) == 0
     assert traced("runs/limited/profile/trace_rank0_steps2-3.json")[0] == [2, 3]
     assert traced("runs/limited/profile/trace_rank0_steps1-1.json")[0] == [1]
@@ -277,7 +285,7 @@ def test_a_time_limit_saves_the_step_and_exits_zero(run_dir, corpus, capsys):
 
 def test_the_time_limit_counts_from_the_jobs_start_across_restarts(run_dir, corpus, monkeypatch, capsys):
     """engine.launch hands every attempt the job's start ($ENGINE_JOB_START), and --time-limit counts from it: a
-    trainer started 100 s into a job with a 50 s limit stops after its first step. A malformed value is one line."""
+    trainer started 100 s into a job with a 50 s limit trains nothing. A malformed value is one line."""
     import engine.launch
     seen = []
     monkeypatch.setenv("ENGINE_JOB_START", "")  # (recorded as it was, so that the variable the launcher sets
@@ -288,8 +296,8 @@ def test_the_time_limit_counts_from_the_jobs_start_across_restarts(run_dir, corp
     assert len(seen) == 2 and seen[0] == seen[1] and before <= float(seen[0]) <= time.time()
     monkeypatch.setenv("ENGINE_JOB_START", repr(time.time() - 100))
     assert main(SMALL + ["--data", corpus, "--steps", "4", "--run-name", "late", "--time-limit", "50"]) == 0
-    assert sorted(step_losses("runs/late/metrics.jsonl")) == [1] and "--time-limit passed (50 s)" in \
-        capsys.readouterr().out
+    assert step_losses("runs/late/metrics.jsonl") == {}
+    assert "--time-limit passed (50 s) before step 1: nothing trained; exiting" in capsys.readouterr().out
     monkeypatch.setenv("ENGINE_JOB_START", "yesterday")
     with pytest.raises(SystemExit) as exc:
         main(SMALL + ["--data", corpus, "--run-name", "bad", "--time-limit", "50"])

@@ -732,6 +732,10 @@ class Trainer:
             progress.log(f"--profile-steps {window[0]}:{window[1]}: the run starts after step {self.state.step}, "
                          "past them; nothing is traced")
         try:
+            early = self._stop_reason() if self.state.step < cfg.run.steps else None
+            if early:  # (e.g. a restart too late to train a step in the job's time: the checkpoint it loaded stands)
+                progress.log(f"{early} before step {self.state.step + 1}: nothing trained; exiting")
+                return self.state
             while self.state.step < cfg.run.steps:
                 self._profile(self.profiler.before_step(self.state.step + 1), progress)
                 with self.profiler.label(f"train step {self.state.step + 1}"):
