@@ -8,8 +8,8 @@ versions). The flags are validated once before the first attempt (a bad flag exi
 first failed attempt is always retried; a later one that ends without moving `latest` forward is not (the
 failure repeats where it stands: a diverged run, a broken node). SIGTERM / SIGINT are passed on to the running
 attempt (it saves and exits) and end the loop. The exit code is the last attempt's, except that a dead or stalled
-rank (reported by the job's one line) gives 3 where torchrun itself gives 1. `--inject-fault` applies to the first attempt only (drills).
-Every attempt gets the job's start time ($ENGINE_JOB_START), from which `--time-limit` counts.
+rank (reported by the job's one line) gives 3 where torchrun itself gives 1. `--inject-fault` applies to the first
+attempt only (drills). Every attempt gets the job's start time ($ENGINE_JOB_START), from which `--time-limit` counts.
 """
 from __future__ import annotations
 

@@ -302,6 +302,7 @@ def test_the_time_limit_counts_from_the_jobs_start_across_restarts(run_dir, corp
     with pytest.raises(SystemExit) as exc:
         main(SMALL + ["--data", corpus, "--run-name", "bad", "--time-limit", "50"])
     assert exc.value.code == 2 and "$ENGINE_JOB_START: 'yesterday' is not a Unix time" in capsys.readouterr().err
+    assert main(SMALL + ["--data", corpus, "--steps", "1", "--run-name", "unlimited"]) == 0  # (unread without a limit)
 
 
 def test_an_unwritable_save_exits_2_before_step_1(run_dir, corpus, capsys):

@@ -1,8 +1,8 @@
 """--profile-steps: torch.profiler over a window of training steps, on the ranks chosen by --profile-ranks.
 
 Each traced rank writes into runs/<name>/profile/:
-- trace_rank{R}_steps{A}-{B}.json (A-B: the steps traced): the Chrome trace of the window (every operator, and on CUDA every kernel and
-  copy on its stream), for https://ui.perfetto.dev or chrome://tracing;
+- trace_rank{R}_steps{A}-{B}.json (A-B: the steps traced): the Chrome trace of the window (every operator, and on
+  CUDA every kernel and copy on its stream), for https://ui.perfetto.dev or chrome://tracing;
 - ops_rank{R}_steps{A}-{B}.txt: the operators ranked by their own time (on CUDA, their kernels' time), as
   torch.profiler's key_averages table;
 - with --profile-memory on CUDA, memory_rank{R}_steps{A}-{B}.pickle: the caching allocator's history over the

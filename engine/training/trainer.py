@@ -108,7 +108,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, topology: Topology | None = None, train_data=None, valid_data=None,
                  data: TrainingData | None = None):
-        self.job_started = job_start()  # (--time-limit counts from it)
+        # --time-limit counts from the job's start ($ENGINE_JOB_START, read only when a limit is set)
+        self.job_started = job_start() if cfg.run.time_limit is not None else time.time()
         p, run = cfg.parallel, cfg.run
         if run.tensorboard:  # on every rank, before any work: a missing package is one line and exit status 2
             require_tensorboard()
