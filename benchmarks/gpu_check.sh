@@ -29,7 +29,8 @@
 #                                                     (see benchmarks/bench_kernels.py; host: 128K params in 128 tensors)
 #   mfu.json, elementwise.json, loss.json              bench_mfu.py, bench_elementwise.py, bench_loss.py results
 #   train_metrics.jsonl   the training job's metrics
-#   train_ops.txt         its last steps' operators ranked by CUDA time (--profile-steps; the trace stays in runs/)
+#   train_ops.txt         its last steps' operators ranked by CUDA time, after the share of the time the GPU was
+#                         busy (--profile-steps; the trace stays in runs/)
 #   suite.xml, suite.txt  with --suite: JUnit report and output of the whole suite
 # The exit status is the number of failed stages.
 set -u -o pipefail
@@ -202,6 +203,7 @@ train() {
     --save /tmp/gpu-check-ckpt || return 1
   set -o pipefail
   cp runs/gpu-check/profile/ops_rank0_*.txt "$OUT/train_ops.txt" || return 1
+  grep "GPU busy" "$OUT/train_ops.txt" | sed 's/^/train profile: /' | tee -a "$SUMMARY" || true  # (CUDA only)
   "$PY" - "$OUT/train_metrics.jsonl" "$PROFILED_FROM" runs/gpu-check/profile <<'EOF' | tee -a "$SUMMARY"
 import glob, json, os, statistics, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]

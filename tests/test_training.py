@@ -85,6 +85,24 @@ def test_resume_is_bit_exact(run_dir, corpus):
     assert half == full  # bit-identical, dropout included
 
 
+def test_the_device_busy_share_of_a_trace(tmp_path):
+    """--profile-steps on CUDA reports the share of the traced steps' time in which a kernel ran: kernels on two
+    streams overlap, one starts before a step and one runs between steps; without kernels there is no share."""
+    import json
+    from engine.training.profiling import device_busy_fraction
+    step = lambda n, ts, dur: {"ph": "X", "name": f"train step {n}", "cat": "user_annotation", "ts": ts,  # noqa: E731
+                               "dur": dur}
+    kernel = lambda ts, dur: {"ph": "X", "name": "k", "cat": "kernel", "ts": ts, "dur": dur}  # noqa: E731
+    events = [step(1, 0, 100), step(2, 200, 100), kernel(10, 20), kernel(20, 30), kernel(90, 120), kernel(250, 10),
+              kernel(150, 20), {"ph": "X", "name": "aten::mm", "cat": "cpu_op", "ts": 0, "dur": 300}]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    # busy within the steps: [10, 50] + [90, 100] + [200, 210] + [250, 260] = 70 of 200
+    assert device_busy_fraction(str(path)) == pytest.approx(0.35)
+    path.write_text(json.dumps({"traceEvents": [e for e in events if e["cat"] != "kernel"]}))
+    assert device_busy_fraction(str(path)) is None
+
+
 def test_a_step_line_times_its_phases(run_dir, corpus):
     """data_s, forward_backward_s, grad_sync_s and optimizer_s time what their names say: on a clock that moves only
     when the batch is built (by 2 s), in the forward-backward (1 s), the gradient norm (0.5 s) and the optimizer step

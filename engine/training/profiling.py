@@ -4,7 +4,7 @@ Each traced rank writes into runs/<name>/profile/:
 - trace_rank{R}_steps{A}-{B}.json (A-B: the steps traced): the Chrome trace of the window (every operator, and on
   CUDA every kernel and copy on its stream), for https://ui.perfetto.dev or chrome://tracing;
 - ops_rank{R}_steps{A}-{B}.txt: the operators ranked by their own time (on CUDA, their kernels' time), as
-  torch.profiler's key_averages table;
+  torch.profiler's key_averages table, after a line with the share of the steps' time the GPU was busy;
 - with --profile-memory on CUDA, memory_rank{R}_steps{A}-{B}.pickle: the caching allocator's history over the
   window, for https://pytorch.org/memory_viz (the trace also records allocations, on any device).
 The window is whole steps with what follows them in the loop (evaluation, saves), started before step A and ended
@@ -13,6 +13,7 @@ before step B + 1, or when the loop ends (a stop signal, --time-limit); a failin
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 
@@ -30,6 +31,7 @@ class StepProfiler:
         self.out_dir = out_dir
         self.open = self.done = self.failed = False
         self.first = self.last = 0  # the steps traced so far (a rollback inside the window replays some)
+        self.busy: float | None = None  # on CUDA, once written: the share of the steps' time a kernel ran
         self.profiler = None
 
     @property
@@ -99,8 +101,42 @@ class StepProfiler:
         os.makedirs(self.out_dir, exist_ok=True)
         tag = f"rank{self.rank}_{self.tag}"
         profiler.export_chrome_trace(os.path.join(self.out_dir, f"trace_{tag}.json"))
+        trace = os.path.join(self.out_dir, f"trace_{tag}.json")
         sort_by = "self_device_time_total" if self.cuda else "self_cpu_time_total"
+        busy = device_busy_fraction(trace) if self.cuda else None
+        self.busy = busy
         with open(os.path.join(self.out_dir, f"ops_{tag}.txt"), "w") as fh:
+            if busy is not None:
+                fh.write(f"GPU busy {100 * busy:.1f}% of the traced steps' time (kernels on any stream)\n")
             fh.write(profiler.key_averages().table(sort_by=sort_by, row_limit=40) + "\n")
         if self.cuda and self.memory:
             torch.cuda.memory._dump_snapshot(os.path.join(self.out_dir, f"memory_{tag}.pickle"))
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for lo, hi in sorted(intervals):
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return [(lo, hi) for lo, hi in out]
+
+
+def device_busy_fraction(trace_path: str) -> float | None:
+    """The share of the traced steps' time (their `train step N` ranges) in which at least one GPU kernel ran, on
+    any stream, from a Chrome trace; None when it holds no kernel or no step. Under 1, the device waited on the
+    host (launches, Python, synchronisations) or on communication outside kernels."""
+    with open(trace_path) as fh:
+        events = [e for e in json.load(fh)["traceEvents"] if e.get("ph") == "X" and "dur" in e]
+    span = lambda e: (float(e["ts"]), float(e["ts"]) + float(e["dur"]))  # noqa: E731
+    steps = _union([span(e) for e in events if str(e.get("name", "")).startswith("train step ")])
+    kernels = _union([span(e) for e in events if e.get("cat") == "kernel"])
+    if not steps or not kernels:
+        return None
+    busy, i, j = 0.0, 0, 0
+    while i < len(steps) and j < len(kernels):  # both sorted and disjoint: one pass over each
+        (lo, hi), (a, b) = steps[i], kernels[j]
+        busy += max(0.0, min(hi, b) - max(lo, a))
+        i, j = (i + 1, j) if hi <= b else (i, j + 1)
+    return busy / sum(hi - lo for lo, hi in steps)

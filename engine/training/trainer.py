@@ -680,6 +680,9 @@ class Trainer:
             dist.barrier()
         tag = f"rank<R>_{window.tag}"
         memory = f", memory_{tag}.pickle (https://pytorch.org/memory_viz)" if window.memory and window.cuda else ""
+        if window.busy is not None:  # (this rank's, on CUDA)
+            progress.log(f"profile: the GPU was busy {100 * window.busy:.1f}% of the traced steps' time on rank "
+                         f"{self.rank}")
         progress.log(f"profile of {window.tag.replace('steps', 'steps ')} written to "
                      f"{os.path.join(self.run_dir, 'profile')}/ by rank(s) {ranks} (each warns if it cannot): "
                      f"trace_{tag}.json (https://ui.perfetto.dev), ops_{tag}.txt (costliest operators){memory}")
