@@ -29,7 +29,7 @@ class StepProfiler:
                  memory: bool, out_dir: str):
         self.steps, self.traced, self.rank, self.device, self.memory = steps, traced, rank, device, memory
         self.out_dir = out_dir
-        self.open = self.done = self.failed = False
+        self.open = self.done = False
         self.first = self.last = 0  # the steps traced so far (a rollback inside the window replays some)
         self.busy: float | None = None  # on CUDA, once written: the share of the steps' time a kernel ran
         self.profiler = None
@@ -79,7 +79,6 @@ class StepProfiler:
         try:
             self._write(profiler)
         except Exception as exc:  # (like a failed plot: one warning, never a failed run)
-            self.failed = True
             print(f"warning: rank {self.rank} could not write its --profile-steps trace to {self.out_dir}: "
                   f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         finally:
@@ -100,14 +99,13 @@ class StepProfiler:
     def _write(self, profiler) -> None:
         os.makedirs(self.out_dir, exist_ok=True)
         tag = f"rank{self.rank}_{self.tag}"
-        profiler.export_chrome_trace(os.path.join(self.out_dir, f"trace_{tag}.json"))
         trace = os.path.join(self.out_dir, f"trace_{tag}.json")
+        profiler.export_chrome_trace(trace)
         sort_by = "self_device_time_total" if self.cuda else "self_cpu_time_total"
-        busy = device_busy_fraction(trace) if self.cuda else None
-        self.busy = busy
+        self.busy = device_busy_fraction(trace) if self.cuda else None
         with open(os.path.join(self.out_dir, f"ops_{tag}.txt"), "w") as fh:
-            if busy is not None:
-                fh.write(f"GPU busy {100 * busy:.1f}% of the traced steps' time (kernels on any stream)\n")
+            if self.busy is not None:
+                fh.write(f"GPU busy {100 * self.busy:.1f}% of the traced steps' time (kernels on any stream)\n")
             fh.write(profiler.key_averages().table(sort_by=sort_by, row_limit=40) + "\n")
         if self.cuda and self.memory:
             torch.cuda.memory._dump_snapshot(os.path.join(self.out_dir, f"memory_{tag}.pickle"))

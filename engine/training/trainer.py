@@ -667,12 +667,12 @@ class Trainer:
         """Acts on the --profile-steps window: reports its start; at its end every traced rank writes its files
         (timed as its own phase by the watchdog) while the others wait at a barrier, not in the next step."""
         window = self.profiler
+        if event is None or (event == "ending" and not window.open):  # (nothing happens, or it ended already)
+            return
         ranks = ", ".join(map(str, self.profile_ranks))
         if event == "started":
             progress.log(f"profiling from step {window.first} to {window.steps[1]} on rank(s) {ranks} with "
                          "torch.profiler (these steps run slower)")
-            return
-        if event != "ending" or not window.open:  # (not its end, or it ended already)
             return
         self.monitor.phase(f"writing the --profile-steps trace ({window.tag})", restart_clock=True)
         window.finish()
