@@ -1,7 +1,7 @@
 """Tensor- and sequence-parallel pieces against their dense references on real process groups (tp = 2 and 4,
-fp32, rtol 1e-5): mappings, ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, vocab-parallel
-cross-entropy (plain and fused with the head in chunks), and the whole LLaMA (outputs, input gradients, weight
-gradients). All checks run inside one
+fp32, rtol 1e-5): mappings (eager, and compiled against eager), ColumnParallelLinear, RowParallelLinear,
+VocabParallelEmbedding, vocab-parallel cross-entropy (plain and fused with the head in chunks), and the whole LLaMA
+(outputs, input gradients, weight gradients). All checks run inside one
 spawned group of 4 processes."""
 import torch
 import torch.distributed as dist
@@ -69,6 +69,36 @@ def check_mappings(tp: TPContext, dev):
     _close(whole, x, "gather_from_tp forward")
     (whole * 3).sum().backward()
     _close(shard.grad, torch.full_like(shard, 3.0), "gather_from_tp backward")
+
+
+def check_compiled_mappings(tp: TPContext, dev):
+    """Each mapping inside a torch.compile'd function (as in a --compile layer) gives the eager forward and input
+    gradient. The AOT autograd backend traces what inductor would compile, without generating code. (torch 2.11
+    dropped reduce_scatter_seq's gradient here while the mappings used the in-place collectives.)"""
+    import torch._dynamo
+    r = tp.rank
+    w = torch.randn(8, 8, device=dev)
+    dist.broadcast(w, src=0)
+    cases = {  # name: (function, its input)
+        "gather_seq": (lambda x: (mappings.gather_seq(x, tp.group) @ w).sin(), (2, 8 // tp.size, 8)),
+        "reduce_scatter_seq": (lambda x: mappings.reduce_scatter_seq(x @ w * (r + 1), tp.group).sin(), (2, 8, 8)),
+        "scatter_seq": (lambda x: mappings.scatter_seq(x @ w, tp.group).sin(), (2, 8, 8)),
+        "copy_to_tp": (lambda x: (mappings.copy_to_tp(x, tp.group) @ w).sin() * (r + 1), (2, 8, 8)),
+        "reduce_from_tp": (lambda x: mappings.reduce_from_tp(x @ w * (r + 1), tp.group).sin(), (2, 8, 8)),
+        "scatter_to_tp": (lambda x: mappings.scatter_to_tp(x @ w, tp.group).sin(), (2, 8, 8)),
+        "gather_from_tp": (lambda x: (mappings.gather_from_tp(x, tp.group) @ w).sin(), (2, 8, 8 // tp.size)),
+    }
+    for name, (fn, shape) in cases.items():
+        x = torch.randn(shape, device=dev)
+        results = []
+        for f in (fn, torch.compile(fn, backend="aot_eager", fullgraph=True)):
+            y = x.clone().requires_grad_()
+            out = f(y)
+            (out * torch.linspace(-1, 1, out.numel(), device=dev).view_as(out)).sum().backward()
+            results.append((out.detach(), y.grad))
+        torch._dynamo.reset()
+        _close(results[1][0], results[0][0], f"compiled {name} forward")
+        _close(results[1][1], results[0][1], f"compiled {name} backward")
 
 
 def check_linears(tp: TPContext, dev):
@@ -213,6 +243,8 @@ def _worker(rank, world):
         for sp in (False, True):
             tp = TPContext(topo.tp_group, topo.tp, topo.tp_rank, sp)
             check_mappings(tp, dev)
+            if tp_size == 2 and not sp:
+                check_compiled_mappings(tp, dev)
             check_linears(tp, dev)
             check_embedding_and_loss(tp, dev)
             check_llama(topo, sp, dev)

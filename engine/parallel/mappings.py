@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed import _functional_collectives as funcol
 
 SEQ_DIM = 1  # activations are [batch, seq, hidden]
 
@@ -23,22 +24,29 @@ def _size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
+# Eager: the in-place single-tensor collectives (the names changed in torch 2.10), NCCL's native form. Inside a
+# torch.compile'd layer: the functional (out-of-place) collectives, which the compiler traces into its graphs. Its own
+# rewriting of the in-place forms is not enough: torch 2.11 drops the gradient through a custom autograd function
+# whose forward reduce-scatters into a buffer it allocates (sequence parallelism's reduce_scatter_seq).
+_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+
 def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return funcol.all_reduce(x, "sum", group)
     x = x.contiguous()
     dist.all_reduce(x, group=group)
     return x
 
 
-# The single-tensor collectives (the names changed in torch 2.10): NCCL's native form, and ones torch.compile
-# traces into its graphs (the list forms are graph breaks).
-_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
-
-
 def all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     size = _size(group)
-    gathered = x.new_empty((size * x.shape[0], *x.shape[1:]))  # the ranks' tensors one after the other
-    _all_gather_single(gathered, x.contiguous(), group=group)
+    if torch.compiler.is_compiling():
+        gathered = funcol.all_gather_tensor(x.contiguous(), 0, group)
+    else:
+        gathered = x.new_empty((size * x.shape[0], *x.shape[1:]))  # the ranks' tensors one after the other
+        _all_gather_single(gathered, x.contiguous(), group=group)
     return gathered if dim == 0 else torch.cat(gathered.view(size, *x.shape).unbind(0), dim=dim)
 
 
@@ -47,6 +55,8 @@ def reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     if x.shape[dim] % size:
         raise ValueError(f"cannot reduce-scatter dimension {dim} of size {x.shape[dim]} over {size} ranks")
     parts = torch.stack(x.chunk(size, dim))  # rank r's part r-th, one after the other
+    if torch.compiler.is_compiling():
+        return funcol.reduce_scatter_tensor(parts.flatten(0, 1), "sum", 0, group)
     out = parts.new_empty(parts.shape[1:])
     _reduce_scatter_single(out, parts.flatten(0, 1), group=group)
     return out
