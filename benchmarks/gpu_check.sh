@@ -150,10 +150,12 @@ build() {
     TORCH_CUDA_ARCH_LIST=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
     export TORCH_CUDA_ARCH_LIST
   fi
-  # --no-index: a machine without network fails at once instead of waiting on the index. If pip cannot build
-  # (seen on an H200 image whose pip wanted to fetch setuptools), the loader's JIT path builds the same sources.
-  if MAX_JOBS=$(nproc) "$PY" -m pip install --no-index --no-build-isolation --no-deps -e .; then
-    ls -l engine/_fused_*.so
+  # --no-index: a machine without network fails at once instead of waiting on the index. If pip cannot build, or
+  # "succeeds" without building (an H200 image's pip wanted to fetch setuptools: `setup.py develop` of setuptools
+  # 80-81 calls an isolated pip; pyproject.toml now avoids that path), the loader's JIT path builds the same sources.
+  if MAX_JOBS=$(nproc) "$PY" -m pip install --no-index --no-build-isolation --no-deps -e . &&
+      ls -l engine/_fused_cpu.*so $([[ $DRY -eq 1 ]] || echo engine/_fused_cuda.*so); then
+    :
   else
     echo "pip could not build the extensions; JIT-building them instead"
     MAX_JOBS=$(nproc) "$PY" -c 'import sys, torch; from engine import ext
