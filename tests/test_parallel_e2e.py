@@ -25,9 +25,10 @@ RTOL = 1e-5
 # The gradient is a sum over the global batch's tokens whose terms are ~10x larger than the sum by step 6, so
 # reduction order moves its norm more than the loss: up to 3.6e-5 measured (tied, tp2 SP pp2 vpp2 dp2 ZeRO-3).
 GRAD_NORM_RTOL = 1e-4
-# bf16 with fp32 masters at tp2 SP pp2 against fp32, measured over the 8 steps: loss 3.8e-4, eval loss 1.0e-4,
-# grad norm 8.9e-3 (relative)
-BF16_RTOL, BF16_GRAD_NORM_RTOL = 2e-3, 3e-2
+# bf16 with fp32 masters at tp2 SP pp2 against fp32, measured over the 8 steps (relative): loss 3.7e-4 / 2.6e-4,
+# eval loss 1.0e-4 / 1.7e-4, grad norm 7.1e-3 / 4.0e-2, on the corpus Python 3.11's / 3.12's sources make (the GPU
+# hosts run 3.12). A replica counted twice in the norm moves it by tens of percent.
+BF16_RTOL, BF16_GRAD_NORM_RTOL = 2e-3, 8e-2
 
 
 def launch(nproc, argv, cwd):
@@ -285,7 +286,10 @@ def test_bf16_tracks_fp32_at_tp2_sp_pp2(workdir):
 
 
 def test_zero_parameters_match_plain_data_parallelism(workdir):
-    """After the run, ZeRO-1/2 hold the same weights as plain data parallelism (ZeRO-0)."""
+    """After the run, ZeRO-1/2/3 hold the same weights as plain data parallelism (ZeRO-0), up to the order of the
+    gradient reductions: measured, the mean difference is 1e-7 of the mean weight on both corpora (Python 3.11's and
+    3.12's sources), the largest 1.9e-6 / 1.4e-5 of the largest weight (embedding rows of rare tokens, where AdamW
+    divides by a tiny second moment). A gradient lost or counted twice changes every update."""
     from engine.training.checkpoint import CheckpointReader
     final = lambda run: CheckpointReader(str(workdir / "runs" / run / "checkpoints" / "step_00000008"))  # noqa
     plain = final("run_dp2_zero0_bucket-size30000")
@@ -293,7 +297,8 @@ def test_zero_parameters_match_plain_data_parallelism(workdir):
         sharded = final(run)
         for key in plain.keys("model/"):
             a, b = plain.read(key), sharded.read(key)
-            assert (a - b).abs().max() <= 1e-5 * a.abs().max(), (run, key)
+            assert (a - b).abs().mean() <= 1e-6 * a.abs().mean(), (run, key)
+            assert (a - b).abs().max() <= 1e-4 * a.abs().max(), (run, key)
 
 
 def test_bf16_zero3_checkpoint_resumes_zero1(workdir):
@@ -313,4 +318,12 @@ def test_bf16_zero3_checkpoint_resumes_zero1(workdir):
         a, b = (r.read(key) for r in at_4)  # the runs differ only in reduction order: far below bf16 rounding
         bf16_rounding = (a - a.bfloat16().float()).abs().mean()
         assert a.dtype == b.dtype == torch.float32 and (a - b).abs().mean() <= 0.25 * bf16_rounding, key
-    assert_same_trajectory(workdir, "bf16-z3", ref="bf16-z1", rtol=1e-4, grad_norm_rtol=1e-3)
+    moments = [k for k in at_4[0].keys("optim/") if k.endswith(("/exp_avg", "/exp_avg_sq"))]
+    assert len(moments) == 2 * len(masters)
+    for key in moments:
+        a, b = (r.read(key) for r in at_4)  # (measured: 2.6e-5 of the mean at most)
+        assert (a - b).abs().mean() <= 1e-3 * a.abs().mean(), key
+    # fp32 sums of bf16-rounded gradients are often exact, whatever their order: on Python 3.11's sources the runs
+    # are equal bit for bit. Where the gradients' magnitudes spread (3.12's sources) the reduction order shows, and
+    # the weights' bf16 rounding carries it on: loss 1.1e-4, grad norm 1.0e-4 apart by step 8.
+    assert_same_trajectory(workdir, "bf16-z3", ref="bf16-z1", rtol=5e-4, grad_norm_rtol=1e-3)
