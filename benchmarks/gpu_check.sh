@@ -23,7 +23,8 @@
 # about 1.5 minutes to start the machine, then one call with timeout_s 590, and a few minutes for a second call
 # with --stages for whatever the first one skipped. The stages go in order of what matters most when time runs
 # short: the kernel tests, the suite, the fused AdamW benchmark, the MFU benchmark (the 1B size first), then the
-# pieces. env, deps and build always run (a warm machine's build is quick: ninja finds its objects up to date).
+# pieces. env, deps and build always run (a second call on a warm machine skips the build when the extensions are
+# newer than their sources).
 #
 # $OUT (default ./gpu_out) gets three files, so that a device call brings them all back (it returns at most 8):
 #   gpu_check.log         every stage's command and full output
