@@ -292,6 +292,8 @@ def test_zero_parameters_match_plain_data_parallelism(workdir):
     divides by a tiny second moment). A gradient lost or counted twice changes every update."""
     from engine.training.checkpoint import CheckpointReader
     final = lambda run: CheckpointReader(str(workdir / "runs" / run / "checkpoints" / "step_00000008"))  # noqa
+    assert (workdir / "runs" / "run_dp2_zero3").is_dir(), \
+        "this test reads the runs of test_layouts_reproduce_single_process[2]: select both, or the whole module"
     plain = final("run_dp2_zero0_bucket-size30000")
     for run in ("run_dp2_zero1_bucket-size30000", "run_dp2_zero2_bucket-size30000", "run_dp2_zero3"):
         sharded = final(run)
