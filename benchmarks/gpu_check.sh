@@ -111,7 +111,8 @@ if [[ $DRY -eq 1 ]]; then
   MFU_ARGS=()
 else
   DEVICE=cuda; PRECISION=bf16; BENCH_SIZES=(67108864); TEST_FILTER=""; SUITE_TESTS=(tests/)
-  SUITE_WORKERS=$(( $(nproc) / 2 > 8 ? 8 : ($(nproc) / 2 < 1 ? 1 : $(nproc) / 2) ))  # (a world-8 test is 8 processes)
+  SUITE_WORKERS=$(( $(nproc) / 2 ))  # half the cores, 1 to 8 (a world-8 test is 8 processes)
+  SUITE_WORKERS=$(( SUITE_WORKERS < 1 ? 1 : SUITE_WORKERS > 8 ? 8 : SUITE_WORKERS ))
   TRAIN_MODEL=(--num-layers 8 --hidden-size 1024 --ffn-hidden-size 2816 --num-heads 16 --num-kv-heads 8
                --seq-length 1024 --micro-batch-size 8 --global-batch-size 32 --steps 14
                --compile --loss-chunk-tokens 4096 --profile-steps 13:14 --profile-memory)
@@ -140,8 +141,9 @@ deps() {  # pytest-benchmark only serves `pytest benchmarks/`; the script mode u
 }
 
 build() {
-  local so built=1
-  for so in engine/_fused_cpu.*so $([[ $DRY -eq 1 ]] || echo engine/_fused_cuda.*so); do  # (a second call's build)
+  local so built=1 wanted=engine/_fused_cpu.*so  # (a glob, expanded where it is used)
+  [[ $DRY -eq 1 ]] || wanted+=" engine/_fused_cuda.*so"
+  for so in $wanted; do  # (a second call's build)
     [[ -f $so && -z $(find csrc engine/ext.py setup.py -newer "$so" -print -quit) ]] || built=0
   done
   if [[ $built -eq 1 ]]; then
@@ -155,7 +157,7 @@ build() {
   # "succeeds" without building (an H200 image's pip wanted to fetch setuptools: `setup.py develop` of setuptools
   # 80-81 calls an isolated pip; pyproject.toml now avoids that path), the loader's JIT path builds the same sources.
   if MAX_JOBS=$(nproc) "$PY" -m pip install --no-index --no-build-isolation --no-deps -e . &&
-      ls -l engine/_fused_cpu.*so $([[ $DRY -eq 1 ]] || echo engine/_fused_cuda.*so); then
+      ls -l $wanted; then
     :
   else
     echo "pip could not build the extensions; JIT-building them instead"
