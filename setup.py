@@ -24,7 +24,18 @@ def extensions() -> tuple[list, dict]:
     ext = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ext)
     modules = [cpp_extension.CppExtension("engine._fused_cpu", **ext.build_spec("cpu", root="csrc"))]
-    if cpp_extension.CUDA_HOME and ext.torch.version.cuda:
+    cuda_home = cpp_extension.CUDA_HOME if ext.torch.version.cuda else None
+    if cuda_home and not os.path.exists(os.path.join(cuda_home, "include", "cuda_runtime.h")):
+        print(f"engine: CUDA_HOME={cuda_home} has no include/cuda_runtime.h, so the CUDA kernels are not built (they "
+              "JIT-build on first use if they can); set CUDA_HOME to the toolkit's root, e.g. /usr/local/cuda")
+        cuda_home = None
+    if cuda_home:
+        if not ext.torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            # torch reads the architectures off the visible GPUs and fails with an IndexError when there are none
+            # (a build node, a docker build): compile for A100 and H100/H200, plus PTX that newer GPUs can JIT.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+            print("engine: no GPU visible, so the CUDA kernels are built for TORCH_CUDA_ARCH_LIST=8.0;9.0+PTX; set "
+                  "TORCH_CUDA_ARCH_LIST to choose others")
         modules.append(cpp_extension.CUDAExtension("engine._fused_cuda", **ext.build_spec("cuda", root="csrc")))
     return modules, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
