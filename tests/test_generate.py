@@ -61,12 +61,15 @@ def test_kv_cache_matches_full_recomputation(tie):
     cache = KVCache(model.cfg, batch=2)
     # the prompt in two chunks (the second attends to the first through the cache), then one token at a time
     logits = torch.cat([model(ids[:, :4], cache=cache), model(ids[:, 4:], cache=cache)], dim=1)
-    torch.testing.assert_close(logits, model(ids), rtol=0, atol=1e-5)
+    # fp32 rounding of other matmul shapes: measured up to 1.05e-5 (logits up to 5.8, so ~15 ulps) on an AMX CPU,
+    # under 1e-5 on others
+    atol = 3e-5
+    torch.testing.assert_close(logits, model(ids), rtol=0, atol=atol)
     for _ in range(CFG.seq_length - ids.shape[1]):
         next_ids = logits[:, -1:].argmax(-1)
         ids = torch.cat([ids, next_ids], dim=1)
         logits = model(next_ids, cache=cache)
-        torch.testing.assert_close(logits[:, 0], model(ids)[:, -1], rtol=0, atol=1e-5)
+        torch.testing.assert_close(logits[:, 0], model(ids)[:, -1], rtol=0, atol=atol)
     assert cache.length == CFG.seq_length
 
     # greedy generate == argmax of a full forward at every step, up to the end of the context

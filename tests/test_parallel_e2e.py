@@ -304,11 +304,21 @@ def test_zero_parameters_match_plain_data_parallelism(workdir):
 
 
 def test_bf16_zero3_checkpoint_resumes_zero1(workdir):
-    """bf16 ZeRO-3 (bf16 parameter shards, fp32 masters in the optimizer) follows bf16 ZeRO-1, checkpoints the
-    same fp32 masters, and its checkpoint resumes a ZeRO-1 run on the same trajectory."""
+    """bf16 ZeRO-3 (bf16 parameter shards, fp32 masters in the optimizer) follows bf16 ZeRO-1, checkpoints its fp32
+    masters (not their bf16 rounding), and its checkpoint resumes a ZeRO-1 run where the ZeRO-3 run goes on.
+
+    The stages sum each gradient in another order (ZeRO-3 reduce-scatters every micro-batch, ZeRO-1 all-reduces the
+    step's sum once). Whether that shows depends on the data and the CPU's kernels: with Python 3.11's corpus on an
+    AVX-512 CPU the runs were equal bit for bit; on an AMX CPU (Sapphire Rapids) the grad norms differ in the 7th
+    digit from step 1, a master then rounds to another bf16 weight, and the runs drift apart as two bf16 runs do.
+    Measured there by step 8: loss 6.3e-5, eval loss 1.6e-5, grad norm 4.0e-2 (one step; 1.3e-4 before it); step-4
+    masters 0.47 of their bf16 rounding apart (mean), moments 1.0e-2 of their mean. So the stages are compared
+    with bf16's tolerance, and the resume against the ZeRO-3 run's own continuation, where one step's reduction
+    order is all that differs (measured: equal to 7 digits through step 8)."""
     from engine.training.checkpoint import CheckpointReader
     bf16 = MODEL + ["--data", "corpus", "--precision", "bf16", "--dp", "2", "--save-interval", "4"]
     train(workdir, 2, bf16 + ["--run-name", "bf16-z1", "--zero", "1"],
+          bf16 + ["--run-name", "bf16-z3-on", "--zero", "3"],
           bf16 + ["--run-name", "bf16-z3", "--zero", "3", "--steps", "4"],
           # (the step-4 checkpoints read below stay when the resumed run saves step 8)
           bf16 + ["--run-name", "bf16-z3", "--zero", "1", "--load", "runs/bf16-z3/checkpoints"])
@@ -317,15 +327,16 @@ def test_bf16_zero3_checkpoint_resumes_zero1(workdir):
     masters = [k for k in at_4[0].keys("optim/") if k.endswith("/master_param")]
     assert masters and masters == [k for k in at_4[1].keys("optim/") if k.endswith("/master_param")]
     for key in masters:
-        a, b = (r.read(key) for r in at_4)  # the runs differ only in reduction order: far below bf16 rounding
-        bf16_rounding = (a - a.bfloat16().float()).abs().mean()
-        assert a.dtype == b.dtype == torch.float32 and (a - b).abs().mean() <= 0.25 * bf16_rounding, key
+        a, b = (r.read(key) for r in at_4)
+        rounding = lambda t: (t - t.bfloat16().float()).abs().mean()  # noqa: E731 (0 for bf16-rounded values)
+        assert a.dtype == b.dtype == torch.float32 and rounding(b) > 0.5 * rounding(a), key
+        assert (a - b).abs().mean() <= 0.75 * rounding(a), key
     moments = [k for k in at_4[0].keys("optim/") if k.endswith(("/exp_avg", "/exp_avg_sq"))]
     assert len(moments) == 2 * len(masters)
     for key in moments:
-        a, b = (r.read(key) for r in at_4)  # (measured: 2.6e-5 of the mean at most)
-        assert (a - b).abs().mean() <= 1e-3 * a.abs().mean(), key
-    # fp32 sums of bf16-rounded gradients are often exact, whatever their order: on Python 3.11's sources the runs
-    # are equal bit for bit. Where the gradients' magnitudes spread (3.12's sources) the reduction order shows, and
-    # the weights' bf16 rounding carries it on: loss 1.1e-4, grad norm 1.0e-4 apart by step 8.
-    assert_same_trajectory(workdir, "bf16-z3", ref="bf16-z1", rtol=5e-4, grad_norm_rtol=1e-3)
+        a, b = (r.read(key) for r in at_4)  # (a shard misplaced or lost is off by the whole mean)
+        assert (a - b).abs().mean() <= 5e-2 * a.abs().mean(), key
+    assert_same_trajectory(workdir, "bf16-z3", ref="bf16-z1", rtol=BF16_RTOL, grad_norm_rtol=BF16_GRAD_NORM_RTOL)
+    resumed, continued = (trajectory(workdir / "runs" / run / "metrics.jsonl") for run in ("bf16-z3", "bf16-z3-on"))
+    for key in [(step, k) for step in (5, 6) for k in ("loss", "grad_norm")]:
+        assert resumed[key] == pytest.approx(continued[key], rel=RTOL), (key, resumed[key], continued[key])
