@@ -3,7 +3,20 @@
 Compiled kernels (csrc/) are added through `extensions()`: it returns the extension modules to build against
 the torch that is already installed (so install with --no-build-isolation, as the README does).
 """
+import importlib.util
+import sys
+
+import setuptools
 from setuptools import find_packages, setup
+
+
+def check_build_tools() -> None:
+    """--no-build-isolation builds with this environment's setuptools: an editable wheel needs setuptools >= 70.1
+    or the wheel package (an older one fails with "invalid command 'bdist_wheel'", which does not say why)."""
+    version = tuple(int(x) for x in setuptools.__version__.split(".")[:2] if x.isdigit())
+    if version < (70, 1) and importlib.util.find_spec("wheel") is None:
+        sys.exit(f"engine: building needs setuptools>=70.1 or the wheel package (this environment has setuptools "
+                 f"{setuptools.__version__} and no wheel): pip install -U setuptools wheel")
 
 
 def extensions() -> tuple[list, dict]:
@@ -16,7 +29,6 @@ def extensions() -> tuple[list, dict]:
         print("engine: torch is not installed, so the fused kernels are not built; install torch first and use "
               "pip install --no-build-isolation")
         return [], {}
-    import importlib.util
     import os
 
     here = os.path.dirname(os.path.abspath(__file__))
@@ -40,6 +52,7 @@ def extensions() -> tuple[list, dict]:
     return modules, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
+check_build_tools()
 ext_modules, cmdclass = extensions()
 
 setup(
