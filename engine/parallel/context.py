@@ -38,8 +38,9 @@ TIMINGS: dict | None = None
 TILE_ELEMENTS = 1 << 24
 # Use aten's fused CPU flash-attention kernels for CPU tensors (2.47x faster ring attention fwd+bwd at cp 1, S 4096,
 # fp32, 1 thread). They agree with the plain-torch kernel to fp32 rounding (~1e-6 on gradients of order 1-10);
-# False: the plain kernel everywhere (the reference).
-FAST_CPU_KERNEL = True
+# False: the plain kernel everywhere (the reference). Before torch 2.5 the kernels take no GQA (they abort) and give
+# NaN for a row that sees no key, so the plain kernel runs there.
+FAST_CPU_KERNEL = torch.__version__ >= (2, 5)
 
 
 def shard_positions(seq_len: int, cp: int, cp_rank: int) -> torch.Tensor:
