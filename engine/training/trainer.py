@@ -675,6 +675,10 @@ class Trainer:
                          "torch.profiler (these steps run slower)")
             return
         self.monitor.phase(f"writing the --profile-steps trace ({window.tag})", restart_clock=True)
+        # gloo runs --overlap-param-gather's all-gathers on its own threads, which record into the trace: they must
+        # be over before the profiler stops (in the suite a rank once died with SIGSEGV just after it stopped, with
+        # those gathers in flight; not reproduced in 24 runs since)
+        self.zero.params.wait_all()
         window.finish()
         if self.world_size > 1:
             dist.barrier()
