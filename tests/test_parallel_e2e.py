@@ -308,9 +308,10 @@ def test_bf16_zero3_checkpoint_resumes_zero1(workdir):
     masters (not their bf16 rounding), and its checkpoint resumes a ZeRO-1 run where the ZeRO-3 run goes on.
 
     The stages sum each gradient in another order (ZeRO-3 reduce-scatters every micro-batch, ZeRO-1 all-reduces the
-    step's sum once). Whether that shows depends on the data and the CPU's kernels: with Python 3.11's corpus on an
-    AVX-512 CPU the runs were equal bit for bit; on an AMX CPU (Sapphire Rapids) the grad norms differ in the 7th
-    digit from step 1, a master then rounds to another bf16 weight, and the runs drift apart as two bf16 runs do.
+    step's sum once). Whether that shows depends on the data and the CPU's kernels: with Python 3.11's corpus on the
+    CPUs of earlier sessions the runs were equal bit for bit; on an AMX CPU (Sapphire Rapids) the grad norms differ
+    in the 7th digit from step 1, a master then rounds to another bf16 weight, and the runs drift apart as two bf16
+    runs do.
     Measured there by step 8: loss 6.3e-5, eval loss 1.6e-5, grad norm 4.0e-2 (one step; 1.3e-4 before it); step-4
     masters 0.47 of their bf16 rounding apart (mean), moments 1.0e-2 of their mean. So the stages are compared
     with bf16's tolerance, and the resume against the ZeRO-3 run's own continuation, where one step's reduction
