@@ -4,6 +4,7 @@ Compiled kernels (csrc/) are added through `extensions()`: it returns the extens
 the torch that is already installed (so install with --no-build-isolation, as the README does).
 """
 import importlib.util
+import os
 import sys
 
 import setuptools
@@ -29,7 +30,6 @@ def extensions() -> tuple[list, dict]:
         print("engine: torch is not installed, so the fused kernels are not built; install torch first and use "
               "pip install --no-build-isolation")
         return [], {}
-    import os
 
     here = os.path.dirname(os.path.abspath(__file__))
     spec = importlib.util.spec_from_file_location("engine_ext_build", os.path.join(here, "engine", "ext.py"))
